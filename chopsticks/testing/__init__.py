@@ -1,0 +1,1 @@
+"""Test helpers for chopsticks: pytest fixtures and a loopback sshd."""
