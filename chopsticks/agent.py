@@ -1,0 +1,636 @@
+"""The remote agent: runs on the host, inside the host's own python.
+
+The controller ships this file, ``wire.py`` and ``codec.py`` as source in the
+bootstrap; they are installed as the modules ``_chopsticks_agent``,
+``_chopsticks_wire`` and ``_chopsticks_codec``.  Everything here is stdlib
+only and runs on Python 3.6 and newer: it is never imported on the
+controller.
+
+Threads: the main thread only reads frames and dispatches them; calls run on
+a pool of worker threads that grows on demand (a call may block, import a
+module from the controller or stream data, so the reader must stay free).
+Writes to the controller are serialised by one lock.
+"""
+import builtins
+import collections
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import linecache
+import os
+import pickle
+import sys
+import threading
+import traceback
+import zlib
+
+codec = sys.modules['_chopsticks_codec']
+wire = sys.modules['_chopsticks_wire']
+
+IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
+ITER_WINDOW = 64        # items a generator may run ahead of the controller
+WORKER_IDLE_EXIT = 30.0  # seconds an idle worker thread waits before exiting
+
+agent = None  # the running Agent, for code that wants to know (relays, logging)
+
+
+# --- writing to the controller ----------------------------------------------
+
+class Channel(object):
+    """The framed pipe back to the controller."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, rid, op, payload=b''):
+        data = wire.frame(rid, op, payload)
+        with self.lock:
+            self._write_all([data])
+
+    def send_value(self, rid, op, value):
+        parts = codec.encode_parts(value)
+        if len(parts) == 1 and len(parts[0]) < 65536:
+            self.send(rid, op, bytes(parts[0]))
+        else:
+            with self.lock:
+                self._write_all(wire.frame_parts(rid, op, parts))
+
+    def _write_all(self, parts):
+        views = [memoryview(p).cast('B') for p in parts]
+        while views:
+            n = os.writev(self.fd, views[:512])
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = first[n:]
+                    n = 0
+
+
+# --- the worker pool ----------------------------------------------------------
+
+class Workers(object):
+    """Threads that run calls, spawned when none is idle, retired when idle.
+
+    Invariant: ``spare`` is the number of waiting workers minus the number of
+    queued jobs, so a job is queued only when a waiting worker will take it.
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.Lock())
+        self.jobs = collections.deque()
+        self.spare = 0
+
+    def submit(self, job, *args):
+        with self.cond:
+            if self.spare > 0:
+                self.spare -= 1
+                self.jobs.append((job, args))
+                self.cond.notify()
+                return
+        t = threading.Thread(target=self._run, args=(job, args), name='chopsticks-worker')
+        t.daemon = True
+        t.start()
+
+    def _run(self, job, args):
+        while True:
+            try:
+                job(*args)
+            except BaseException:
+                traceback.print_exc()
+            job = None
+            args = None
+            with self.cond:
+                self.spare += 1
+                while not self.jobs:
+                    if not self.cond.wait(WORKER_IDLE_EXIT) and not self.jobs:
+                        self.spare -= 1
+                        return
+                job, args = self.jobs.popleft()
+
+
+# --- functions shipped as source ----------------------------------------------
+
+# Functions from the controller's __main__, lambdas and closures arrive as
+# source and are defined here, so that several of them can refer to each other.
+controller_main = {'__name__': '__chopsticks_main__', '__builtins__': builtins}
+_compiled = {}
+
+
+def rebuild_function(source, name, filename, firstlineno, globals_, closure,
+                     defaults, kwdefaults):
+    key = (source, filename, firstlineno)
+    code = _compiled.get(key)
+    if code is None:
+        # Pad so line numbers in remote tracebacks match the controller's file.
+        code = compile('\n' * (firstlineno - 1) + source, filename, 'exec', dont_inherit=True)
+        _compiled[key] = code
+        linecache.cache[filename] = (len(source), None, ('\n' * (firstlineno - 1) + source).splitlines(True), filename)
+    if closure:
+        namespace = dict(controller_main)
+        namespace.update(globals_)
+        namespace.update(closure)
+    else:
+        namespace = controller_main
+        namespace.update(globals_)
+    exec(code, namespace)
+    fn = namespace[name]
+    fn.__defaults__ = defaults
+    fn.__kwdefaults__ = kwdefaults
+    return fn
+
+
+class CallUnpickler(pickle.Unpickler):
+    """Resolves the controller's persistent ids: source functions and modules."""
+
+    def persistent_load(self, pid):
+        kind = pid[0]
+        if kind == 'fn':
+            return rebuild_function(*pid[1:])
+        if kind == 'mod':
+            return importlib.import_module(pid[1])
+        if kind == 'code':
+            import marshal
+            import types
+            code, name, globals_, closure, defaults, kwdefaults = pid[1:]
+            namespace = dict(controller_main)
+            namespace.update(globals_)
+            namespace.update(closure)
+            fn = types.FunctionType(marshal.loads(code), namespace, name, defaults)
+            fn.__kwdefaults__ = kwdefaults
+            return fn
+        raise pickle.UnpicklingError('unknown persistent id %r' % (kind,))
+
+
+def load_call(payload):
+    return CallUnpickler(io.BytesIO(payload)).load()
+
+
+# --- the import hook ----------------------------------------------------------
+
+class ControllerFinder(importlib.abc.MetaPathFinder):
+    """Last on sys.meta_path: asks the controller for modules this host lacks.
+
+    The controller answers with the module and the modules it imports (its
+    static import closure), so one round trip usually serves a whole package.
+    """
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.modules = {}    # fullname -> (kind, origin, source, package_dir, listing)
+        self.missing = set()  # names the controller said it cannot serve
+        self.errors = {}     # fullname -> why it cannot be served (C extension...)
+        self.lock = threading.Lock()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if threading.current_thread() is self.agent.reader_thread:
+            return None  # the reader must never wait for itself
+        entry = self.modules.get(fullname)
+        if entry is None:
+            if fullname in self.missing:
+                return None
+            self._fetch(fullname)
+            entry = self.modules.get(fullname)
+            if entry is None:
+                reason = self.errors.get(fullname)
+                if reason:
+                    raise ImportError(reason, name=fullname)
+                return None
+        kind, origin, source, package_dir, listing = entry
+        loader = ControllerLoader(self, fullname, entry)
+        is_package = package_dir is not None
+        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin, is_package=is_package)
+        if is_package:
+            spec.submodule_search_locations = [package_dir]
+        spec.has_location = True
+        return spec
+
+    def _fetch(self, fullname):
+        reply = self.agent.request(('module', fullname))
+        self.add(reply)
+
+    def add(self, reply):
+        with self.lock:
+            for name, entry in reply.get('modules', {}).items():
+                self.modules.setdefault(name, tuple(entry))
+            self.missing.update(reply.get('missing', ()))
+            self.errors.update(reply.get('errors', {}))
+
+    def invalidate_caches(self):
+        self.missing.clear()
+
+
+class ControllerLoader(importlib.abc.InspectLoader):
+    def __init__(self, finder, fullname, entry):
+        self.finder = finder
+        self.name = fullname
+        self.kind, self.origin, self.source, self.package_dir, self.listing = entry
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        code = compile(self.source, self.origin, 'exec', dont_inherit=True)
+        exec(code, module.__dict__)
+
+    def is_package(self, fullname):
+        return self.package_dir is not None
+
+    def get_source(self, fullname):
+        return self.source.decode('utf-8') if isinstance(self.source, bytes) else self.source
+
+    def get_code(self, fullname):
+        return compile(self.source, self.origin, 'exec', dont_inherit=True)
+
+    def get_filename(self, fullname):
+        return self.origin
+
+    def get_data(self, path):
+        reply = self.finder.agent.request(('data', path))
+        if 'error' in reply:
+            raise OSError(reply['error'])
+        return reply['data']
+
+    def get_resource_reader(self, fullname):
+        if self.package_dir is None:
+            return None
+        return ResourceReader(self, self.package_dir, self.listing)
+
+
+class ResourceReader(object):
+    """importlib.resources for a package served by the controller."""
+
+    def __init__(self, loader, directory, listing):
+        self.loader = loader
+        self.directory = directory
+        self.listing = listing or {}
+
+    def open_resource(self, resource):
+        return io.BytesIO(self.loader.get_data(self.directory + '/' + resource))
+
+    def resource_path(self, resource):
+        raise FileNotFoundError(resource)
+
+    def is_resource(self, name):
+        return self.listing.get(name) == 'file'
+
+    def contents(self):
+        return iter(self.listing)
+
+    def files(self):
+        return Traversable(self.loader, self.directory, self.listing, '')
+
+
+class Traversable(object):
+    """Enough of importlib.abc.Traversable for importlib.resources.files()."""
+
+    def __init__(self, loader, directory, listing, relpath):
+        self.loader = loader
+        self.directory = directory
+        self.listing = listing
+        self.relpath = relpath
+
+    @property
+    def name(self):
+        return self.relpath.rsplit('/', 1)[-1]
+
+    def _kind(self):
+        if not self.relpath:
+            return 'dir'
+        return self.listing.get(self.relpath)
+
+    def is_dir(self):
+        return self._kind() == 'dir'
+
+    def is_file(self):
+        return self._kind() == 'file'
+
+    def iterdir(self):
+        prefix = self.relpath + '/' if self.relpath else ''
+        for name in self.listing:
+            if name.startswith(prefix) and '/' not in name[len(prefix):]:
+                yield Traversable(self.loader, self.directory, self.listing, name)
+
+    def joinpath(self, *names):
+        rel = '/'.join([self.relpath] + [n for n in names if n]).strip('/')
+        return Traversable(self.loader, self.directory, self.listing, rel)
+
+    __truediv__ = joinpath
+
+    def read_bytes(self):
+        return self.loader.get_data(self.directory + '/' + self.relpath)
+
+    def read_text(self, encoding='utf-8'):
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode='r', *args, **kwargs):
+        data = io.BytesIO(self.read_bytes())
+        return data if 'b' in mode else io.TextIOWrapper(data, *args, **kwargs)
+
+    def __fspath__(self):
+        raise FileNotFoundError('%s is served by the controller, not on this disk' % self.relpath)
+
+
+# --- remote logging -------------------------------------------------------------
+
+class ControllerLogHandler(object):
+    """Sends log records to the controller, whose logging system handles them."""
+
+    level = 0
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.local = threading.local()
+
+    def install(self, logging):
+        handler = logging.Handler()
+        handler.emit = self.emit
+        handler.setLevel(0)
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(agent.config.get('log_level', logging.WARNING))
+
+    def emit(self, record):
+        if getattr(self.local, 'busy', False):
+            return
+        self.local.busy = True
+        try:
+            exc_text = None
+            if record.exc_info:
+                exc_text = ''.join(traceback.format_exception(*record.exc_info))
+            self.channel.send_value(0, wire.LOG, {
+                'name': record.name, 'levelno': record.levelno, 'msg': record.getMessage(),
+                'pathname': record.pathname, 'lineno': record.lineno, 'funcName': record.funcName,
+                'created': record.created, 'threadName': record.threadName,
+                'process': record.process, 'exc_text': exc_text,
+            })
+        except Exception:
+            pass
+        finally:
+            self.local.busy = False
+
+
+class LoggingWatcher(importlib.abc.MetaPathFinder):
+    """Installs the log handler when the remote first imports logging.
+
+    Importing logging costs milliseconds; most calls never log, so the agent
+    does not import it itself.
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != 'logging':
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec('logging')
+        original_exec = spec.loader.exec_module
+        handler = self.handler
+
+        def exec_module(module):
+            original_exec(module)
+            handler.install(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+# --- the agent ------------------------------------------------------------------
+
+class InputStream(object):
+    """The chunks a CALL_STREAM function reads, fed by the reader thread."""
+
+    def __init__(self, agent, rid):
+        self.agent = agent
+        self.rid = rid
+        self.cond = threading.Condition(threading.Lock())
+        self.chunks = collections.deque()
+        self.done = False
+        self.error = None
+
+    def feed(self, chunk):
+        with self.cond:
+            self.chunks.append(chunk)
+            self.cond.notify()
+
+    def finish(self, error):
+        with self.cond:
+            self.done = True
+            self.error = error
+            self.cond.notify()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.cond:
+            while not self.chunks:
+                if self.done:
+                    if self.error:
+                        raise IOError('controller aborted the transfer: %s' % self.error)
+                    raise StopIteration
+                self.cond.wait()
+            chunk = self.chunks.popleft()
+        self.agent.channel.send_value(self.rid, wire.CREDIT, len(chunk))
+        return chunk
+
+
+class Agent(object):
+    def __init__(self, rfd, wfd, config):
+        self.rfd = rfd
+        self.channel = Channel(wfd)
+        self.config = config
+        self.workers = Workers()
+        self.reader_thread = threading.current_thread()
+        self.finder = ControllerFinder(self)
+        self.requests = {}  # our request id -> [event, reply]
+        self.next_request = 0
+        self.request_lock = threading.Lock()
+        self.iter_credits = {}  # rid -> threading.Semaphore
+        self.cancelled = set()
+        self.streams = {}  # rid -> InputStream
+
+    # requests we make to the controller (imports)
+    def request(self, query):
+        event = threading.Event()
+        slot = [event, None]
+        with self.request_lock:
+            self.next_request += 1
+            rid = self.next_request
+            self.requests[rid] = slot
+        self.channel.send_value(rid, wire.IMPORT, query)
+        if not event.wait(IMPORT_TIMEOUT):
+            self.requests.pop(rid, None)
+            raise ImportError('controller did not answer %r within %ds' % (query, IMPORT_TIMEOUT))
+        return slot[1]
+
+    def serve(self):
+        parser = wire.FrameParser(self.config.get('max_frame', 1 << 30))
+        read = os.read
+        fd = self.rfd
+        while True:
+            data = read(fd, 1 << 18)
+            if not data:
+                return
+            for rid, op, payload in parser.feed(data):
+                self.dispatch(rid, op, payload)
+
+    def dispatch(self, rid, op, payload):
+        if op == wire.CALL:
+            self.workers.submit(self.run_call, rid, payload)
+        elif op == wire.DATA:
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.feed(payload)
+        elif op == wire.MODULE:
+            slot = self.requests.pop(rid, None)
+            if slot is not None:
+                slot[1] = codec.decode(zlib.decompress(payload))
+                slot[0].set()
+        elif op == wire.CALL_ITER:
+            self.iter_credits[rid] = threading.Semaphore(ITER_WINDOW)
+            self.workers.submit(self.run_iter, rid, payload)
+        elif op == wire.CREDIT:
+            sem = self.iter_credits.get(rid)
+            if sem is not None:
+                for _ in range(codec.decode(payload)):
+                    sem.release()
+        elif op == wire.CANCEL:
+            self.cancelled.add(rid)
+            sem = self.iter_credits.get(rid)
+            if sem is not None:
+                sem.release()
+        elif op == wire.CALL_STREAM:
+            self.streams[rid] = InputStream(self, rid)
+            self.workers.submit(self.run_stream, rid, payload)
+        elif op == wire.DATA_END:
+            stream = self.streams.pop(rid, None)
+            if stream is not None:
+                stream.finish(codec.decode(payload))
+        elif op == wire.PING:
+            self.channel.send(rid, wire.PONG)
+
+    def send_error(self, rid, exc):
+        etype = type(exc)
+        module = etype.__module__
+        if module == '_chopsticks_codec':
+            module = 'chopsticks.codec'
+        name = etype.__qualname__ if module == 'builtins' else '%s.%s' % (module, etype.__qualname__)
+        try:
+            msg = str(exc)
+        except Exception:
+            msg = '<unprintable %s>' % etype.__name__
+        tb = ''.join(traceback.format_exception(etype, exc, exc.__traceback__))
+        self.channel.send_value(rid, wire.ERROR, {'type': name, 'msg': msg, 'traceback': tb})
+
+    def run_call(self, rid, payload):
+        try:
+            fn, args, kwargs = load_call(payload)
+            result = fn(*args, **kwargs)
+            self.channel.send_value(rid, wire.RESULT, result)
+        except BaseException as e:
+            self.send_error(rid, e)
+
+    def run_stream(self, rid, payload):
+        stream = self.streams.get(rid)
+        try:
+            fn, args, kwargs = load_call(payload)
+            result = fn(stream, *args, **kwargs)
+            self.channel.send_value(rid, wire.RESULT, result)
+        except BaseException as e:
+            self.send_error(rid, e)
+        finally:
+            self.streams.pop(rid, None)
+
+    def run_iter(self, rid, payload):
+        credits = self.iter_credits[rid]
+        iterator = None
+        try:
+            fn, args, kwargs = load_call(payload)
+            iterator = iter(fn(*args, **kwargs))
+            for item in iterator:
+                self.channel.send_value(rid, wire.ITEM, item)
+                credits.acquire()
+                if rid in self.cancelled:
+                    break
+            self.channel.send(rid, wire.END)
+        except BaseException as e:
+            self.send_error(rid, e)
+        finally:
+            close = getattr(iterator, 'close', None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+            self.iter_credits.pop(rid, None)
+            self.cancelled.discard(rid)
+
+
+def _take_stdio():
+    """Keep the protocol pipes for ourselves; give user code harmless stdio.
+
+    fd 0 becomes /dev/null (a child process must not eat protocol bytes) and
+    fd 1 becomes a copy of fd 2, so print() and subprocess output travel on
+    stderr, which the controller shows prefixed with the host name.
+    """
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), encoding='utf-8',
+                                  errors='backslashreplace', line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), encoding='utf-8',
+                                  errors='backslashreplace', line_buffering=True)
+    return rfd, wfd
+
+
+def read_config(fd):
+    """The settings frame the controller sends right after the payload."""
+    header = b''
+    while len(header) < wire.HEADER.size:
+        chunk = os.read(fd, wire.HEADER.size - len(header))
+        if not chunk:
+            os._exit(0)
+        header += chunk
+    length, _, op = wire.HEADER.unpack(header)
+    body = b''
+    while len(body) < length:
+        chunk = os.read(fd, length - len(body))
+        if not chunk:
+            os._exit(0)
+        body += chunk
+    if op != wire.CONFIG:
+        sys.exit('chopsticks: expected the settings frame, got op %d' % op)
+    return codec.decode(body)
+
+
+def main():
+    global agent
+    rfd, wfd = _take_stdio()
+    agent = Agent(rfd, wfd, read_config(rfd))
+    sys.meta_path.append(agent.finder)
+    log_handler = ControllerLogHandler(agent.channel)
+    if 'logging' in sys.modules:
+        log_handler.install(sys.modules['logging'])
+    else:
+        sys.meta_path.insert(0, LoggingWatcher(log_handler))
+    sys.modules.setdefault('__chopsticks_main__', type(sys)('__chopsticks_main__'))
+    agent.channel.send_value(0, wire.HELLO, {
+        'pid': os.getpid(),
+        'python': sys.executable,
+        'version': tuple(sys.version_info[:3]),
+        'platform': sys.platform,
+        'hostname': os.uname().nodename,
+    })
+    try:
+        agent.serve()
+    finally:
+        # The controller hung up: leave now, whatever calls are still running.
+        os._exit(0)

@@ -1,0 +1,92 @@
+"""One I/O thread for every tunnel in the process.
+
+Reading from a thousand idle tunnels must not cost a thousand threads, so a
+single daemon thread waits on all their pipes with ``selectors`` and hands
+the bytes to each tunnel's callback.  Callers write from their own threads.
+"""
+import logging
+import os
+import selectors
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class Broker(object):
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.thread = None
+        self.pid = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def register(self, fileobj, callback):
+        """Call ``callback()`` from the broker thread whenever ``fileobj`` is readable."""
+        with self.lock:
+            self.selector.register(fileobj, selectors.EVENT_READ, callback)
+            self._ensure_thread()
+        self._wake()
+
+    def unregister(self, fileobj):
+        with self.lock:
+            try:
+                self.selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b'.')
+        except BlockingIOError:
+            pass
+
+    def _ensure_thread(self):
+        # After a fork the child has the selector but not the thread.
+        if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+            self.pid = os.getpid()
+            self.thread = threading.Thread(target=self._run, name='chopsticks-broker', daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        select = self.selector.select
+        while True:
+            for key, _ in select():
+                callback = key.data
+                if callback is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                try:
+                    callback()
+                except Exception:
+                    log.exception('chopsticks broker callback failed')
+
+
+_broker = None
+_broker_lock = threading.Lock()
+
+
+def get_broker():
+    global _broker
+    if _broker is None:
+        with _broker_lock:
+            if _broker is None:
+                _raise_fd_limit()
+                _broker = Broker()
+    return _broker
+
+
+def _raise_fd_limit():
+    """Each tunnel holds a few pipes: let a controller hold thousands."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass

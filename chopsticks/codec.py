@@ -1,0 +1,384 @@
+"""The safe, typed codec for values coming back from a remote host.
+
+Both sides use this module: the remote encodes return values with it and the
+controller decodes them.  Decoding never executes code, never looks up a
+class by name, and checks every length against the bytes actually present,
+so a hijacked host can send garbage but cannot run code on the controller or
+make it allocate more than it sent.
+
+It is shipped to the remote as source, so it is stdlib-only and must run on
+Python 3.6.
+
+Format: one tag byte per value, then a fixed-size body or a little-endian
+uint32 length/count and that many bytes/items.  Exact builtin types keep
+their type (a tuple stays a tuple, bytes stay bytes).  Subclasses of the
+builtin containers and scalars (namedtuple, OrderedDict, IntEnum...) are
+sent as their builtin base.  Everything else raises ``EncodeError`` naming
+the type.
+"""
+import datetime
+import decimal
+import pathlib
+import struct
+import uuid
+
+__all__ = ['encode', 'decode', 'EncodeError', 'DecodeError']
+
+MAX_DEPTH = 200        # nesting levels either side will build
+BIG_BYTES = 64 * 1024  # bytes values this large travel as their own buffer
+
+_u32 = struct.Struct('<I')
+_i64 = struct.Struct('<q')
+_f64 = struct.Struct('<d')
+_c128 = struct.Struct('<dd')
+_delta = struct.Struct('<iii')  # days, seconds, microseconds
+
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+
+
+class EncodeError(TypeError):
+    """A value cannot travel in the codec (its type is named)."""
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid encoding: the sender is broken or hostile."""
+
+
+# --- encoding ---------------------------------------------------------------
+
+class _Out(object):
+    """Collects small pieces in a bytearray, large bytes as separate buffers."""
+
+    __slots__ = ('parts', 'buf')
+
+    def __init__(self):
+        self.parts = []
+        self.buf = bytearray()
+
+    def big(self, data):
+        if self.buf:
+            self.parts.append(self.buf)
+            self.buf = bytearray()
+        self.parts.append(data)
+
+    def finish(self):
+        if self.buf:
+            self.parts.append(self.buf)
+        return self.parts
+
+
+def _enc_none(v, out, depth):
+    out.buf += b'N'
+
+
+def _enc_bool(v, out, depth):
+    out.buf += b'T' if v else b'F'
+
+
+def _enc_int(v, out, depth):
+    if _I64_MIN <= v <= _I64_MAX:
+        out.buf += b'i'
+        out.buf += _i64.pack(v)
+    else:
+        body = int(v).to_bytes((v.bit_length() + 8) // 8, 'little', signed=True)
+        out.buf += b'I'
+        out.buf += _u32.pack(len(body))
+        out.buf += body
+
+
+def _enc_float(v, out, depth):
+    out.buf += b'f'
+    out.buf += _f64.pack(v)
+
+
+def _enc_complex(v, out, depth):
+    out.buf += b'c'
+    out.buf += _c128.pack(v.real, v.imag)
+
+
+def _enc_blob(tag, data, out):
+    out.buf += tag
+    out.buf += _u32.pack(len(data))
+    if len(data) >= BIG_BYTES:
+        out.big(data)
+    else:
+        out.buf += data
+
+
+def _enc_str(v, out, depth):
+    _enc_blob(b's', str.encode(v, 'utf-8', 'surrogatepass'), out)
+
+
+def _enc_bytes(v, out, depth):
+    _enc_blob(b'b', v, out)
+
+
+def _enc_bytearray(v, out, depth):
+    _enc_blob(b'y', v, out)
+
+
+def _enc_memoryview(v, out, depth):
+    _enc_blob(b'b', v.cast('B') if v.ndim == 1 and v.format == 'B' else v.tobytes(), out)
+
+
+def _enc_items(tag, items, out, depth):
+    out.buf += tag
+    out.buf += _u32.pack(len(items))
+    for item in items:
+        _encode(item, out, depth)
+
+
+def _enc_list(v, out, depth):
+    _enc_items(b'l', v, out, depth)
+
+
+def _enc_tuple(v, out, depth):
+    _enc_items(b't', v, out, depth)
+
+
+def _enc_set(v, out, depth):
+    _enc_items(b'S', v, out, depth)
+
+
+def _enc_frozenset(v, out, depth):
+    _enc_items(b'Z', v, out, depth)
+
+
+def _enc_dict(v, out, depth):
+    out.buf += b'd'
+    out.buf += _u32.pack(len(v))
+    for key, value in v.items():
+        _encode(key, out, depth)
+        _encode(value, out, depth)
+
+
+def _enc_text(tag):
+    def enc(v, out, depth):
+        _enc_blob(tag, str(v).encode('utf-8'), out)
+    return enc
+
+
+def _enc_datetime(v, out, depth):
+    _enc_blob(b'D', v.isoformat().encode('ascii'), out)
+
+
+def _enc_timedelta(v, out, depth):
+    out.buf += b'e'
+    out.buf += _delta.pack(v.days, v.seconds, v.microseconds)
+
+
+def _enc_uuid(v, out, depth):
+    out.buf += b'U'
+    out.buf += v.bytes
+
+
+_ENCODERS = {
+    type(None): _enc_none,
+    bool: _enc_bool,
+    int: _enc_int,
+    float: _enc_float,
+    complex: _enc_complex,
+    str: _enc_str,
+    bytes: _enc_bytes,
+    bytearray: _enc_bytearray,
+    memoryview: _enc_memoryview,
+    list: _enc_list,
+    tuple: _enc_tuple,
+    set: _enc_set,
+    frozenset: _enc_frozenset,
+    dict: _enc_dict,
+    datetime.datetime: _enc_datetime,
+    datetime.date: _enc_text(b'a'),
+    datetime.time: _enc_text(b'h'),
+    datetime.timedelta: _enc_timedelta,
+    decimal.Decimal: _enc_text(b'M'),
+    uuid.UUID: _enc_uuid,
+}
+
+# Subclasses travel as their first supported base, in this order (bool
+# before int: IntFlag members are ints, True is not a subclass instance).
+_BASES = (bool, int, float, complex, str, bytes, bytearray, dict, list,
+          tuple, frozenset, set, datetime.datetime, datetime.date,
+          datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID)
+
+
+def _encode(v, out, depth):
+    enc = _ENCODERS.get(type(v))
+    if enc is None:
+        enc = _encoder_for_subclass(v)
+    if depth >= MAX_DEPTH:
+        raise EncodeError('value nested more than %d levels deep' % MAX_DEPTH)
+    enc(v, out, depth + 1)
+
+
+def _encoder_for_subclass(v):
+    if isinstance(v, pathlib.PurePath):
+        tag = b'W' if isinstance(v, pathlib.PureWindowsPath) else b'P'
+        return _enc_text(tag)
+    for base in _BASES:
+        if isinstance(v, base):
+            return _ENCODERS[base]
+    raise EncodeError('cannot send a value of type %s.%s back to the controller'
+                      % (type(v).__module__, type(v).__qualname__))
+
+
+def encode_parts(value):
+    """Encode ``value`` as a list of buffers (large bytes are not copied)."""
+    out = _Out()
+    _encode(value, out, 0)
+    return out.finish()
+
+
+def encode(value):
+    """Encode ``value`` to one bytes object."""
+    return b''.join(encode_parts(value))
+
+
+# --- decoding ---------------------------------------------------------------
+
+class _Reader(object):
+    __slots__ = ('data', 'pos', 'end')
+
+    def __init__(self, data):
+        self.data = memoryview(data).cast('B')
+        self.pos = 0
+        self.end = len(data)
+
+    def take(self, n):
+        pos = self.pos
+        if n > self.end - pos:
+            raise DecodeError('truncated: wanted %d bytes at offset %d, have %d'
+                              % (n, pos, self.end - pos))
+        self.pos = pos + n
+        return self.data[pos:pos + n]
+
+    def unpack(self, st):
+        pos = self.pos
+        if st.size > self.end - pos:
+            raise DecodeError('truncated at offset %d' % pos)
+        self.pos = pos + st.size
+        return st.unpack_from(self.data, pos)
+
+    def length(self, min_item_size=1):
+        n, = self.unpack(_u32)
+        # Every item takes at least one byte: refuse counts the data cannot hold,
+        # so a forged count cannot make us loop or allocate.
+        if n * min_item_size > self.end - self.pos:
+            raise DecodeError('length %d at offset %d exceeds the %d bytes left'
+                              % (n, self.pos, self.end - self.pos))
+        return n
+
+
+def _dec_items(r, depth):
+    n = r.length()
+    return [_decode(r, depth) for _ in range(n)]
+
+
+def _dec_text(r):
+    try:
+        return bytes(r.take(r.length())).decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise DecodeError('invalid UTF-8 text: %s' % e)
+
+
+def _decode(r, depth):
+    if depth >= MAX_DEPTH:
+        raise DecodeError('value nested more than %d levels deep' % MAX_DEPTH)
+    depth += 1
+    tag = bytes(r.take(1))
+    if tag == b'N':
+        return None
+    if tag == b'T':
+        return True
+    if tag == b'F':
+        return False
+    if tag == b'i':
+        return r.unpack(_i64)[0]
+    if tag == b's':
+        try:
+            return bytes(r.take(r.length())).decode('utf-8', 'surrogatepass')
+        except UnicodeDecodeError as e:
+            raise DecodeError('invalid UTF-8 text: %s' % e)
+    if tag == b'b':
+        return bytes(r.take(r.length()))
+    if tag == b'l':
+        return _dec_items(r, depth)
+    if tag == b't':
+        return tuple(_dec_items(r, depth))
+    if tag == b'd':
+        n = r.length(2)
+        result = {}
+        for _ in range(n):
+            key = _decode(r, depth)
+            try:
+                result[key] = _decode(r, depth)
+            except TypeError:
+                raise DecodeError('unhashable dict key of type %s' % type(key).__name__)
+        return result
+    if tag == b'f':
+        return r.unpack(_f64)[0]
+    if tag == b'I':
+        return int.from_bytes(r.take(r.length()), 'little', signed=True)
+    if tag == b'c':
+        real, imag = r.unpack(_c128)
+        return complex(real, imag)
+    if tag == b'y':
+        return bytearray(r.take(r.length()))
+    if tag in (b'S', b'Z'):
+        items = _dec_items(r, depth)
+        try:
+            return set(items) if tag == b'S' else frozenset(items)
+        except TypeError:
+            raise DecodeError('unhashable set member')
+    return _decode_value_type(tag, r)
+
+
+def _decode_value_type(tag, r):
+    try:
+        if tag == b'D':
+            return _parse_datetime(_dec_text(r))
+        if tag == b'a':
+            return datetime.date(*map(int, _dec_text(r).split('-')))
+        if tag == b'h':
+            return _parse_time(_dec_text(r))
+        if tag == b'e':
+            days, seconds, micros = r.unpack(_delta)
+            return datetime.timedelta(days, seconds, micros)
+        if tag == b'M':
+            return decimal.Decimal(_dec_text(r))
+        if tag == b'U':
+            return uuid.UUID(bytes=bytes(r.take(16)))
+        if tag == b'P':
+            return pathlib.PurePosixPath(_dec_text(r))
+        if tag == b'W':
+            return pathlib.PureWindowsPath(_dec_text(r))
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, OverflowError, decimal.InvalidOperation) as e:
+        raise DecodeError('invalid %r value: %s' % (tag, e))
+    raise DecodeError('unknown type tag %r at offset %d' % (tag, r.pos - 1))
+
+
+def _parse_datetime(text):
+    if hasattr(datetime.datetime, 'fromisoformat'):
+        return datetime.datetime.fromisoformat(text)
+    raise DecodeError('datetime decoding needs Python 3.7+')  # remote 3.6 never decodes these
+
+
+def _parse_time(text):
+    if hasattr(datetime.time, 'fromisoformat'):
+        return datetime.time.fromisoformat(text)
+    raise DecodeError('time decoding needs Python 3.7+')
+
+
+def decode(data):
+    """Decode one value that must fill ``data`` exactly."""
+    r = _Reader(data)
+    try:
+        value = _decode(r, 0)
+    except RecursionError:
+        raise DecodeError('value nested too deeply')
+    if r.pos != r.end:
+        raise DecodeError('%d trailing bytes after the value' % (r.end - r.pos))
+    return value

@@ -1,0 +1,483 @@
+"""One running agent, seen from the controller.
+
+A Connection owns a transport (a child process's pipes, or a paramiko
+channel), writes frames to it from the callers' threads, and receives frames
+on the broker thread, pairing replies with pending requests by id.  Nothing
+the remote sends is unpickled or evaluated: replies go through the safe
+codec, and any malformed frame closes the connection with a ProtocolError.
+"""
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+from . import bootstrap, codec, wire
+from .broker import get_broker
+from .errors import ConnectError, ProtocolError, RemoteException, TunnelClosed, CallTimeout
+from .modserver import ModuleServer
+from .serialize import dumps_call, describe
+
+log = logging.getLogger('chopsticks')
+
+MAX_FRAME = 1 << 30         # largest frame a remote may send (bytes)
+STDERR_TAIL = 64 * 1024     # stderr kept for error messages
+STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
+ITER_CREDIT_BATCH = 32      # generator items acknowledged at a time
+STREAM_WINDOW = 8 << 20     # input-stream bytes in flight before the sender waits
+STREAM_CHUNK = 1 << 20      # the largest DATA frame we send
+
+_import_pool = None
+_import_pool_lock = threading.Lock()
+
+
+def import_pool():
+    global _import_pool
+    with _import_pool_lock:
+        if _import_pool is None:
+            _import_pool = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix='chopsticks-imports')
+    return _import_pool
+
+
+# --- transports ----------------------------------------------------------------------
+
+class ProcessTransport(object):
+    """The agent runs in (or behind) a child process: local python, ssh, sudo, docker."""
+
+    def __init__(self, argv, env=None, what=None):
+        self.argv = argv
+        self.env = env
+        self.what = what or argv[0]
+        self.proc = None
+
+    def start(self, conn):
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                bufsize=0, close_fds=True, start_new_session=True, env=self.env)
+        except OSError as e:
+            raise ConnectError(conn.host, 'cannot run %s: %s' % (self.what, e))
+        self.stdin = self.proc.stdin.fileno()
+        self.stdout = self.proc.stdout
+        self.stderr = self.proc.stderr
+        os.set_blocking(self.stdout.fileno(), False)
+        os.set_blocking(self.stderr.fileno(), False)
+        broker = get_broker()
+        broker.register(self.stdout, lambda: self._pump(self.stdout, conn.feed, conn.eof))
+        broker.register(self.stderr, lambda: self._pump(self.stderr, conn.feed_stderr, None))
+
+    def _pump(self, pipe, sink, on_eof):
+        try:
+            data = os.read(pipe.fileno(), 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if data:
+            sink(data)
+            return
+        get_broker().unregister(pipe)
+        if on_eof is not None:
+            on_eof()
+
+    def write(self, parts):
+        views = [memoryview(p).cast('B') for p in parts]
+        fd = self.stdin
+        while views:
+            n = os.writev(fd, views[:512])
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = first[n:]
+                    n = 0
+
+    def close(self):
+        proc = self.proc
+        if proc is None:
+            return
+        broker = get_broker()
+        for pipe in (proc.stdout, proc.stderr):
+            broker.unregister(pipe)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        # The agent exits when its stdin closes; make sure, without waiting long.
+        if proc.poll() is None:
+            threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+
+def _reap(proc):
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- pending requests --------------------------------------------------------------
+
+class CallHandler(object):
+    __slots__ = ('conn', 'future', 'what')
+
+    def __init__(self, conn, what):
+        self.conn = conn
+        self.what = what
+        self.future = concurrent.futures.Future()
+
+    def frame(self, op, payload):
+        if op == wire.RESULT:
+            _settle(self.future, codec.decode(payload), None)
+        elif op == wire.ERROR:
+            _settle(self.future, None, self.conn.remote_exception(payload))
+        else:
+            return False
+        return True
+
+    def fail(self, exc):
+        _settle(self.future, None, exc)
+
+
+def _settle(future, result, exc):
+    try:
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled, or already failed by a lost connection
+
+
+class IterHandler(object):
+    """Items of a remote generator, queued for the consuming thread."""
+
+    _END = object()
+
+    def __init__(self, conn, what):
+        self.conn = conn
+        self.what = what
+        self.items = collections.deque()
+        self.cond = threading.Condition(threading.Lock())
+
+    def frame(self, op, payload):
+        if op == wire.ITEM:
+            item = (codec.decode(payload), None)
+        elif op == wire.END:
+            item = (self._END, None)
+        elif op == wire.ERROR:
+            item = (self._END, self.conn.remote_exception(payload))
+        else:
+            return False
+        with self.cond:
+            self.items.append(item)
+            self.cond.notify()
+        return op != wire.ITEM
+
+    def fail(self, exc):
+        with self.cond:
+            self.items.append((self._END, exc))
+            self.cond.notify()
+
+    def next(self, timeout):
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.items, timeout):
+                raise CallTimeout('[%s] no item from %s within %ss' % (self.conn.host, self.what, timeout))
+            return self.items.popleft()
+
+
+class StreamHandler(CallHandler):
+    """A call fed by an input stream: tracks how many bytes the remote consumed."""
+
+    __slots__ = ('window', 'in_flight', 'cond')
+
+    def __init__(self, conn, what):
+        super().__init__(conn, what)
+        self.in_flight = 0
+        self.cond = threading.Condition(threading.Lock())
+
+    def frame(self, op, payload):
+        if op == wire.CREDIT:
+            with self.cond:
+                self.in_flight -= codec.decode(payload)
+                self.cond.notify()
+            return False
+        done = super().frame(op, payload)
+        with self.cond:
+            self.cond.notify()
+        return done
+
+    def fail(self, exc):
+        super().fail(exc)
+        with self.cond:
+            self.cond.notify()
+
+
+# --- the connection ------------------------------------------------------------------
+
+class Connection(object):
+    def __init__(self, host, transport, settings=None):
+        self.host = host
+        self.transport = transport
+        self.settings = dict(settings or {})
+        self.settings.setdefault('host', host)
+        self.settings.setdefault('log_level', logging.getLogger().getEffectiveLevel())
+        self.parser = wire.FrameParser(self.settings.get('max_frame', MAX_FRAME))
+        self.pending = {}
+        self.ids = itertools.count(1)
+        self.write_lock = threading.Lock()
+        self.modules = ModuleServer()
+        self.hello = threading.Event()
+        self.remote = None  # the agent's HELLO: pid, python, version, platform, hostname
+        self.closed = False
+        self.error = None
+        self.connected = False
+        self.stderr_tail = bytearray()
+        self.stderr_partial = bytearray()
+
+    # --- lifecycle
+    def start(self, timeout):
+        self.transport.start(self)
+        try:
+            self.transport.write([bootstrap.stdin_preamble(self.settings)])
+        except OSError:
+            pass  # it died already; its stderr says why, below
+        if not self.hello.wait(timeout):
+            self.close()
+            raise ConnectError(self.host, 'no answer from the remote python within %ss' % timeout,
+                               self.stderr_text())
+        if self.remote is None:
+            self.close()
+            reason = self.error.args[0] if isinstance(self.error, ProtocolError) else \
+                'the remote process exited before the agent started'
+            raise ConnectError(self.host, reason, self.stderr_text())
+        self.connected = True
+
+    def close(self):
+        self.lost(TunnelClosed('[%s] tunnel closed' % self.host))
+
+    def lost(self, exc):
+        with self.write_lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.error = exc
+        self.transport.close()
+        self.hello.set()
+        pending, self.pending = self.pending, {}
+        for handler in pending.values():
+            handler.fail(exc)
+        self._flush_stderr_line()
+
+    def eof(self):
+        tail = self.stderr_text().strip().splitlines()
+        detail = (': ' + tail[-1]) if tail else ''
+        self.lost(TunnelClosed('[%s] connection lost%s' % (self.host, detail)))
+
+    def stderr_text(self):
+        return self.stderr_tail.decode('utf-8', 'replace')
+
+    # --- incoming (broker thread)
+    def feed(self, data):
+        try:
+            frames = self.parser.feed(data)
+            for rid, op, payload in frames:
+                self.dispatch(rid, op, payload)
+        except (wire.FrameError, codec.DecodeError, KeyError, TypeError, ValueError) as e:
+            self.lost(ProtocolError('[%s] the remote sent invalid data (%s: %s); '
+                                    'the tunnel was closed' % (self.host, type(e).__name__, e)))
+
+    def dispatch(self, rid, op, payload):
+        handler = self.pending.get(rid)
+        if handler is not None and op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT):
+            if handler.frame(op, payload):
+                self.pending.pop(rid, None)
+        elif op == wire.IMPORT:
+            query = codec.decode(payload)
+            import_pool().submit(self._serve_import, rid, query)
+        elif op == wire.LOG:
+            self._log(codec.decode(payload))
+        elif op == wire.HELLO:
+            self.remote = codec.decode(payload)
+            if not isinstance(self.remote, dict):
+                raise ValueError('bad HELLO')
+            self.hello.set()
+        elif op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT, wire.PONG):
+            pass  # a reply to a request that timed out or was abandoned
+        else:
+            raise ValueError('unexpected op %d' % op)
+
+    def feed_stderr(self, data):
+        tail = self.stderr_tail
+        tail += data
+        if len(tail) > STDERR_TAIL:
+            del tail[:len(tail) - STDERR_TAIL]
+        if not self.connected:
+            return  # kept for the ConnectError message instead
+        partial = self.stderr_partial
+        partial += data
+        lines = partial.split(b'\n')
+        partial[:] = lines.pop()
+        if len(partial) > STDERR_LINE_MAX:
+            lines.append(bytes(partial))
+            partial.clear()
+        if lines:
+            prefix = '[%s] ' % self.host
+            text = ''.join(prefix + line.decode('utf-8', 'replace') + '\n' for line in lines)
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _flush_stderr_line(self):
+        if self.connected and self.stderr_partial:
+            self.feed_stderr(b'\n')
+
+    def _serve_import(self, rid, query):
+        reply = self.modules.handle(query)
+        try:
+            self.send(rid, wire.MODULE, reply)
+        except TunnelClosed:
+            pass
+
+    def _log(self, record):
+        if not isinstance(record, dict):
+            raise ValueError('bad log record')
+        allowed = {'name', 'levelno', 'msg', 'pathname', 'lineno', 'funcName', 'created',
+                   'threadName', 'process', 'exc_text'}
+        fields = {k: v for k, v in record.items() if k in allowed}
+        levelno = fields.get('levelno')
+        if not isinstance(levelno, int) or not isinstance(fields.get('name'), str):
+            raise ValueError('bad log record')
+        fields['levelname'] = logging.getLevelName(levelno)
+        fields['msg'] = '[%s] %s' % (self.host, fields.get('msg'))
+        fields['args'] = None
+        fields['host'] = self.host
+        logger = logging.getLogger(fields['name'])
+        if logger.isEnabledFor(levelno):
+            logger.handle(logging.makeLogRecord(fields))
+
+    def remote_exception(self, payload):
+        info = codec.decode(payload)
+        if not isinstance(info, dict):
+            raise ValueError('bad error reply')
+        return RemoteException(self.host, str(info.get('type')), str(info.get('msg')),
+                               str(info.get('traceback') or ''))
+
+    # --- outgoing (callers' threads)
+    def send(self, rid, op, payload):
+        self.send_parts(rid, op, [payload])
+
+    def send_parts(self, rid, op, parts):
+        frame = wire.frame_parts(rid, op, parts)
+        with self.write_lock:
+            if self.closed:
+                raise self._closed_error()
+            try:
+                self.transport.write(frame)
+            except (OSError, ValueError) as e:
+                write_error = e
+            else:
+                return
+        self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+        raise self._closed_error()
+
+    def _closed_error(self):
+        exc = self.error
+        if isinstance(exc, TunnelClosed):
+            return type(exc)(*exc.args)
+        return TunnelClosed('[%s] tunnel is closed' % self.host)
+
+    def request(self, op, handler, fn, args, kwargs):
+        """Send a call and register its handler; returns the request id."""
+        payload = dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+        rid = next(self.ids)
+        self.pending[rid] = handler
+        try:
+            self.send(rid, op, payload)
+        except TunnelClosed:
+            self.pending.pop(rid, None)
+            raise
+        return rid
+
+    def call_async(self, fn, args, kwargs):
+        handler = CallHandler(self, describe(fn))
+        self.request(wire.CALL, handler, fn, args, kwargs)
+        return handler.future
+
+    def call(self, fn, args, kwargs, timeout=None):
+        future = self.call_async(fn, args, kwargs)
+        return self.wait(future, timeout, describe(fn))
+
+    def wait(self, future, timeout, what):
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
+
+    def call_iter(self, fn, args, kwargs, timeout=None):
+        what = describe(fn)
+        handler = IterHandler(self, what)
+        rid = self.request(wire.CALL_ITER, handler, fn, args, kwargs)
+        consumed = 0
+        finished = False
+        try:
+            while True:
+                item, exc = handler.next(timeout)
+                if item is IterHandler._END:
+                    finished = True
+                    if exc is not None:
+                        raise exc
+                    return
+                yield item
+                consumed += 1
+                if consumed >= ITER_CREDIT_BATCH:
+                    self.send(rid, wire.CREDIT, codec.encode(consumed))
+                    consumed = 0
+        finally:
+            if not finished:
+                self.pending.pop(rid, None)
+                try:
+                    self.send(rid, wire.CANCEL, b'')
+                except TunnelClosed:
+                    pass
+
+    def call_stream(self, fn, chunks, args, kwargs, timeout=None):
+        """Call ``fn(stream, *args, **kwargs)`` remotely, feeding ``chunks`` to ``stream``."""
+        what = describe(fn)
+        handler = StreamHandler(self, what)
+        rid = self.request(wire.CALL_STREAM, handler, fn, args, kwargs)
+        error = None
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast('B')
+                for start in range(0, len(view), STREAM_CHUNK):
+                    piece = view[start:start + STREAM_CHUNK]
+                    with handler.cond:
+                        handler.cond.wait_for(
+                            lambda: handler.in_flight < STREAM_WINDOW or handler.future.done())
+                        if handler.future.done():
+                            break
+                        handler.in_flight += len(piece)
+                    self.send_parts(rid, wire.DATA, [piece])
+                if handler.future.done():
+                    break
+        except BaseException as e:
+            error = '%s: %s' % (type(e).__name__, e)
+            raise
+        finally:
+            if not self.closed:
+                self.send(rid, wire.DATA_END, codec.encode(error))
+        return self.wait(handler.future, timeout, what)

@@ -1,0 +1,64 @@
+"""The exceptions a chopsticks user can see.  Every message names the host."""
+
+__all__ = [
+    'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed',
+    'CallTimeout', 'ProtocolError', 'DepthLimitExceeded',
+]
+
+
+class ChopsticksError(Exception):
+    """Base class of the errors chopsticks raises itself."""
+
+
+class RemoteException(ChopsticksError):
+    """The remote function raised.
+
+    ``host`` is the tunnel's host name, ``type_name`` the remote exception's
+    qualified type name (``'KeyError'``, ``'subprocess.CalledProcessError'``),
+    ``msg`` its message and ``remote_traceback`` the remote traceback as text.
+    The tunnel remains usable.
+    """
+
+    def __init__(self, host, type_name, msg, remote_traceback=''):
+        self.host = host
+        self.type_name = type_name
+        self.msg = msg
+        self.remote_traceback = remote_traceback
+        super().__init__(host, type_name, msg, remote_traceback)
+
+    def __str__(self):
+        text = '[%s] %s: %s' % (self.host, self.type_name, self.msg)
+        if self.remote_traceback:
+            text += '\n\nRemote traceback (from %s):\n%s' % (self.host, self.remote_traceback.rstrip())
+        return text
+
+
+class ConnectError(ChopsticksError, ConnectionError):
+    """Could not start the agent on the host.
+
+    ``stderr`` holds what ssh, sudo or the remote python printed.
+    """
+
+    def __init__(self, host, msg, stderr=''):
+        self.host = host
+        self.stderr = stderr
+        text = '[%s] could not connect: %s' % (host, msg)
+        if stderr.strip():
+            text += '\n' + '\n'.join('  ' + line for line in stderr.strip().splitlines()[-30:])
+        super().__init__(text)
+
+
+class TunnelClosed(ChopsticksError, ConnectionError):
+    """The connection was lost (or closed) while a call was pending."""
+
+
+class ProtocolError(TunnelClosed):
+    """The remote sent bytes that are not valid protocol; the tunnel was closed."""
+
+
+class CallTimeout(ChopsticksError, TimeoutError):
+    """A call did not finish within its ``timeout``."""
+
+
+class DepthLimitExceeded(ChopsticksError):
+    """Tunnels opened through tunnels nested deeper than the configured limit."""

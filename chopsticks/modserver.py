@@ -1,0 +1,325 @@
+"""The controller side of the remote import hook.
+
+When the remote cannot import a module itself, its agent asks us.  We serve
+pure-Python modules and packages found on our own ``sys.path`` (directories,
+zip files, namespace packages), never anything else: the remote names a
+module, not a file, and data files are only read from inside the directory
+of a package this connection was served.
+
+Round trips dominate on a real network, so a reply carries the requested
+module *and* its static import closure (the modules its top-level code
+imports, found by reading the AST, recursively), compressed together.
+"""
+import ast
+import os
+import re
+import sys
+import sysconfig
+import threading
+import zipimport
+import zlib
+import importlib.machinery
+
+from . import codec
+
+MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
+CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this much source
+LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
+
+
+class Refused(Exception):
+    """Not served, and the remote is told why."""
+
+
+# --- what is on our sys.path -----------------------------------------------------
+
+def _stdlib_names():
+    names = set(getattr(sys, 'stdlib_module_names', ()))
+    names.update(sys.builtin_module_names)
+    return names
+
+
+STDLIB_NAMES = _stdlib_names()
+_STDLIB_DIRS = tuple(os.path.realpath(p) for p in {
+    sysconfig.get_paths()['stdlib'], sysconfig.get_paths()['platstdlib']})
+
+
+def is_stdlib(fullname, origin=None):
+    top = fullname.partition('.')[0]
+    if top in STDLIB_NAMES:
+        return True
+    if origin and not STDLIB_NAMES:  # Python 3.9: no stdlib_module_names
+        real = os.path.realpath(origin)
+        return real.startswith(_STDLIB_DIRS) and 'site-packages' not in real
+    return False
+
+
+def _inside(path, roots):
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _search_roots():
+    return [os.path.realpath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
+
+
+class ModuleInfo(object):
+    """One servable module: its source and what its top-level code imports."""
+
+    __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
+                 'imports', 'loader', 'mtime')
+
+    def entry(self):
+        return (self.kind, self.origin, self.source, self.package_dir, self.listing)
+
+
+_cache = {}
+_cache_lock = threading.Lock()
+
+
+def find_spec(fullname):
+    """Our spec for ``fullname`` without importing anything."""
+    module = sys.modules.get(fullname)
+    spec = getattr(module, '__spec__', None) if module is not None else None
+    if spec is not None:
+        return spec
+    parent, _, _ = fullname.rpartition('.')
+    if parent:
+        parent_spec = find_spec(parent)
+        if parent_spec is None or parent_spec.submodule_search_locations is None:
+            return None
+        path = list(parent_spec.submodule_search_locations)
+    else:
+        path = sys.path
+    return importlib.machinery.PathFinder.find_spec(fullname, path)
+
+
+def module_info(fullname):
+    """The ModuleInfo for ``fullname``; None if we don't have it; Refused if we
+    have it but cannot serve it."""
+    if not MODULE_NAME.match(fullname):
+        raise Refused('%r is not a module name' % fullname)
+    with _cache_lock:
+        info = _cache.get(fullname)
+    if info is not None and (info.mtime is None or _mtime(info.origin) == info.mtime):
+        return info
+    if is_stdlib(fullname):
+        return None
+    spec = find_spec(fullname)
+    if spec is None:
+        return None
+    info = _load_info(fullname, spec)
+    with _cache_lock:
+        _cache[fullname] = info
+    return info
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except (OSError, TypeError):
+        return None
+
+
+def _load_info(fullname, spec):
+    loader = spec.loader
+    info = ModuleInfo()
+    info.name = fullname
+    info.loader = loader
+    info.imports = ()
+    info.listing = None
+    info.mtime = None
+    locations = spec.submodule_search_locations
+    if loader is None or type(loader).__name__ in ('NamespaceLoader', '_NamespaceLoader'):
+        paths = [p for p in (locations or ()) if _inside(os.path.realpath(p), _search_roots())]
+        if not paths:
+            raise Refused('namespace package %s has no portion under sys.path' % fullname)
+        info.kind = 'namespace'
+        info.origin = None
+        info.source = b''
+        info.package_dir = paths[0]
+        return info
+    origin = spec.origin
+    if isinstance(loader, importlib.machinery.ExtensionFileLoader):
+        raise Refused('%s is a compiled extension module on the controller (%s); '
+                      'install it on the remote host' % (fullname, origin))
+    if is_stdlib(fullname, origin):
+        return None
+    if isinstance(loader, zipimport.zipimporter):
+        archive = os.path.realpath(loader.archive)
+        if not _inside(archive, _search_roots()):
+            raise Refused('%s is in %s, which is not on sys.path' % (fullname, archive))
+        source = loader.get_source(fullname)
+        if source is None:
+            raise Refused('%s has no source in %s' % (fullname, archive))
+        info.source = source.encode('utf-8')
+    elif isinstance(loader, importlib.machinery.SourceFileLoader):
+        real = os.path.realpath(origin)
+        if not _inside(real, _search_roots()):
+            raise Refused('%s resolves to %s, outside sys.path' % (fullname, real))
+        info.mtime = _mtime(origin)
+        with open(origin, 'rb') as f:
+            info.source = f.read()
+    else:
+        raise Refused('%s is loaded by %s on the controller, which chopsticks cannot serve'
+                      % (fullname, type(loader).__name__))
+    info.kind = 'source'
+    info.origin = origin
+    info.package_dir = os.path.dirname(origin) if locations is not None else None
+    if info.package_dir is not None:
+        info.listing = _listing(info.package_dir, loader)
+    info.imports = tuple(_static_imports(fullname, info.source, info.package_dir is not None))
+    return info
+
+
+def _listing(package_dir, loader):
+    """Relative names of the files and directories in a package: its resources."""
+    listing = {}
+    if isinstance(loader, zipimport.zipimporter):
+        import zipfile
+        prefix = os.path.relpath(package_dir, loader.archive).replace(os.sep, '/') + '/'
+        with zipfile.ZipFile(loader.archive) as zf:
+            for name in zf.namelist():
+                if name.startswith(prefix) and name != prefix:
+                    rel = name[len(prefix):].rstrip('/')
+                    listing[rel] = 'dir' if name.endswith('/') else 'file'
+                    if len(listing) >= LISTING_LIMIT:
+                        break
+        return listing
+    for root, dirs, files in os.walk(package_dir):
+        dirs[:] = [d for d in dirs if d != '__pycache__']
+        rel_root = os.path.relpath(root, package_dir).replace(os.sep, '/')
+        rel_root = '' if rel_root == '.' else rel_root + '/'
+        for d in dirs:
+            listing[rel_root + d] = 'dir'
+        for name in files:
+            if not name.endswith('.pyc'):
+                listing[rel_root + name] = 'file'
+        if len(listing) >= LISTING_LIMIT:
+            break
+    return listing
+
+
+def _static_imports(fullname, source, is_package):
+    """Absolute names imported by a module's top-level code (not inside functions)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    package = fullname if is_package else fullname.rpartition('.')[0]
+    found = []
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    found.append(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split('.')
+                    if node.level - 1 >= len(parts):
+                        continue
+                    base = '.'.join(parts[:len(parts) - (node.level - 1)])
+                    base = base + '.' + node.module if node.module else base
+                else:
+                    base = node.module
+                found.append(base)
+                for alias in node.names:
+                    if alias.name != '*':
+                        found.append(base + '.' + alias.name)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for field in ('body', 'orelse', 'finalbody'):
+                    visit(getattr(node, field, ()))
+                for handler in getattr(node, 'handlers', ()):
+                    visit(handler.body)
+    visit(tree.body)
+    names = []
+    for name in found:
+        parts = name.split('.')
+        for i in range(1, len(parts) + 1):
+            names.append('.'.join(parts[:i]))
+    return names
+
+
+# --- serving one connection --------------------------------------------------------
+
+class ModuleServer(object):
+    """Answers one remote's import requests; remembers what it already sent."""
+
+    def __init__(self):
+        self.sent = set()
+        self.package_dirs = {}  # real package dir -> loader, for data requests
+        self.lock = threading.Lock()
+
+    def handle(self, query):
+        """Answer an IMPORT request; the reply is compressed codec bytes."""
+        try:
+            kind, arg = query
+            if not isinstance(arg, str):
+                raise Refused('bad request')
+            if kind == 'module':
+                reply = self.serve_module(arg)
+            elif kind == 'data':
+                reply = {'data': self.serve_data(arg)}
+            else:
+                raise Refused('unknown request %r' % (kind,))
+        except Refused as e:
+            reply = {'error': str(e), 'errors': {arg: str(e)} if kind == 'module' else {}}
+        except (ValueError, TypeError):
+            reply = {'error': 'malformed import request'}
+        except OSError as e:
+            reply = {'error': '%s: %s' % (type(e).__name__, e)}
+        return zlib.compress(codec.encode(reply), 6)
+
+    def serve_module(self, fullname):
+        modules = {}
+        errors = {}
+        with self.lock:
+            root = module_info(fullname)
+            if root is None:
+                return {'missing': [fullname]}
+            queue = [root.name]
+            total = 0
+            seen = set()
+            while queue:
+                name = queue.pop(0)
+                if name in seen:
+                    continue
+                seen.add(name)
+                try:
+                    info = module_info(name) if name != root.name else root
+                except Refused as e:
+                    errors[name] = str(e)
+                    continue
+                if info is None:
+                    continue
+                if name not in self.sent:
+                    if total > CLOSURE_BYTES and name != root.name:
+                        continue
+                    modules[name] = info.entry()
+                    self.sent.add(name)
+                    total += len(info.source)
+                    if info.package_dir is not None:
+                        self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
+                queue.extend(n for n in info.imports if n not in seen)
+        if fullname not in modules and fullname in self.sent:
+            # Asked again (after invalidate_caches, or by a second finder): resend.
+            modules[fullname] = root.entry()
+        return {'modules': modules, 'errors': errors}
+
+    def serve_data(self, path):
+        """A data file from inside a package this remote was served."""
+        if '\0' in path:
+            raise Refused('bad path')
+        for package_dir, loader in list(self.package_dirs.items()):
+            if isinstance(loader, zipimport.zipimporter):
+                norm = os.path.normpath(path)
+                if _inside(norm, [package_dir]):
+                    return loader.get_data(norm)
+                continue
+            real = os.path.realpath(path)
+            if _inside(real, [package_dir]) and _inside(real, _search_roots()):
+                if not os.path.isfile(real):
+                    raise Refused('%s is not a file' % path)
+                with open(real, 'rb') as f:
+                    return f.read()
+        raise Refused('%s is not inside a package served to this host' % path)

@@ -1,0 +1,215 @@
+"""Pickling calls for the remote, including functions that have no import path.
+
+Controller -> remote is the trusted direction, so calls travel as pickle.
+Functions importable by name (``time.time``, ``mypkg.mod.fn``) pickle by
+reference and the remote imports them, through the import hook if need be.
+Functions that cannot be imported on the remote (defined in ``__main__``, a
+REPL, a Jupyter cell, lambdas, closures) travel as *source* with the globals
+and closure values they use, so it works whatever the remote's Python
+version.  As a last resort (no source, as in the plain REPL) the code object
+travels marshalled, which only works when both sides run the same version.
+"""
+import ast
+import io
+import linecache
+import marshal
+import pickle
+import sys
+import textwrap
+import types
+
+PROTOCOL = 4  # the highest protocol Python 3.6 reads
+
+LAMBDA_NAME = '__chopsticks_lambda__'
+
+
+class SourceUnavailable(Exception):
+    pass
+
+
+def importable(obj):
+    """True if ``obj`` can be found on the remote by module and qualified name."""
+    module = getattr(obj, '__module__', None)
+    qualname = getattr(obj, '__qualname__', '')
+    if module in (None, '__main__', '__mp_main__') or '<' in qualname:
+        return False
+    target = sys.modules.get(module)
+    for part in qualname.split('.'):
+        target = getattr(target, part, None)
+    return target is obj
+
+
+class CallPickler(pickle.Pickler):
+    def __init__(self, file, remote_version=None):
+        super().__init__(file, protocol=PROTOCOL)
+        self.remote_version = remote_version
+        self.in_progress = set()
+
+    def persistent_id(self, obj):
+        kind = type(obj)
+        if kind is types.FunctionType or (isinstance(obj, type) and kind is type):
+            if importable(obj):
+                return None
+            return self._source_pid(obj)
+        if kind is types.ModuleType:
+            return ('mod', obj.__name__)
+        return None
+
+    def _source_pid(self, obj):
+        key = id(obj)
+        self.in_progress.add(key)
+        try:
+            is_function = isinstance(obj, types.FunctionType)
+            try:
+                source, name, filename, lineno = source_of(obj)
+            except SourceUnavailable as e:
+                if is_function and self.remote_version and \
+                        tuple(self.remote_version[:2]) == sys.version_info[:2]:
+                    return self._code_pid(obj)
+                raise pickle.PicklingError(
+                    'cannot send %s to the remote: %s' % (describe(obj), e))
+            if not is_function:
+                return ('fn', source, name, filename, lineno, {}, {}, None, None)
+            return ('fn', source, name, filename, lineno, self._globals_used(obj),
+                    closure_values(obj), obj.__defaults__, obj.__kwdefaults__)
+        finally:
+            self.in_progress.discard(key)
+
+    def _code_pid(self, fn):
+        return ('code', marshal.dumps(fn.__code__), fn.__name__, self._globals_used(fn),
+                closure_values(fn), fn.__defaults__, fn.__kwdefaults__)
+
+    def _globals_used(self, fn):
+        namespace = fn.__globals__
+        used = {}
+        for name in names_used(fn.__code__):
+            if name in namespace:
+                value = namespace[name]
+                # A function being pickled further up (recursion) is defined
+                # by its own source on the remote; don't send it twice.
+                if id(value) in self.in_progress or value is namespace.get('__builtins__'):
+                    continue
+                used[name] = value
+        return used
+
+
+def dumps_call(fn, args, kwargs, remote_version=None):
+    buf = io.BytesIO()
+    CallPickler(buf, remote_version).dump((fn, args, kwargs))
+    return buf.getvalue()
+
+
+def describe(obj):
+    return '%s.%s' % (getattr(obj, '__module__', '?'), getattr(obj, '__qualname__', repr(obj)))
+
+
+def closure_values(fn):
+    if not fn.__closure__:
+        return {}
+    values = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+        try:
+            values[name] = cell.cell_contents
+        except ValueError:  # an empty cell: not yet assigned
+            pass
+    return values
+
+
+_names_cache = {}
+
+
+def names_used(code):
+    """Global names a code object (and the code nested in it) may load."""
+    names = _names_cache.get(code)
+    if names is None:
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= names_used(const)
+        _names_cache[code] = names = frozenset(names)
+    return names
+
+
+# --- finding the source of a function, lambda or class -------------------------
+
+_tree_cache = {}
+_source_cache = {}
+
+
+def _parse_file(filename):
+    lines = linecache.getlines(filename)
+    if not lines:
+        raise SourceUnavailable('its source file %s cannot be read' % filename)
+    text = ''.join(lines)
+    key = (filename, hash(text))
+    tree = _tree_cache.get(key)
+    if tree is None:
+        try:
+            tree = ast.parse(text)
+        except SyntaxError as e:
+            raise SourceUnavailable('its source file %s does not parse: %s' % (filename, e))
+        _tree_cache[key] = tree
+    return text, tree
+
+
+def source_of(obj):
+    """(source, name to fetch after exec, filename, first line number)."""
+    if isinstance(obj, types.FunctionType):
+        key = obj.__code__
+        filename = obj.__code__.co_filename
+        firstlineno = obj.__code__.co_firstlineno
+    else:
+        key = obj
+        module = sys.modules.get(obj.__module__)
+        filename = getattr(module, '__file__', None) or '<unknown>'
+        firstlineno = None
+    cached = _source_cache.get(key)
+    if cached is not None:
+        return cached
+    if filename.startswith('<') and not linecache.getlines(filename):
+        raise SourceUnavailable('it was defined interactively and its source was not kept '
+                                '(define it in a file, or use IPython/Jupyter)')
+    text, tree = _parse_file(filename)
+    if isinstance(obj, types.FunctionType) and obj.__name__ == '<lambda>':
+        node = _find_lambda(tree, obj)
+        segment = ast.get_source_segment(text, node)
+        result = ('%s = (%s)\n' % (LAMBDA_NAME, segment), LAMBDA_NAME, filename, node.lineno)
+    else:
+        node = _find_definition(tree, obj, firstlineno)
+        segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
+        result = (segment + '\n', obj.__name__, filename, node.lineno)
+    _source_cache[key] = result
+    return result
+
+
+def _find_lambda(tree, fn):
+    code = fn.__code__
+    candidates = [n for n in ast.walk(tree)
+                  if isinstance(n, ast.Lambda) and n.lineno == code.co_firstlineno]
+    if not candidates:
+        raise SourceUnavailable('its source was not found at %s:%d'
+                                % (code.co_filename, code.co_firstlineno))
+    argnames = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    for node in candidates:
+        args = node.args
+        names = tuple(a.arg for a in args.posonlyargs + args.args + args.kwonlyargs)
+        if names == argnames:
+            return node
+    return candidates[0]
+
+
+def _find_definition(tree, obj, firstlineno):
+    wanted = (ast.FunctionDef, ast.AsyncFunctionDef) if firstlineno else (ast.ClassDef,)
+    qualparts = obj.__qualname__.split('.')
+    for node in ast.walk(tree):
+        if not isinstance(node, wanted) or node.name != obj.__name__:
+            continue
+        if firstlineno is None:
+            if len(qualparts) == 1 and node in tree.body:
+                return node
+            continue
+        starts = [node.lineno] + [d.lineno for d in node.decorator_list]
+        if firstlineno in starts:
+            return node
+    raise SourceUnavailable('its definition was not found in %s'
+                            % getattr(getattr(obj, '__code__', None), 'co_filename', '?'))

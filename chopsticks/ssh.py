@@ -1,0 +1,206 @@
+"""SSH settings from Fabric, and the two SSH transports.
+
+* ``openssh`` (default): the ``ssh`` binary.  Lowest latency, and all of
+  OpenSSH's own config handling (Include, Match, ProxyJump, known_hosts,
+  agents, ControlMaster).  ``BatchMode=yes`` so nothing ever waits on a prompt.
+* ``paramiko``: through a ``fabric.Connection``, for machines without
+  ``ssh`` or connections that carry a password or key object.
+
+Fabric supplies the configuration: ``~/.ssh/config`` (or the file named by
+``ssh_config=`` / ``CHOPSTICKS_SSH_CONFIG``) and Fabric's own config files
+and ``FABRIC_*`` variables.  Importing Fabric costs a quarter of a second, so
+the OpenSSH transport only does it when there is Fabric configuration to
+read (ssh reads ssh_config itself).
+
+Host keys are verified by default on both transports.
+"""
+import glob
+import os
+import shutil
+import threading
+
+from .connection import ProcessTransport
+from .errors import ConnectError
+from .broker import get_broker
+
+ENV_SSH_CONFIG = 'CHOPSTICKS_SSH_CONFIG'
+FABRIC_CONFIG_FILES = ('/etc/fabric.*', '~/.fabric.*')
+
+
+def default_ssh_config():
+    path = os.environ.get(ENV_SSH_CONFIG)
+    return os.path.expanduser(path) if path else None
+
+
+def fabric_configured():
+    """True when Fabric config files or FABRIC_* variables exist."""
+    if any(k.startswith('FABRIC_') for k in os.environ):
+        return True
+    return any(glob.glob(os.path.expanduser(p)) for p in FABRIC_CONFIG_FILES)
+
+
+def fabric_connection(host, user=None, port=None, ssh_config=None, connect_timeout=None):
+    """A fresh ``fabric.Connection`` with its own Config (a shared one leaks
+    IdentityFile entries between hosts)."""
+    from fabric import Config, Connection
+    config = Config(runtime_ssh_path=ssh_config) if ssh_config else Config()
+    return Connection(host, user=user, port=port, config=config,
+                      connect_timeout=connect_timeout)
+
+
+class SSHSettings(object):
+    """Where and how to connect, resolved once per tunnel."""
+
+    def __init__(self, host, user=None, port=None, ssh_config=None, options=None,
+                 control_master=False, connect_timeout=None):
+        self.connection = None
+        if hasattr(host, 'original_host') and hasattr(host, 'connect_kwargs'):
+            self.connection = host  # a fabric.Connection
+            host = host.original_host
+        self.host = host
+        self.user = user
+        self.port = int(port) if port is not None else None
+        self.ssh_config = ssh_config or default_ssh_config()
+        self.options = dict(options or {})
+        self.control_master = control_master
+        self.connect_timeout = connect_timeout
+        self.identity_files = []
+        self.proxy_jump = None
+        if self.connection is not None or fabric_configured():
+            self._from_fabric()
+
+    def _from_fabric(self):
+        conn = self.connection
+        if conn is None:
+            conn = fabric_connection(self.host, self.user, self.port, self.ssh_config)
+        self.user = self.user or conn.user
+        self.port = self.port or conn.port
+        kwargs = conn.connect_kwargs or {}
+        files = kwargs.get('key_filename') or []
+        self.identity_files = [files] if isinstance(files, str) else list(files)
+        gateway = conn.gateway
+        if gateway is not None and not isinstance(gateway, str):
+            self.proxy_jump = '%s@%s:%s' % (gateway.user, gateway.host, gateway.port)
+        elif isinstance(gateway, str):
+            self.options.setdefault('ProxyCommand', gateway)
+
+    def needs_paramiko(self):
+        """A Connection carrying secrets that ``ssh`` cannot take on its command line."""
+        kwargs = (self.connection.connect_kwargs or {}) if self.connection is not None else {}
+        return any(kwargs.get(k) for k in ('password', 'pkey', 'passphrase', 'sock'))
+
+    def openssh_argv(self):
+        ssh = shutil.which('ssh')
+        if ssh is None:
+            raise FileNotFoundError('the ssh command is not installed (use transport="paramiko")')
+        argv = [ssh, '-T', '-o', 'BatchMode=yes', '-o', 'ServerAliveInterval=15',
+                '-o', 'ServerAliveCountMax=3']
+        if self.ssh_config:
+            argv += ['-F', self.ssh_config]
+        if self.connect_timeout:
+            argv += ['-o', 'ConnectTimeout=%d' % max(1, int(self.connect_timeout))]
+        if self.user:
+            argv += ['-l', self.user]
+        if self.port:
+            argv += ['-p', str(self.port)]
+        for path in self.identity_files:
+            argv += ['-i', os.path.expanduser(path)]
+        if self.proxy_jump:
+            argv += ['-J', self.proxy_jump]
+        if self.control_master:
+            path = os.path.expanduser('~/.cache/chopsticks')
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            argv += ['-o', 'ControlMaster=auto', '-o', 'ControlPath=%s/cm-%%C' % path,
+                     '-o', 'ControlPersist=%s' % (self.control_master if not isinstance(
+                         self.control_master, bool) else 60)]
+        for key, value in self.options.items():
+            argv += ['-o', '%s=%s' % (key, value)]
+        return argv + ['--', self.host]
+
+
+class ParamikoTransport(object):
+    """The agent behind a paramiko session channel of a Fabric connection."""
+
+    def __init__(self, settings, command, host):
+        self.settings = settings
+        self.command = command
+        self.host = host
+        self.conn = None
+        self.channel = None
+        self.closed = False
+
+    def start(self, conn):
+        import paramiko
+        settings = self.settings
+        fabric_conn = settings.connection or fabric_connection(
+            settings.host, settings.user, settings.port, settings.ssh_config,
+            settings.connect_timeout)
+        if settings.connection is not None and settings.connect_timeout:
+            fabric_conn.connect_timeout = settings.connect_timeout
+        client = fabric_conn.client
+        strict = str(fabric_conn.ssh_config.get('stricthostkeychecking', 'yes')).lower()
+        client.set_missing_host_key_policy(
+            paramiko.WarningPolicy() if strict == 'no' else paramiko.RejectPolicy())
+        for path in str(fabric_conn.ssh_config.get('userknownhostsfile', '')).split():
+            path = os.path.expanduser(path)
+            if os.path.exists(path):
+                client.load_host_keys(path)
+        self.conn = fabric_conn
+        try:
+            fabric_conn.open()
+            channel = fabric_conn.client.get_transport().open_session()
+            channel.exec_command(self.command)
+        except Exception as e:
+            raise ConnectError(self.host, 'ssh (paramiko) to %s failed: %s: %s'
+                               % (fabric_conn.host, type(e).__name__, e))
+        self.channel = channel
+        self.write_lock = threading.Lock()
+        get_broker().register(channel, lambda: self._pump(conn))
+
+    def _pump(self, conn):
+        channel = self.channel
+        got = False
+        while channel.recv_stderr_ready():
+            conn.feed_stderr(channel.recv_stderr(1 << 20))
+            got = True
+        while channel.recv_ready():
+            data = channel.recv(1 << 20)
+            if not data:
+                break
+            conn.feed(data)
+            got = True
+        if not got and (channel.closed or channel.eof_received):
+            get_broker().unregister(channel)
+            conn.eof()
+
+    def write(self, parts):
+        for part in parts:
+            view = memoryview(part).cast('B')
+            # paramiko's sendall is quadratic on a small window: send in pieces.
+            for start in range(0, len(view), 1 << 20):
+                self.channel.sendall(view[start:start + (1 << 20)])
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.channel is not None:
+            get_broker().unregister(self.channel)
+        if self.conn is not None:
+            threading.Thread(target=self.conn.close, daemon=True).start()
+
+
+def make_transport(tunnel):
+    """The transport for an SSHTunnel."""
+    settings = tunnel.ssh_settings
+    from . import bootstrap
+    command = bootstrap.remote_command(tunnel.python)
+    if tunnel.transport_type == 'paramiko' or settings.needs_paramiko():
+        return ParamikoTransport(settings, command, tunnel.host)
+    if tunnel.transport_type != 'openssh':
+        raise ValueError("transport must be 'openssh' or 'paramiko', not %r" % tunnel.transport_type)
+    try:
+        argv = settings.openssh_argv()
+    except FileNotFoundError as e:
+        raise ConnectError(tunnel.host, str(e))
+    return ProcessTransport(argv + [command], what='ssh %s' % settings.host)

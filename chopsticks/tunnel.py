@@ -1,0 +1,219 @@
+"""Tunnels: what a user holds.  One tunnel, one host, one running agent.
+
+Connection is lazy (the first call connects), explicit with ``connect()``,
+and automatic again after the connection was closed or lost.
+"""
+import shlex
+import sys
+import threading
+
+from . import bootstrap
+from .connection import Connection, ProcessTransport
+from .errors import ChopsticksError
+
+__all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
+
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
+class BaseTunnel(object):
+    """A host that can run Python functions.
+
+    Subclasses say how to start the agent (``transport()``); everything else,
+    calls, streaming, reconnection, lives here.
+    """
+
+    def __init__(self, host, python=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT):
+        self.host = host
+        self.python = python
+        self.connect_timeout = connect_timeout
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return '%s(%r)' % (type(self).__name__, self.host)
+
+    # --- subclass interface
+    def transport(self):
+        """A new transport that starts the agent on this host."""
+        raise NotImplementedError
+
+    def settings(self):
+        """Settings sent to the agent as it starts."""
+        return {'host': self.host}
+
+    # --- connection
+    def connect(self):
+        """Start the agent now (calls do it on first use)."""
+        self._connection()
+        return self
+
+    def _connection(self):
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = Connection(self.host, self.transport(), self.settings())
+                conn.start(self.connect_timeout)
+                self._conn = conn
+            return conn
+
+    @property
+    def connected(self):
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def remote_info(self):
+        """What the agent reported on start: pid, python, version, platform, hostname."""
+        return dict(self._connection().remote)
+
+    def close(self):
+        """Stop the agent.  The tunnel reconnects if used again."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        conn = getattr(self, '_conn', None)
+        if conn is not None and not conn.closed:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    # --- calling
+    def call(self, fn, *args, timeout=None, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on the host and return its value.
+
+        Raises RemoteException if it raised there, CallTimeout after
+        ``timeout`` seconds, TunnelClosed if the connection was lost.  (To pass
+        the function a keyword argument called ``timeout``, wrap it in
+        ``functools.partial``.)
+        """
+        return self._connection().call(fn, args, kwargs, timeout)
+
+    def call_async(self, fn, *args, **kwargs):
+        """Start ``fn(*args, **kwargs)`` on the host; returns a
+        ``concurrent.futures.Future``.  Many may be in flight at once."""
+        return self._connection().call_async(fn, args, kwargs)
+
+    def call_iter(self, fn, *args, timeout=None, **kwargs):
+        """Iterate on the controller over what ``fn(*args, **kwargs)`` yields on the
+        host, as it is produced.  The remote runs at most a small window ahead
+        of the consumer.  ``timeout`` bounds the wait for each item."""
+        return self._connection().call_iter(fn, args, kwargs, timeout)
+
+    def call_stream(self, fn, chunks, *args, timeout=None, **kwargs):
+        """Run ``fn(stream, *args, **kwargs)`` on the host, where ``stream``
+        iterates over the bytes objects of ``chunks`` sent from here with flow
+        control.  Returns ``fn``'s value."""
+        return self._connection().call_stream(fn, chunks, args, kwargs, timeout)
+
+
+class SubprocessTunnel(BaseTunnel):
+    """A tunnel whose agent runs behind a local command (``cmd_args()``).
+
+    The command's last argument is added by the tunnel: the python command
+    line (``python -c STUB``, or an interpreter-finding shell loop).
+    """
+
+    def cmd_args(self):
+        """The command that leads to the host, before the python command."""
+        return []
+
+    def python_args(self):
+        if self.python:
+            return bootstrap.python_argv(self.python)
+        return ['/bin/sh', '-c', bootstrap.discovery_script()]
+
+    def argv(self):
+        return self.cmd_args() + self.python_args()
+
+    def transport(self):
+        argv = self.argv()
+        return ProcessTransport(argv, what=' '.join(shlex.quote(a) for a in argv[:3]))
+
+
+class Local(SubprocessTunnel):
+    """A python subprocess on this machine: the controller's own interpreter
+    unless ``python=`` names another."""
+
+    def __init__(self, name='localhost', python=None, **kwargs):
+        super().__init__(name, python=python, **kwargs)
+
+    def python_args(self):
+        return bootstrap.python_argv(self.python or sys.executable)
+
+
+class Sudo(SubprocessTunnel):
+    """A python running as another user on this machine, through ``sudo -n``
+    (never prompts: configure NOPASSWD, or the connection fails clearly)."""
+
+    def __init__(self, user='root', name=None, python=None, **kwargs):
+        self.user = user
+        super().__init__(name or '%s@localhost' % user, python=python, **kwargs)
+
+    def cmd_args(self):
+        return ['sudo', '-n', '-H', '-u', self.user, '--']
+
+
+class Docker(SubprocessTunnel):
+    """A new container from ``image`` (removed afterwards unless ``rm=False``)."""
+
+    def __init__(self, name, image='python:3', rm=True, python=None, **kwargs):
+        self.image = image
+        self.rm = rm
+        super().__init__(name, python=python, **kwargs)
+
+    def cmd_args(self):
+        args = ['docker', 'run', '-i', '--name', self.host]
+        if self.rm:
+            args.append('--rm')
+        return args + [self.image]
+
+
+class SSHTunnel(SubprocessTunnel):
+    """A host over SSH.
+
+    ``host`` is an ssh_config alias or host name (``user``/``port`` override
+    the config), or a ``fabric.Connection`` to reuse its settings.
+    ``transport='openssh'`` runs the ``ssh`` binary; ``'paramiko'`` connects
+    in-process through Fabric.  ``ssh_config`` names the ssh_config file
+    (default ``~/.ssh/config``, or ``$CHOPSTICKS_SSH_CONFIG``);
+    ``control_master=True`` (or a ControlPersist value) shares one OpenSSH
+    connection between tunnels to the same host; other keyword arguments are
+    ssh_config options (``ConnectTimeout=5``, ``IdentityFile='~/.ssh/k'``).
+    """
+
+    def __init__(self, host, user=None, port=None, transport='openssh', python=None,
+                 ssh_config=None, control_master=False,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, **options):
+        from .ssh import SSHSettings
+        self.transport_type = transport
+        self.ssh_settings = SSHSettings(host, user, port, ssh_config, options,
+                                        control_master, connect_timeout)
+        name = self.ssh_settings.host
+        if user and '@' not in name:
+            name = '%s@%s' % (user, name)
+        super().__init__(name, python=python, connect_timeout=connect_timeout)
+
+    def cmd_args(self):
+        return self.ssh_settings.openssh_argv()
+
+    def argv(self):
+        return self.cmd_args() + [bootstrap.remote_command(self.python)]
+
+    def transport(self):
+        from .ssh import make_transport
+        return make_transport(self)
+
+
+Tunnel = SSHTunnel

@@ -1,0 +1,89 @@
+"""Framing and message types, shared by the controller and the remote agent.
+
+A frame is a 9-byte header (payload length, request id, op) and the payload.
+Many requests are in flight at once; the request id pairs replies with
+requests.  Payloads the remote sends are always in the safe codec
+(``chopsticks.codec``); the controller sends pickled calls (that direction is
+trusted) and codec-encoded control messages.
+
+Shipped to the remote as source: stdlib only, Python 3.6.
+"""
+import struct
+
+HEADER = struct.Struct('<IIB')  # payload length, request id, op
+
+# controller -> remote
+CALL = 1         # pickle (fn, args, kwargs); answered by RESULT or ERROR
+CALL_ITER = 2    # the same, fn returns an iterable; answered by ITEM* then END or ERROR
+CALL_STREAM = 3  # the same, fn(chunks, *args); followed by DATA* and DATA_END
+DATA = 4         # raw bytes for the input stream of request id
+DATA_END = 5     # input stream finished (payload: codec None, or an error message)
+CREDIT = 6       # codec int: the receiver may send this many more ITEMs / DATA bytes
+CANCEL = 7       # stop producing items for request id
+MODULE = 8       # zlib(codec) reply to IMPORT
+PING = 9         # liveness probe: the remote answers PONG
+CONFIG = 10      # codec dict: the agent's settings, the first frame it reads
+
+# remote -> controller
+RESULT = 20      # codec value
+ERROR = 21       # codec dict: type, msg, traceback
+ITEM = 22        # codec value produced by a CALL_ITER generator
+END = 23         # generator exhausted
+IMPORT = 24      # codec tuple: ('module', name) or ('data', path) or ('list', path)
+LOG = 25         # codec dict describing a logging.LogRecord
+HELLO = 26       # codec dict: the agent is ready (pid, python, ...)
+PONG = 27
+
+OP_NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int)}
+
+
+class FrameError(Exception):
+    """The byte stream is not valid framing."""
+
+
+class FrameParser(object):
+    """Incremental frame splitter: feed bytes, get complete frames back.
+
+    ``max_payload`` bounds what a peer can make us buffer for one frame.
+    """
+
+    def __init__(self, max_payload):
+        self.max_payload = max_payload
+        self.buf = bytearray()
+        self.need = HEADER.size
+
+    def feed(self, data):
+        buf = self.buf
+        buf += data
+        if len(buf) < self.need:
+            return ()
+        frames = []
+        pos = 0
+        end = len(buf)
+        size = HEADER.size
+        while end - pos >= size:
+            length, rid, op = HEADER.unpack_from(buf, pos)
+            if length > self.max_payload:
+                raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
+                                 % (length, self.max_payload))
+            if end - pos - size < length:
+                self.need = size + length
+                break
+            start = pos + size
+            frames.append((rid, op, bytes(buf[start:start + length])))
+            pos = start + length
+        else:
+            self.need = size
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def frame(rid, op, payload=b''):
+    """One frame as bytes (small payloads)."""
+    return HEADER.pack(len(payload), rid, op) + payload
+
+
+def frame_parts(rid, op, parts):
+    """A header followed by the buffers of a large payload, for writev."""
+    return [HEADER.pack(sum(len(p) for p in parts), rid, op)] + list(parts)
