@@ -148,7 +148,13 @@ class ParamikoTransport(object):
         self.conn = fabric_conn
         try:
             fabric_conn.open()
-            channel = fabric_conn.client.get_transport().open_session()
+            ssh_transport = fabric_conn.client.get_transport()
+            sock = ssh_transport.sock
+            if hasattr(sock, 'setsockopt'):
+                import socket
+                # Small frames must not wait for Nagle's algorithm (40 ms round trips).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = ssh_transport.open_session(window_size=8 << 20, max_packet_size=32768)
             channel.exec_command(self.command)
         except Exception as e:
             raise ConnectError(self.host, 'ssh (paramiko) to %s failed: %s: %s'

@@ -3,13 +3,16 @@
 Connection is lazy (the first call connects), explicit with ``connect()``,
 and automatic again after the connection was closed or lost.
 """
+import asyncio
+import functools
 import shlex
 import sys
 import threading
 
 from . import bootstrap
 from .connection import Connection, ProcessTransport
-from .errors import ChopsticksError
+from .errors import CallTimeout
+from .serialize import describe
 
 __all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
 
@@ -116,6 +119,47 @@ class BaseTunnel(object):
         iterates over the bytes objects of ``chunks`` sent from here with flow
         control.  Returns ``fn``'s value."""
         return self._connection().call_stream(fn, chunks, args, kwargs, timeout)
+
+    # --- files (chopsticks.files does the work)
+    def put(self, local_path, remote_path=None, mode=0o644, **kwargs):
+        """Copy a local file (or directory tree) to the host; see ``chopsticks.files.put``."""
+        from .files import put
+        return put(self, local_path, remote_path, mode=mode, **kwargs)
+
+    def fetch(self, remote_path, local_path=None, **kwargs):
+        """Copy a file (or directory tree) from the host; see ``chopsticks.files.fetch``."""
+        from .files import fetch
+        return fetch(self, remote_path, local_path, **kwargs)
+
+    def sync(self, local_dir, remote_dir, **kwargs):
+        """Make ``remote_dir`` match ``local_dir``, sending only changed files."""
+        from .files import sync
+        return sync(self, local_dir, remote_dir, **kwargs)
+
+    # --- asyncio: the same operations, awaitable from a running event loop
+    async def aconnect(self):
+        if not self.connected:
+            await asyncio.get_running_loop().run_in_executor(None, self.connect)
+        return self
+
+    async def acall(self, fn, *args, timeout=None, **kwargs):
+        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
+        await self.aconnect()
+        future = asyncio.wrap_future(self._connection().call_async(fn, args, kwargs))
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, describe(fn), timeout))
+
+    async def aput(self, local_path, remote_path=None, mode=0o644, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.put, local_path, remote_path, mode=mode, **kwargs))
+
+    async def afetch(self, remote_path, local_path=None, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.fetch, remote_path, local_path, **kwargs))
 
 
 class SubprocessTunnel(BaseTunnel):
