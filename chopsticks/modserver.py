@@ -152,7 +152,8 @@ def _load_info(fullname, spec):
         if source is None:
             raise Refused('%s has no source in %s' % (fullname, archive))
         info.source = source.encode('utf-8')
-    elif isinstance(loader, importlib.machinery.SourceFileLoader):
+    elif origin and origin.endswith('.py') and os.path.isfile(origin):
+        # SourceFileLoader, and look-alikes such as pytest's assertion rewriter
         real = os.path.realpath(origin)
         if not _inside(real, _search_roots()):
             raise Refused('%s resolves to %s, outside sys.path' % (fullname, real))

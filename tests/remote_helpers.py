@@ -1,0 +1,39 @@
+"""Functions the tests call on remote hosts.
+
+Kept apart from the test modules so that serving them to a remote does not
+drag pytest along: this file is stdlib-only and runs on Python 3.6.
+"""
+import time
+
+PRODUCED = []
+
+
+class Unsendable(object):
+    pass
+
+
+def echo(value):
+    return value
+
+
+def fail(message):
+    raise KeyError(message)
+
+
+def sleep_then(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def return_unsendable():
+    return Unsendable()
+
+
+def generate_and_record(n):
+    for i in range(n):
+        PRODUCED.append(i)
+        yield i
+
+
+def produced_so_far():
+    return len(PRODUCED)

@@ -1,0 +1,257 @@
+"""Calling functions over Local tunnels: values, errors, concurrency, timeouts, output."""
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from chopsticks import CallTimeout, ConnectError, Local, RemoteException, TunnelClosed
+from chopsticks.codec import EncodeError  # noqa: F401  (the type named in errors)
+
+from test_codec import VALUES
+from remote_helpers import (
+    echo, fail, generate_and_record, produced_so_far, return_unsendable, sleep_then,
+)
+
+
+@pytest.fixture
+def local():
+    tunnel = Local()
+    yield tunnel
+    tunnel.close()
+
+
+def test_call_runs_remotely(local):
+    assert local.call(os.getpid) != os.getpid()
+    assert local.call(os.getpid) == local.remote_info['pid']
+
+
+def test_return_values_round_trip_exactly(local):
+    result = local.call(echo, VALUES)
+    assert result == VALUES
+    assert [type(v) for v in result] == [type(v) for v in VALUES]
+
+
+def test_remote_exception_carries_type_message_and_traceback(local):
+    with pytest.raises(RemoteException) as info:
+        local.call(fail, 'missing-key')
+    err = info.value
+    assert err.host == 'localhost'
+    assert err.type_name == 'KeyError'
+    assert 'missing-key' in err.msg
+    assert 'in fail' in err.remote_traceback
+    assert 'KeyError' in str(err) and 'in fail' in str(err) and '[localhost]' in str(err)
+    assert local.call(echo, 1) == 1  # still usable
+
+
+def test_qualified_type_name_for_non_builtin_exceptions(local):
+    with pytest.raises(RemoteException) as info:
+        local.call(subprocess.check_call, ['false'])
+    assert info.value.type_name == 'subprocess.CalledProcessError'
+
+
+def test_unsendable_return_value_fails_that_call_only(local):
+    with pytest.raises(RemoteException) as info:
+        local.call(return_unsendable)
+    assert 'Unsendable' in info.value.msg
+    assert local.call(echo, 'ok') == 'ok'
+
+
+def test_unpicklable_argument_is_a_clear_error_and_tunnel_survives(local):
+    with pytest.raises(Exception) as info:
+        local.call(echo, threading.Lock())
+    assert 'lock' in str(info.value).lower()
+    assert local.call(echo, 2) == 2
+
+
+def test_many_calls_in_flight_from_many_threads(local):
+    results = {}
+
+    def worker(n):
+        results[n] = [local.call(echo, (n, i)) for i in range(50)]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: [(n, i) for i in range(50)] for n in range(8)}
+
+
+def test_remote_runs_calls_concurrently(local):
+    # Five calls that each sleep 1s: run one at a time, they would take 5s.
+    futures = [local.call_async(sleep_then, 1.0, n) for n in range(5)]
+    start = time.monotonic()
+    assert [f.result(timeout=30) for f in futures] == list(range(5))
+    # concurrency, not speed: the five sleeps overlapped
+    assert time.monotonic() - start < 4.0
+
+
+def test_timeout_raises_and_tunnel_stays_usable(local):
+    with pytest.raises(CallTimeout) as info:
+        local.call(time.sleep, 5, timeout=0.3)
+    assert 'localhost' in str(info.value) and 'sleep' in str(info.value)
+    assert local.call(echo, 3) == 3
+
+
+def test_lazy_connect_close_and_reconnect(local):
+    assert not local.connected
+    first = local.call(os.getpid)
+    local.close()
+    assert not local.connected
+    assert local.call(os.getpid) != first
+
+
+def test_context_manager_closes():
+    with Local() as tunnel:
+        pid = tunnel.call(os.getpid)
+    assert not tunnel.connected
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
+def test_remote_killed_fails_pending_calls_with_host_named(local):
+    future = local.call_async(time.sleep, 30)
+    os.kill(local.remote_info['pid'], 9)
+    with pytest.raises(TunnelClosed, match='localhost'):
+        future.result(timeout=10)
+    assert local.call(echo, 'back') == 'back'  # reconnects
+
+
+def test_call_iter_streams_with_backpressure(local):
+    items = local.call_iter(generate_and_record, 1000)
+    first = next(items)
+    assert first == 0
+    time.sleep(0.5)
+    # the remote ran ahead by at most its window, not to the end
+    produced = local.call(produced_so_far)
+    assert produced < 200
+    assert list(items) == list(range(1, 1000))
+
+
+def test_call_iter_error_is_raised_after_items(local):
+    def gen():
+        yield 1
+        raise ValueError('half way')
+    items = local.call_iter(gen)
+    assert next(items) == 1
+    with pytest.raises(RemoteException, match='half way'):
+        next(items)
+
+
+def test_print_and_stderr_are_shown_with_host_prefix(local, capsys):
+    def noisy():
+        print('hello from print')
+        sys.stderr.write('to stderr\n')
+        os.system('echo from a child process')
+        return 'done'
+    assert local.call(noisy) == 'done'
+    deadline = time.monotonic() + 5
+    err = ''
+    while time.monotonic() < deadline and 'child' not in err:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    assert '[localhost] hello from print' in err
+    assert '[localhost] to stderr' in err
+    assert '[localhost] from a child process' in err
+
+
+def test_remote_logging_reaches_controller_logging(local, caplog):
+    def log_something():
+        import logging
+        logging.getLogger('myapp.remote').warning('disk %s is full', '/var')
+        return True
+    with caplog.at_level(logging.INFO):
+        local.call(log_something)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not caplog.records:
+            time.sleep(0.05)
+    [record] = [r for r in caplog.records if r.name == 'myapp.remote']
+    assert record.levelno == logging.WARNING
+    assert record.host == 'localhost'
+    assert 'disk /var is full' in record.getMessage()
+
+
+def test_missing_interpreter_is_a_connect_error():
+    with pytest.raises(ConnectError) as info:
+        Local(python='/nonexistent/python3').call(echo, 1)
+    assert 'localhost' in str(info.value)
+    assert '/nonexistent/python3' in str(info.value)
+
+
+def test_python2_is_refused_clearly():
+    from conftest import python2
+    path = python2()
+    if not path:
+        pytest.skip('no Python 2 interpreter on this machine')
+    with pytest.raises(ConnectError) as info:
+        Local(python=path).call(echo, 1)
+    assert 'Python 2.7' in str(info.value) and '3.6' in str(info.value)
+
+
+def test_every_available_interpreter_works(remote_python):
+    with Local(python=remote_python) as tunnel:
+        info = tunnel.remote_info
+        assert os.path.realpath(info['python']) == os.path.realpath(remote_python)
+        assert tunnel.call(echo, VALUES[:25]) == VALUES[:25]
+        assert tunnel.call(lambda x: x + 1, 41) == 42
+        with pytest.raises(RemoteException, match='ZeroDivisionError'):
+            tunnel.call(divmod, 1, 0)
+
+
+SCRIPT = '''
+import sys
+sys.path.insert(0, {repo!r})
+from chopsticks import Local
+
+BASE = 10
+
+def helper(x):
+    return x * BASE
+
+def uses_helper(x):
+    return helper(x) + 1
+
+def recursive(n):
+    return 1 if n <= 1 else n * recursive(n - 1)
+
+def make_adder(k):
+    def add(x):
+        return x + k
+    return add
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+    def twice(self):
+        return self.v * 2
+
+with Local(python={python!r}) as t:
+    print(t.call(uses_helper, 4))
+    print(t.call(recursive, 5))
+    print(t.call(make_adder(100), 1))
+    print(t.call(lambda s: s.upper(), 'abc'))
+    print(t.call(lambda: Box(21).twice()))
+'''
+
+
+@pytest.mark.parametrize('which', ['same', 'other'])
+def test_functions_from_main_lambdas_and_closures(tmp_path, which):
+    from conftest import available_pythons
+    python = sys.executable
+    if which == 'other':
+        others = [p for p in available_pythons() if not p.endswith('%d.%d' % sys.version_info[:2])]
+        if not others:
+            pytest.skip('no second interpreter')
+        python = others[0]  # the oldest: source travels across versions
+    script = tmp_path / 'script.py'
+    script.write_text(SCRIPT.format(repo=os.path.dirname(os.path.dirname(__file__)), python=python))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['41', '120', '101', 'ABC', '42']
