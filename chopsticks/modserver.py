@@ -98,18 +98,19 @@ def module_info(fullname):
     have it but cannot serve it."""
     if not MODULE_NAME.match(fullname):
         raise Refused('%r is not a module name' % fullname)
-    with _cache_lock:
-        info = _cache.get(fullname)
-    if info is not None and (info.mtime is None or _mtime(info.origin) == info.mtime):
-        return info
     if is_stdlib(fullname):
         return None
     spec = find_spec(fullname)
     if spec is None:
         return None
+    key = (fullname, spec.origin)
+    with _cache_lock:
+        info = _cache.get(key)
+    if info is not None and (info.mtime is None or _mtime(info.origin) == info.mtime):
+        return info
     info = _load_info(fullname, spec)
     with _cache_lock:
-        _cache[fullname] = info
+        _cache[key] = info
     return info
 
 

@@ -1,0 +1,189 @@
+"""The remote import hook: the remote imports what only the controller has."""
+import os
+import sys
+import textwrap
+import zipfile
+
+import pytest
+
+from chopsticks import Local, RemoteException
+from chopsticks.modserver import ModuleServer
+from chopsticks import codec
+import zlib
+
+
+def write(path, text=''):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A package tree that only the controller has on sys.path."""
+    root = tmp_path / 'controller_path'
+    write(root / 'servedpkg' / '__init__.py', '''
+        from . import sub
+        from .sub import deeper
+        import servedhelper
+        VALUE = sub.VALUE + servedhelper.VALUE
+    ''')
+    write(root / 'servedpkg' / 'sub' / '__init__.py', 'VALUE = 1\n')
+    write(root / 'servedpkg' / 'sub' / 'deeper.py', 'def where():\n    return __name__\n')
+    write(root / 'servedpkg' / 'data' / 'hello.txt', 'hello data\n')
+    write(root / 'servedpkg' / 'lazy.py', 'def f():\n    return "lazy"\n')
+    write(root / 'servedhelper.py', 'VALUE = 41\n')
+    write(root / 'nspkg' / 'portion.py', 'NAME = "namespace portion"\n')
+    write(root / 'modfuncs.py', '''
+        import sys
+
+        def import_and_report():
+            agent = sys.modules['_chopsticks_agent'].agent
+            before = agent.finder.requests
+            import servedpkg
+            requests = agent.finder.requests - before
+            import servedpkg.lazy
+            return (servedpkg.VALUE, servedpkg.sub.deeper.where(), servedpkg.lazy.f(),
+                    requests)
+
+        def get_data():
+            import pkgutil
+            return pkgutil.get_data('servedpkg', 'data/hello.txt')
+
+        def resources_files():
+            import importlib.resources
+            files = importlib.resources.files('servedpkg')
+            names = sorted(p.name for p in files.iterdir())
+            return files.joinpath('data').joinpath('hello.txt').read_text(), names
+
+        def namespace():
+            import nspkg.portion
+            return nspkg.portion.NAME
+
+        def zipped():
+            import zpkg.mod, pkgutil
+            return zpkg.mod.NAME, pkgutil.get_data('zpkg', 'res.txt')
+
+        def ask_controller(query):
+            return sys.modules['_chopsticks_agent'].agent.request(query)
+
+        def where_is(name):
+            import importlib
+            return importlib.import_module(name).WHERE
+    ''')
+    zip_path = tmp_path / 'zipped.zip'
+    with zipfile.ZipFile(zip_path, 'w') as zf:
+        zf.writestr('zpkg/__init__.py', '')
+        zf.writestr('zpkg/mod.py', 'NAME = "from a zip"\n')
+        zf.writestr('zpkg/res.txt', 'zip resource')
+    monkeypatch.syspath_prepend(str(zip_path))
+    monkeypatch.syspath_prepend(str(root))
+    for name in list(sys.modules):
+        if name.startswith(('servedpkg', 'modfuncs', 'nspkg', 'zpkg', 'servedhelper')):
+            del sys.modules[name]
+    import modfuncs
+    return root, modfuncs
+
+
+@pytest.fixture(params=['same', 'oldest'])
+def tunnel(request):
+    python = None
+    if request.param == 'oldest':
+        from conftest import available_pythons
+        pythons = available_pythons()
+        if not pythons:
+            pytest.skip('no pyenv interpreters')
+        python = pythons[0]
+    t = Local(python=python)
+    yield t
+    t.close()
+
+
+def test_package_and_its_closure_arrive_in_one_round_trip(project, tunnel):
+    _, modfuncs = project
+    value, where, lazy, requests = tunnel.call(modfuncs.import_and_report)
+    assert (value, where, lazy) == (42, 'servedpkg.sub.deeper', 'lazy')
+    # servedpkg came with sub, sub.deeper and servedhelper preloaded in one reply
+    assert requests == 1
+
+
+def test_package_data_through_pkgutil(project, tunnel):
+    assert tunnel.call(project[1].get_data) == b'hello data\n'
+
+
+def test_package_data_through_importlib_resources(project, remote_python):
+    with Local(python=remote_python) as tunnel:
+        if tunnel.remote_info['version'] < (3, 9):
+            pytest.skip('importlib.resources.files needs Python 3.9')
+        text, names = tunnel.call(project[1].resources_files)
+    assert text == 'hello data\n'
+    assert {'__init__.py', 'sub', 'data', 'lazy.py'} <= set(names)
+
+
+def test_namespace_package(project, tunnel):
+    assert tunnel.call(project[1].namespace) == 'namespace portion'
+
+
+def test_zip_import_and_zip_data(project, tunnel):
+    assert tunnel.call(project[1].zipped) == ('from a zip', b'zip resource')
+
+
+def test_remote_own_modules_win(project, tmp_path, monkeypatch):
+    root, modfuncs = project
+    write(root / 'shadowed.py', 'WHERE = "controller"\n')
+    remote_dir = tmp_path / 'remote_only'
+    write(remote_dir / 'shadowed.py', 'WHERE = "remote"\n')
+    monkeypatch.setenv('PYTHONPATH', str(remote_dir))
+    with Local() as t:
+        assert t.call(modfuncs.where_is, 'shadowed') == 'remote'
+
+
+def test_missing_module_is_an_import_error(project, tunnel):
+    with pytest.raises(RemoteException) as info:
+        tunnel.call(project[1].where_is, 'no_such_module_anywhere')
+    assert info.value.type_name in ('ModuleNotFoundError', 'ImportError')
+
+
+@pytest.mark.parametrize('query', [
+    ('data', '/etc/passwd'),
+    ('data', os.path.expanduser('~/.ssh/id_rsa')),
+    ('module', '../../etc/passwd'),
+    ('module', '/etc/passwd'),
+    ('module', 'os.path/../../x'),
+    ('list', '/'),
+])
+def test_hostile_remote_cannot_read_outside_served_packages(project, query):
+    with Local() as t:
+        t.call(project[1].get_data)  # servedpkg is now served to this remote
+        reply = t.call(project[1].ask_controller, query)
+    assert 'data' not in reply and not reply.get('modules')
+    assert reply.get('error')
+
+
+def test_data_request_cannot_escape_a_served_package(project, tmp_path):
+    root, _ = project
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('top secret')
+    os.symlink(secret, root / 'servedpkg' / 'data' / 'link.txt')
+    server = ModuleServer()
+    assert server.serve_module('servedpkg')['modules']
+    pkg_dir = str(root / 'servedpkg')
+
+    def ask(path):
+        return codec.decode(zlib.decompress(server.handle(('data', path))))
+    assert ask(pkg_dir + '/data/hello.txt') == {'data': b'hello data\n'}
+    for path in (pkg_dir + '/../../secret.txt', pkg_dir + '/data/link.txt', str(secret)):
+        reply = ask(path)
+        assert 'data' not in reply and 'not inside' in reply['error']
+
+
+def test_c_extension_is_refused_with_a_reason():
+    if not _has('_cffi_backend'):
+        pytest.skip('no compiled extension module outside the stdlib to try')
+    reply = codec.decode(zlib.decompress(ModuleServer().handle(('module', '_cffi_backend'))))
+    assert 'compiled extension' in reply['errors']['_cffi_backend']
+    assert not reply.get('modules')
+
+
+def _has(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
