@@ -402,6 +402,10 @@ class Connection(object):
     def request(self, op, handler, fn, args, kwargs):
         """Send a call and register its handler; returns the request id."""
         payload = dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+        return self.request_payload(op, handler, payload)
+
+    def request_payload(self, op, handler, payload):
+        """Send an already pickled call (``dumps_call``) and register its handler."""
         rid = next(self.ids)
         self.pending[rid] = handler
         try:
@@ -414,6 +418,13 @@ class Connection(object):
     def call_async(self, fn, args, kwargs):
         handler = CallHandler(self, describe(fn))
         self.request(wire.CALL, handler, fn, args, kwargs)
+        return handler.future
+
+    def call_async_payload(self, payload, what):
+        """Like ``call_async`` for a call pickled once by ``dumps_call(..., remote_version=None)``
+        and sent to many connections (``what`` names it in errors)."""
+        handler = CallHandler(self, what)
+        self.request_payload(wire.CALL, handler, payload)
         return handler.future
 
     def call(self, fn, args, kwargs, timeout=None):
