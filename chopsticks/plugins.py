@@ -1,0 +1,597 @@
+"""Plugin discovery, and the registries of facts, tasks and tunnel schemes.
+
+Plugins are named by entry points in the ``chopsticks`` group and loaded
+lazily, the first time something asks for a fact, a task, a tunnel scheme or
+the plugin list.  A plugin that fails to import, or whose hook raises, is
+reported (a :class:`PluginWarning` and its status in ``chopsticks
+list-plugins``) and left out; the others keep working.
+
+Two environment variables, read when plugins are first loaded:
+
+``CHOPSTICKS_DISABLE_PLUGIN_AUTOLOAD=1``
+    load no entry-point plugin (those named in ``CHOPSTICKS_PLUGINS`` still load);
+``CHOPSTICKS_PLUGINS=name1,name2``
+    load only these, each an entry-point name or a distribution name.
+
+The built-in tunnel schemes (``ssh``, ``local``, ``sudo``, ``docker``) are a
+plugin too, registered in code and never disabled.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import keyword
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from urllib.parse import parse_qsl, unquote
+
+import pluggy
+
+from chopsticks import hookspecs
+from chopsticks.errors import ChopsticksError
+from chopsticks.hookspecs import hookimpl
+
+if sys.version_info >= (3, 10):
+    from importlib import metadata as importlib_metadata
+else:  # pragma: no cover - the backport has EntryPoint.dist on 3.9
+    import importlib_metadata
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginError",
+    "PluginWarning",
+    "UnknownNameError",
+    "PluginInfo",
+    "Registration",
+    "PluginManager",
+    "get_plugin_manager",
+    "set_plugin_manager",
+    "tunnel_from_url",
+    "KNOWN_PROVIDERS",
+]
+
+ENTRY_POINT_GROUP = "chopsticks"
+DISABLE_AUTOLOAD_ENV = "CHOPSTICKS_DISABLE_PLUGIN_AUTOLOAD"
+ALLOW_LIST_ENV = "CHOPSTICKS_PLUGINS"
+
+#: Where a well-known name comes from, so that asking for it without the
+#: plugin installed says what to install.
+KNOWN_PROVIDERS: Dict[str, Dict[str, str]] = {
+    "fact": dict.fromkeys(
+        (
+            "ip interfaces default_route hostname fqdn os_release kernel cpu memory "
+            "disks mounts users python uptime package_manager service_manager "
+            "virtualization"
+        ).split(),
+        "chopsticks-facts",
+    ),
+    "task": dict.fromkeys("install remove latest update_cache".split(), "chopsticks-pkg"),
+    "tunnel": {},
+}
+
+# hook name -> the kind of thing its register callback registers
+_REGISTER_HOOKS = {
+    "chopsticks_register_facts": "fact",
+    "chopsticks_register_tasks": "task",
+    "chopsticks_register_tunnels": "tunnel",
+}
+_PLURAL = {"fact": "facts", "task": "tasks", "tunnel": "tunnels"}
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
+
+
+class PluginError(ChopsticksError):
+    """A plugin cannot be used as it is: a duplicate name, or a bad registration."""
+
+
+class PluginWarning(UserWarning):
+    """Emitted when a plugin fails to load or register; the other plugins still work."""
+
+
+class UnknownNameError(AttributeError):
+    """No installed plugin registered this fact, task or tunnel scheme."""
+
+
+@dataclass
+class Registration:
+    """One fact, task or tunnel scheme, and the plugin that registered it."""
+
+    kind: str  # 'fact', 'task' or 'tunnel'
+    name: str
+    obj: Callable[..., Any]
+    plugin: "PluginInfo"
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PluginInfo:
+    """What ``chopsticks list-plugins`` shows about one plugin."""
+
+    name: str
+    distribution: Optional[str] = None
+    version: Optional[str] = None
+    module: Optional[str] = None
+    status: str = "ok"  # 'ok', 'error' or 'disabled'
+    message: Optional[str] = None  # the error, or why it is disabled
+    facts: List[str] = field(default_factory=list)
+    tasks: List[str] = field(default_factory=list)
+    tunnels: List[str] = field(default_factory=list)
+    builtin: bool = False
+
+    def describe(self) -> str:
+        """``'chopsticks-facts 0.1.0'``, or how the plugin was registered."""
+        if self.distribution:
+            return f"{self.distribution} {self.version}" if self.version else self.distribution
+        return f"plugin {self.name!r} (registered in code)"
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "status": self.status,
+            "message": self.message,
+            "facts": list(self.facts),
+            "tasks": list(self.tasks),
+            "tunnels": list(self.tunnels),
+            "builtin": self.builtin,
+        }
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's PluginManager for project ``chopsticks``, with registries.
+
+    ``PluginManager()`` loads entry-point plugins on first use (honouring the
+    environment variables above); ``PluginManager(autoload=False)`` loads none,
+    for tests that :meth:`register` plugin objects themselves (see the
+    ``chopsticks_plugin_manager`` fixture).  Either way the built-in tunnel
+    schemes are registered.
+    """
+
+    def __init__(self, autoload: bool = True, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__("chopsticks")
+        self.add_hookspecs(hookspecs)
+        self._autoload = autoload
+        self._environ = os.environ if environ is None else environ
+        self._loaded = False
+        self._infos: Dict[str, PluginInfo] = {}
+        self._registries: Optional[Dict[str, Dict[str, Registration]]] = None
+
+    # -- loading -----------------------------------------------------------
+
+    def load(self) -> None:
+        """Register the built-in plugin and the entry-point plugins, once."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.get_plugin("chopsticks") is None:
+            self._register_builtin()
+        if self._autoload:
+            self._load_entry_points()
+
+    def _register_builtin(self) -> None:
+        try:
+            version = importlib_metadata.version("chopsticks")
+        except importlib_metadata.PackageNotFoundError:
+            version = None
+        info = PluginInfo(
+            name="chopsticks", distribution="chopsticks", version=version,
+            module=__name__, builtin=True,
+        )
+        self._add(CoreTunnels(), info)
+
+    def _load_entry_points(self) -> None:
+        allow = self._environ.get(ALLOW_LIST_ENV)
+        allowed = None if allow is None else {_canonical(n) for n in allow.split(",") if n.strip()}
+        autoload_off = self._environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("", "0")
+        seen_allowed = set()
+
+        eps = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(eps, key=lambda ep: (_canonical(_dist_name(ep) or ""), ep.name)):
+            dist = _dist_name(ep)
+            info = PluginInfo(
+                name=ep.name, distribution=dist, version=_dist_version(ep), module=ep.value,
+            )
+            names = {_canonical(ep.name)} | ({_canonical(dist)} if dist else set())
+            if allowed is not None:
+                if not names & allowed:
+                    self._disable(info, f"not named in {ALLOW_LIST_ENV}={allow}")
+                    continue
+                seen_allowed |= names & allowed
+            elif autoload_off:
+                self._disable(info, f"{DISABLE_AUTOLOAD_ENV} is set")
+                continue
+            if ep.name in self._infos:
+                other = self._infos[ep.name]
+                self._fail(info, f"the plugin name {ep.name!r} is already used by "
+                           f"{other.describe()}; uninstall one of {other.distribution or other.name} "
+                           f"and {dist}")
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                self._fail(info, f"failed to load {ep.value}: {_exc_text(exc)}")
+                continue
+            try:
+                self._add(plugin, info)
+            except Exception as exc:
+                self._fail(info, f"{ep.value} is not a valid plugin: {_exc_text(exc)}")
+
+        if allowed is not None:
+            for missing in sorted(allowed - seen_allowed):
+                installed = ", ".join(sorted(self._infos)) or "none"
+                _warn(f"{ALLOW_LIST_ENV} names {missing!r}, but no installed chopsticks plugin "
+                      f"has that name (installed: {installed})")
+
+    def _add(self, plugin: object, info: PluginInfo) -> None:
+        if info.name in self._infos:
+            raise ValueError(f"a plugin named {info.name!r} is already registered "
+                             f"({self._infos[info.name].describe()})")
+        self._infos[info.name] = info
+        try:
+            pluggy.PluginManager.register(self, plugin, name=info.name)
+            self.check_pending()
+        except Exception:
+            del self._infos[info.name]
+            if self.get_plugin(info.name) is not None:
+                pluggy.PluginManager.unregister(self, name=info.name)
+            raise
+        self._registries = None
+
+    def _disable(self, info: PluginInfo, why: str) -> None:
+        info.status, info.message = "disabled", why
+        self._infos[info.name] = info
+
+    def _fail(self, info: PluginInfo, why: str) -> None:
+        info.status, info.message = "error", why
+        self._infos[info.name] = info
+        _warn(f"chopsticks plugin {info.name!r} ({info.describe()}) is disabled: {why}. "
+              f"Other plugins are unaffected; see `chopsticks list-plugins`.")
+
+    # -- pluggy overrides: keep the registries in step ---------------------
+
+    def register(self, plugin: object, name: Optional[str] = None) -> Optional[str]:
+        """Register a plugin object (a module or any object with hookimpls).
+
+        Its facts, tasks and tunnel schemes become available at once.  Errors
+        in its hooks are reported like those of an installed plugin.
+        """
+        self.load()
+        name = name or self.get_canonical_name(plugin)
+        module = getattr(plugin, "__name__", None) or type(plugin).__module__
+        self._add(plugin, PluginInfo(name=name, module=module))
+        return name
+
+    def unregister(self, plugin: Optional[object] = None, name: Optional[str] = None) -> Any:
+        if name is None:
+            name = self.get_name(plugin)
+        result = super().unregister(plugin, name)
+        self._infos.pop(name, None)
+        self._registries = None
+        return result
+
+    # -- registries --------------------------------------------------------
+
+    def plugins(self) -> List[PluginInfo]:
+        """Every plugin seen: loaded, broken or disabled, built-in first."""
+        self._collect()
+        return sorted(self._infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    @property
+    def facts(self) -> Dict[str, Registration]:
+        return self._collect()["fact"]
+
+    @property
+    def tasks(self) -> Dict[str, Registration]:
+        return self._collect()["task"]
+
+    @property
+    def tunnels(self) -> Dict[str, Registration]:
+        return self._collect()["tunnel"]
+
+    def _collect(self) -> Dict[str, Dict[str, Registration]]:
+        self.load()
+        if self._registries is not None:
+            return self._registries
+        registries: Dict[str, Dict[str, Registration]] = {kind: {} for kind in _PLURAL}
+        for info in self._infos.values():
+            if info.status == "disabled" or (info.status == "error" and self.get_plugin(info.name) is None):
+                continue
+            info.status, info.message = "ok", None
+            staged: List[Registration] = []
+            try:
+                for hookimpl_, kind in self._hookimpls_of(info.name):
+                    hookimpl_.function(register=_Registrar(kind, info, staged, registries))
+            except Exception as exc:
+                self._fail(info, _exc_text(exc) if isinstance(exc, PluginError)
+                           else f"its hook raised {_exc_text(exc)}")
+                continue
+            for reg in staged:
+                registries[reg.kind][reg.name] = reg
+            for kind in _PLURAL:
+                setattr(info, _PLURAL[kind], sorted(r.name for r in staged if r.kind == kind))
+        self._registries = registries
+        return registries
+
+    def _hookimpls_of(self, name: str) -> Iterable[Tuple[Any, str]]:
+        plugin = self.get_plugin(name)
+        for hook_name, kind in _REGISTER_HOOKS.items():
+            for impl in getattr(self.hook, hook_name).get_hookimpls():
+                if impl.plugin is plugin:
+                    yield impl, kind
+
+    def lookup(self, kind: str, name: str) -> Callable[..., Any]:
+        """The fact, task or tunnel factory registered as ``name``.
+
+        Raises :class:`UnknownNameError` saying which plugins are installed
+        and, for a well-known name, which distribution provides it.
+        """
+        registry = self._collect()[kind]
+        if name in registry:
+            return registry[name].obj
+        raise UnknownNameError(self._unknown_message(kind, name))
+
+    def _unknown_message(self, kind: str, name: str) -> str:
+        registry = self._collect()[kind]
+        lines = [f"No chopsticks {kind} is named {name!r}."]
+        close = difflib.get_close_matches(name, list(registry), n=3)
+        if close:
+            lines.append("Did you mean " + " or ".join(repr(c) for c in close) + "?")
+        provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
+        if provider:
+            info = next((i for i in self._infos.values()
+                         if i.distribution and _canonical(i.distribution) == _canonical(provider)), None)
+            if info is None:
+                lines.append(f"It is provided by {provider}, which is not installed: "
+                             f"pip install {provider}")
+            else:
+                lines.append(f"It is provided by {provider}, which is installed but "
+                             f"{info.status}: {info.message}")
+        if registry:
+            lines.append(f"Available {_PLURAL[kind]}: {', '.join(sorted(registry))}.")
+        installed = [f"{i.name} ({i.describe()}, {i.status})" for i in self.plugins()]
+        lines.append("Installed plugins: " + ", ".join(installed) + ".")
+        return " ".join(lines)
+
+
+class _Registrar:
+    """The ``register`` callback handed to one plugin's hook."""
+
+    def __init__(self, kind: str, info: PluginInfo, staged: List[Registration],
+                 registries: Dict[str, Dict[str, Registration]]) -> None:
+        self.kind, self.info, self.staged, self.registries = kind, info, staged, registries
+
+    def __call__(self, obj: Any, factory: Any = None, name: Optional[str] = None, **metadata: Any) -> None:
+        if self.kind == "tunnel":
+            name, obj = self._check_tunnel(obj, factory)
+        else:
+            if factory is not None:  # register(func, 'name') positionally
+                name = factory
+            name = self._check_function(obj, name)
+            metadata.setdefault("description", _first_line(obj.__doc__))
+        for reg in self.staged:
+            if reg.kind == self.kind and reg.name == name:
+                raise PluginError(f"{self.info.describe()} registers the {self.kind} {name!r} twice")
+        existing = self.registries[self.kind].get(name)
+        if existing is not None:
+            raise PluginError(
+                f"the {self.kind} {name!r} is registered by both {existing.plugin.describe()} "
+                f"and {self.info.describe()}; uninstall one, or choose with "
+                f"{ALLOW_LIST_ENV}=... (the first keeps it)")
+        self.staged.append(Registration(self.kind, name, obj, self.info, metadata))
+
+    def _check_function(self, func: Any, name: Optional[str]) -> str:
+        what = f"{self.info.describe()} registers {func!r} as a {self.kind}"
+        if not callable(func):
+            raise PluginError(f"{what}, but it is not callable")
+        name = name or getattr(func, "__name__", None)
+        if not name or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise PluginError(f"{what} named {name!r}; a name must be a public Python identifier")
+        module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
+        if _resolve(module, qualname) is not func:
+            raise PluginError(
+                f"{what}, but the host could not import it as {module}.{qualname}: register a "
+                f"module-level function of an importable module (the host imports it by name)")
+        if self.kind == "task":
+            params = inspect.signature(func).parameters.values()
+            if not any(p.name == "check" or p.kind is p.VAR_KEYWORD for p in params):
+                raise PluginError(f"{what}, but it takes no 'check' keyword argument (check mode)")
+        return name
+
+    def _check_tunnel(self, scheme: Any, factory: Any) -> Tuple[str, Any]:
+        if not isinstance(scheme, str) or not _SCHEME_RE.match(scheme):
+            raise PluginError(f"{self.info.describe()} registers the tunnel scheme {scheme!r}; "
+                              f"a scheme is lower-case letters, digits, '+', '-' or '.'")
+        if not callable(factory):
+            raise PluginError(f"{self.info.describe()} registers the tunnel scheme {scheme!r} "
+                              f"with a factory that is not callable: {factory!r}")
+        return scheme, factory
+
+
+def _resolve(module: Optional[str], qualname: str) -> Any:
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _first_line(doc: Optional[str]) -> str:
+    return (inspect.cleandoc(doc).splitlines() or [""])[0] if doc else ""
+
+
+def _exc_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(PluginWarning(message), stacklevel=3)
+
+
+def _dist_name(ep: Any) -> Optional[str]:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else None
+
+
+def _dist_version(ep: Any) -> Optional[str]:
+    dist = getattr(ep, "dist", None)
+    return dist.version if dist is not None else None
+
+
+# -- the process-wide plugin manager --------------------------------------
+
+_current: Optional[PluginManager] = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The plugin manager everything uses; created (not loaded) on first call."""
+    global _current
+    if _current is None:
+        _current = PluginManager()
+    return _current
+
+
+def set_plugin_manager(pm: Optional[PluginManager]) -> Optional[PluginManager]:
+    """Make ``pm`` the current plugin manager; returns the previous one.
+
+    ``None`` means "a fresh autoloading one on next use".
+    """
+    global _current
+    previous, _current = _current, pm
+    return previous
+
+
+def namespace_getattr(kind: str, module: str, name: str, caller: Any) -> Callable[..., Any]:
+    """``__getattr__`` of :mod:`chopsticks.facts` and :mod:`chopsticks.tasks`.
+
+    ``from chopsticks.facts import nope`` would turn our AttributeError into a
+    bare "cannot import name"; so when the caller is executing an
+    ``IMPORT_FROM`` we raise the ImportError ourselves, with the message.
+    """
+    if name.startswith("__"):
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    pm = get_plugin_manager()
+    try:
+        return pm.lookup(kind, name)
+    except UnknownNameError as exc:
+        if _executing_import_from(caller):
+            raise ImportError(str(exc), name=module) from None
+        raise
+
+
+_IMPORT_FROM = __import__("dis").opmap["IMPORT_FROM"]
+
+
+def _executing_import_from(frame: Any) -> bool:
+    try:
+        return frame.f_code.co_code[frame.f_lasti] == _IMPORT_FROM
+    except Exception:  # not CPython, or a frame we cannot read: plain AttributeError
+        return False
+
+
+def namespace_dir(kind: str, module_globals: Iterable[str]) -> List[str]:
+    return sorted(set(module_globals) | set(get_plugin_manager()._collect()[kind]))
+
+
+# -- tunnels ---------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """A command-line or query-string value: JSON if it parses, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def tunnel_from_url(url: str) -> Any:
+    """The tunnel a host string names.
+
+    * ``scheme://address?option=value&...`` calls the factory registered for
+      ``scheme`` (see :func:`chopsticks.hookspecs.chopsticks_register_tunnels`)
+      as ``factory(address, option=value, ...)``; option values are parsed as
+      JSON when they are valid JSON.
+    * ``local`` is ``local://``; any other string without ``://`` is an SSH
+      host or ``~/.ssh/config`` alias (``ssh://`` + the string).
+
+    The built-in schemes: ``ssh://[user@]host[:port]`` (:class:`chopsticks.Tunnel`),
+    ``local://[name]`` (:class:`chopsticks.Local`), ``sudo://[user]``
+    (:class:`chopsticks.Sudo`, default root) and ``docker://name``
+    (:class:`chopsticks.Docker`; ``?image=python:3.12``).  Options such as
+    ``?python=/usr/bin/python3`` go to the tunnel's constructor.
+
+    Raises ``ValueError`` for an unknown scheme, naming the known ones.
+    """
+    if "://" not in url:
+        url = "local://" if url == "local" else "ssh://" + url
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    address, _, query = rest.partition("?")
+    options = {key: parse_value(value) for key, value in parse_qsl(query, keep_blank_values=True)}
+    pm = get_plugin_manager()
+    try:
+        factory = pm.lookup("tunnel", scheme)
+    except UnknownNameError:
+        known = ", ".join(f"{s}://" for s in sorted(pm.tunnels))
+        raise ValueError(f"unknown tunnel scheme in host {url!r}: known schemes are {known} "
+                         f"(a plugin can add one; see `chopsticks list-plugins`)") from None
+    return factory(unquote(address), **options)
+
+
+def _core(name: str) -> Any:
+    from chopsticks import tunnel
+
+    return getattr(tunnel, name)
+
+
+def _ssh_tunnel(address: str, **options: Any) -> Any:
+    if not address:
+        raise ValueError("ssh:// needs a host: ssh://[user@]host[:port] or an ssh_config alias")
+    user, at, hostport = address.rpartition("@")
+    host, port = hostport, None
+    if hostport.count(":") == 1:  # host:port (an IPv6 address is written [::1]:22)
+        host, _, port = hostport.partition(":")
+    elif hostport.startswith("[") and "]:" in hostport:
+        host, _, port = hostport[1:].partition("]:")
+    if at:
+        options.setdefault("user", user)
+    if port:
+        options.setdefault("port", int(port))
+    return _core("Tunnel")(host.strip("[]"), **options)
+
+
+def _local_tunnel(address: str, **options: Any) -> Any:
+    if address:  # local://name: a display name, to tell several apart
+        options.setdefault("name", address)
+    return _core("Local")(**options)
+
+
+def _sudo_tunnel(address: str, **options: Any) -> Any:
+    return _core("Sudo")(address or "root", **options)
+
+
+def _docker_tunnel(address: str, **options: Any) -> Any:
+    if not address:
+        raise ValueError("docker:// needs a container name: docker://NAME")
+    return _core("Docker")(address, **options)
+
+
+class CoreTunnels:
+    """The built-in plugin: chopsticks' own tunnel types."""
+
+    @hookimpl
+    def chopsticks_register_tunnels(self, register: Callable[..., None]) -> None:
+        register("ssh", _ssh_tunnel)
+        register("local", _local_tunnel)
+        register("sudo", _sudo_tunnel)
+        register("docker", _docker_tunnel)

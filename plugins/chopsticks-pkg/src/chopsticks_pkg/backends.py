@@ -1,0 +1,461 @@
+"""The package managers: what is installed, what would be installed, and how to change it.
+
+Each backend runs its manager's query commands in the C locale and parses
+their documented output formats (the ``parse_*`` functions, tested on
+recorded outputs).  Runs on the host: standard library only, Python 3.6+.
+"""
+import json
+import os
+import re
+import subprocess
+import time
+
+from chopsticks_facts import package_manager
+
+
+class PackageError(Exception):
+    """A package manager failed, or was asked for something it cannot do."""
+
+
+def _text(argv, env, ok_codes=(0,)):
+    full_env = dict(os.environ, LC_ALL="C", LANG="C", **env)
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, universal_newlines=True, env=full_env)
+    except OSError as exc:
+        raise PackageError("cannot run %s: %s" % (argv[0], exc))
+    out, err = proc.communicate()
+    if proc.returncode not in ok_codes:
+        tail = "\n".join((err.strip() or out.strip()).splitlines()[-15:])
+        raise PackageError("`%s` failed with exit status %d:\n%s" % (
+            " ".join(argv), proc.returncode, tail))
+    return out
+
+
+# -- parsers of each manager's output format ---------------------------------
+
+
+def _add_version(result, name, version):
+    if name in result and version not in result[name].split(", "):
+        result[name] = ", ".join(sorted(result[name].split(", ") + [version]))
+    else:
+        result[name] = version
+
+
+def parse_dpkg_query(text):
+    """``dpkg-query -W -f '${db:Status-Abbrev}\\t${binary:Package}\\t${Version}\\n'``.
+
+    Only packages whose current state is installed (``ii``, and the trigger
+    states ``iW``/``it``) count; ``rc`` (removed, config files left) does not.
+    """
+    installed = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and len(parts[0]) >= 2 and parts[0][1] in "iWt":
+            installed[parts[1]] = parts[2]
+    return installed
+
+
+def parse_apt_cache_policy(text):
+    """``apt-cache policy NAME...``: ``{name: candidate version or None}``."""
+    candidates = {}
+    name = None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            name = line[:-1]
+        elif name and line.strip().startswith("Candidate:"):
+            version = line.split(":", 1)[1].strip()
+            candidates[name] = None if version == "(none)" else version
+    return candidates
+
+
+def _strip_zero_epoch(version):
+    return version[2:] if version.startswith("0:") else version
+
+
+def parse_rpm_query(text):
+    """``rpm -qa --qf '%{NAME}\\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\t%{ARCH}\\n'``.
+
+    Several installed versions of one name (kernels) are joined by ``', '``;
+    ``gpg-pubkey`` entries are not packages.
+    """
+    installed = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[0] != "gpg-pubkey":
+            _add_version(installed, parts[0], _strip_zero_epoch(parts[1]))
+    return installed
+
+
+_YUM_HEADERS = re.compile(r"^(Available|Installed|Updated|Upgraded|Extra|Obsoleting) Packages|"
+                          r"^Last metadata expiration check|^Error:")
+
+
+def parse_yum_list(text):
+    """``dnf list --available NAME...`` / ``yum list available NAME...``: newest version by name.
+
+    Each entry is ``name.arch version repo``; yum wraps a long name onto its
+    own line, so entries are read as whitespace-separated triples.
+    """
+    candidates = {}
+    tokens = []
+    for line in text.splitlines():
+        if _YUM_HEADERS.match(line):
+            continue
+        tokens.extend(line.split())
+        while len(tokens) >= 3:
+            name_arch, version = tokens[0], tokens[1]
+            tokens = tokens[3:]
+            name = name_arch.rsplit(".", 1)[0]
+            candidates[name] = _strip_zero_epoch(version)
+    return candidates
+
+
+def _split_apk(pkgver):
+    name, version, release = pkgver.rsplit("-", 2)
+    return name, "%s-%s" % (version, release)
+
+
+def parse_apk_info(text):
+    """``apk info -v``: one ``name-version-rN`` per line."""
+    installed = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.count("-") >= 2 and not line.startswith("WARNING"):
+            name, version = _split_apk(line)
+            installed[name] = version
+    return installed
+
+
+def parse_apk_list(text):
+    """``apk list NAME...``: ``name-version-rN arch {origin} (license) [status]``, newest per name."""
+    candidates = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0].count("-") >= 2 and not line.startswith("WARNING"):
+            name, version = _split_apk(fields[0])
+            candidates[name] = version
+    return candidates
+
+
+def parse_pacman_query(text):
+    """``pacman -Q``: ``name version`` per line."""
+    return dict(line.split(None, 1) for line in text.splitlines() if len(line.split()) == 2)
+
+
+def _colon_blocks(text):
+    """``Key : value`` blocks separated by blank lines (``pacman -Si``, ``zypper info``)."""
+    blocks, block = [], {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not line.strip():
+            if block:
+                blocks.append(block)
+            block = {}
+        elif sep and not line[0].isspace():
+            block.setdefault(key.strip(), value.strip())
+    if block:
+        blocks.append(block)
+    return blocks
+
+
+def parse_pacman_info(text):
+    """``pacman -Si NAME...``: ``{name: version}`` of the sync databases."""
+    return {b["Name"]: b["Version"] for b in _colon_blocks(text) if "Name" in b and "Version" in b}
+
+
+def parse_zypper_info(text):
+    """``zypper info NAME...``: ``{name: version}`` of the best candidate."""
+    return {b["Name"]: b["Version"] for b in _colon_blocks(text) if "Name" in b and "Version" in b}
+
+
+def parse_brew_list(text):
+    """``brew list --versions``: ``name version [version...]`` per line."""
+    installed = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            installed[fields[0]] = ", ".join(fields[1:])
+    return installed
+
+
+def parse_brew_info(text):
+    """``brew info --json=v2 NAME...``: stable version of each formula and cask."""
+    data = json.loads(text or "{}")
+    candidates = {}
+    for formula in data.get("formulae", []):
+        version = formula.get("versions", {}).get("stable")
+        if version and formula.get("revision"):
+            version = "%s_%d" % (version, formula["revision"])
+        candidates[formula["name"]] = version
+    for cask in data.get("casks", []):
+        candidates[cask["token"]] = cask.get("version")
+    return candidates
+
+
+# -- backends ----------------------------------------------------------------
+
+
+class Backend(object):
+    """One package manager.  Subclasses set the commands and parsers."""
+
+    name = None
+    env = {}
+    installed_argv = ()
+    parse_installed = None
+    candidates_argv = ()
+    parse_candidates = None
+    supports_pins = True
+    cache_dirs = ()
+
+    def run(self, argv, ok_codes=(0,)):
+        return _text(list(argv), self.env, ok_codes)
+
+    def installed(self):
+        """``{name: version}`` of every installed package."""
+        return type(self).parse_installed(self.run(self.installed_argv))
+
+    def candidates(self, names):
+        """``{name: version}`` that installing or upgrading would bring; unknown names are absent."""
+        if not names:
+            return {}
+        # An unknown name makes some managers exit 1 while still listing the others.
+        out = self.run(list(self.candidates_argv) + list(names), ok_codes=(0, 1))
+        return type(self).parse_candidates(out)
+
+    def pin(self, name, version):
+        return "%s=%s" % (name, version)
+
+    def specs(self, specs):
+        if not self.supports_pins and any(version for _, version in specs):
+            raise PackageError("%s cannot install a chosen version (asked for %s); name the "
+                               "package without '=version'" % (self.name, ", ".join(
+                                   "%s=%s" % s for s in specs if s[1])))
+        return [self.pin(n, v) if v else n for n, v in specs]
+
+    def install_argv(self, specs):
+        raise NotImplementedError
+
+    def upgrade_argv(self, names):
+        raise NotImplementedError
+
+    def remove_argv(self, names):
+        raise NotImplementedError
+
+    def refresh_argv(self):
+        raise NotImplementedError
+
+    def execute(self, argv):
+        self.run(argv)
+
+    def _cache_files(self):
+        for top in self.cache_dirs:
+            for dirpath, _, filenames in os.walk(top):
+                for filename in filenames:
+                    path = os.path.join(dirpath, filename)
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    yield path, st
+
+    def cache_fingerprint(self):
+        """Changes exactly when the refreshed metadata changed."""
+        return sorted((path, st.st_size, st.st_mtime) for path, st in self._cache_files()
+                      if not path.endswith(("/lock", ".lock")))
+
+    def cache_age(self):
+        """Seconds since the package metadata was last refreshed; ``None`` if never."""
+        mtimes = [st.st_mtime for _, st in self._cache_files()]
+        return time.time() - max(mtimes) if mtimes else None
+
+    def refreshed(self):
+        """Called after a successful refresh."""
+
+
+class Apt(Backend):
+    name = "apt"
+    env = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
+    installed_argv = ("dpkg-query", "-W", "-f", "${db:Status-Abbrev}\t${binary:Package}\t${Version}\n")
+    parse_installed = parse_dpkg_query
+    candidates_argv = ("apt-cache", "policy")
+    parse_candidates = parse_apt_cache_policy
+    cache_dirs = ("/var/lib/apt/lists",)
+    stamp = "/var/lib/apt/periodic/update-success-stamp"
+    _apt_get = ("apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300",
+                "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
+
+    def install_argv(self, specs):
+        pinned = ["--allow-downgrades"] if any(v for _, v in specs) else []
+        return list(self._apt_get) + ["install"] + pinned + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return list(self._apt_get) + ["install", "--only-upgrade"] + list(names)
+
+    def remove_argv(self, names):
+        return list(self._apt_get) + ["remove"] + list(names)
+
+    def refresh_argv(self):
+        return ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=300", "update"]
+
+    def cache_age(self):
+        # An update that fetched nothing new leaves the lists untouched: the
+        # stamp (the convention of apt's periodic jobs) records that it ran.
+        try:
+            return time.time() - os.stat(self.stamp).st_mtime
+        except OSError:
+            return Backend.cache_age(self)
+
+    def refreshed(self):
+        directory = os.path.dirname(self.stamp)
+        if not os.path.isdir(directory):
+            os.makedirs(directory)
+        with open(self.stamp, "a"):
+            os.utime(self.stamp, None)
+
+
+class Dnf(Backend):
+    name = "dnf"
+    installed_argv = ("rpm", "-qa", "--qf", "%{NAME}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\t%{ARCH}\n")
+    parse_installed = parse_rpm_query
+    candidates_argv = ("dnf", "-q", "list", "--available")
+    parse_candidates = parse_yum_list
+    cache_dirs = ("/var/cache/dnf",)
+
+    def pin(self, name, version):
+        return "%s-%s" % (name, version)
+
+    def install_argv(self, specs):
+        return [self.name, "-y", "-q", "install"] + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return [self.name, "-y", "-q", "upgrade"] + list(names)
+
+    def remove_argv(self, names):
+        return [self.name, "-y", "-q", "remove"] + list(names)
+
+    def refresh_argv(self):
+        return [self.name, "-y", "-q", "makecache"]
+
+
+class Yum(Dnf):
+    name = "yum"
+    candidates_argv = ("yum", "-q", "list", "available")
+    cache_dirs = ("/var/cache/yum",)
+
+    def upgrade_argv(self, names):
+        return ["yum", "-y", "-q", "update"] + list(names)
+
+
+class Zypper(Backend):
+    name = "zypper"
+    installed_argv = Dnf.installed_argv
+    parse_installed = parse_rpm_query
+    candidates_argv = ("zypper", "--non-interactive", "info")
+    parse_candidates = parse_zypper_info
+    cache_dirs = ("/var/cache/zypp/raw",)
+    _zypper = ("zypper", "--non-interactive")
+
+    def candidates(self, names):
+        found = Backend.candidates(self, names)
+        return {name: version for name, version in found.items() if name in names}
+
+    def install_argv(self, specs):
+        return list(self._zypper) + ["install", "--auto-agree-with-licenses"] + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return list(self._zypper) + ["update", "--auto-agree-with-licenses"] + list(names)
+
+    def remove_argv(self, names):
+        return list(self._zypper) + ["remove"] + list(names)
+
+    def refresh_argv(self):
+        return list(self._zypper) + ["refresh"]
+
+
+class Apk(Backend):
+    name = "apk"
+    installed_argv = ("apk", "info", "-v")
+    parse_installed = parse_apk_info
+    candidates_argv = ("apk", "list")
+    parse_candidates = parse_apk_list
+    cache_dirs = ("/var/cache/apk",)
+
+    def candidates(self, names):
+        found = Backend.candidates(self, names)  # `apk list` matches globs: keep exact names
+        return {name: version for name, version in found.items() if name in names}
+
+    def install_argv(self, specs):
+        return ["apk", "add", "--no-progress"] + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return ["apk", "add", "--no-progress", "--upgrade"] + list(names)
+
+    def remove_argv(self, names):
+        return ["apk", "del", "--no-progress"] + list(names)
+
+    def refresh_argv(self):
+        return ["apk", "update", "--no-progress"]
+
+
+class Pacman(Backend):
+    name = "pacman"
+    installed_argv = ("pacman", "-Q")
+    parse_installed = parse_pacman_query
+    candidates_argv = ("pacman", "-Si")
+    parse_candidates = parse_pacman_info
+    supports_pins = False
+    cache_dirs = ("/var/lib/pacman/sync",)
+
+    def install_argv(self, specs):
+        return ["pacman", "-S", "--noconfirm", "--needed"] + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return ["pacman", "-S", "--noconfirm", "--needed"] + list(names)
+
+    def remove_argv(self, names):
+        return ["pacman", "-R", "--noconfirm"] + list(names)
+
+    def refresh_argv(self):
+        return ["pacman", "-Sy", "--noconfirm"]
+
+
+class Brew(Backend):
+    name = "brew"
+    env = {"HOMEBREW_NO_AUTO_UPDATE": "1", "HOMEBREW_NO_ENV_HINTS": "1"}
+    installed_argv = ("brew", "list", "--versions")
+    parse_installed = parse_brew_list
+    candidates_argv = ("brew", "info", "--json=v2")
+    parse_candidates = parse_brew_info
+    supports_pins = False
+
+    @property
+    def cache_dirs(self):
+        return (os.path.join(self.run(["brew", "--cache"]).strip(), "api"),)
+
+    def install_argv(self, specs):
+        return ["brew", "install"] + self.specs(specs)
+
+    def upgrade_argv(self, names):
+        return ["brew", "upgrade"] + list(names)
+
+    def remove_argv(self, names):
+        return ["brew", "uninstall"] + list(names)
+
+    def refresh_argv(self):
+        return ["brew", "update"]
+
+
+BACKENDS = {backend.name: backend for backend in (Apt, Dnf, Yum, Zypper, Apk, Pacman, Brew)}
+
+
+def get_backend(manager=None):
+    """The backend named ``manager``, or the host's own package manager."""
+    name = manager or package_manager()
+    if name is None:
+        raise PackageError("no supported package manager on this host (chopsticks-pkg knows %s)"
+                           % ", ".join(sorted(BACKENDS)))
+    if name not in BACKENDS:
+        raise PackageError("unknown package manager %r: chopsticks-pkg knows %s"
+                           % (name, ", ".join(sorted(BACKENDS))))
+    return BACKENDS[name]()
