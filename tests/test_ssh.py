@@ -1,0 +1,104 @@
+"""Tunnels over a real OpenSSH server on loopback, with both transports."""
+import os
+import subprocess
+
+import pytest
+
+from chopsticks import ConnectError, RemoteException, Tunnel
+from chopsticks import bootstrap
+from remote_helpers import echo, fail
+
+TRANSPORTS = ['openssh', 'paramiko']
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    return request.param
+
+
+def test_call_over_ssh(sshd, transport):
+    with Tunnel('host1', transport=transport) as t:
+        assert t.host == 'host1'
+        assert t.call(echo, {'x': (1, b'2')}) == {'x': (1, b'2')}
+        assert t.call(os.getpid) == t.remote_info['pid'] != os.getpid()
+        with pytest.raises(RemoteException) as info:
+            t.call(fail, 'over ssh')
+        assert info.value.host == 'host1' and info.value.type_name == 'KeyError'
+        assert t.call(echo, 1) == 1
+
+
+def test_every_interpreter_over_ssh(sshd, remote_python):
+    with Tunnel('host2', python=remote_python) as t:
+        assert t.call(echo, [1, 'two', b'3']) == [1, 'two', b'3']
+        assert os.path.realpath(t.remote_info['python']) == os.path.realpath(remote_python)
+
+
+def test_user_and_port_override_the_config(sshd, transport):
+    with Tunnel('host3', user=sshd.user, port=sshd.port, transport=transport) as t:
+        assert t.call(echo, 'ok') == 'ok'
+
+
+def test_fabric_connection_is_reused(sshd, transport):
+    fabric = pytest.importorskip('fabric')
+    conn = fabric.Connection('host1', config=fabric.Config(runtime_ssh_path=sshd.ssh_config))
+    with Tunnel(conn, transport=transport) as t:
+        assert t.call(echo, 'via fabric') == 'via fabric'
+
+
+def test_reconnects_after_close(sshd, transport):
+    t = Tunnel('host4', transport=transport)
+    first = t.call(os.getpid)
+    t.close()
+    assert t.call(os.getpid) != first
+    t.close()
+
+
+def _connect_error(**kwargs):
+    host = kwargs.pop('host', 'host1')
+    with pytest.raises(ConnectError) as info:
+        Tunnel(host, connect_timeout=20, **kwargs).call(echo, 1)
+    return str(info.value)
+
+
+def test_unknown_host_names_the_host(sshd, transport):
+    message = _connect_error(host='no-such-host.invalid', transport=transport)
+    assert 'no-such-host.invalid' in message
+    assert 'resolve' in message.lower() or 'name' in message.lower()
+
+
+def test_refused_key(sshd, transport):
+    message = _connect_error(user='no-such-user', transport=transport)
+    assert '[no-such-user@host1]' in message
+    assert 'denied' in message.lower() or 'authentication' in message.lower()
+
+
+def test_unknown_host_key_is_refused(sshd, tmp_path, transport):
+    config = tmp_path / 'ssh_config'
+    empty = tmp_path / 'known_hosts'
+    empty.write_text('')
+    text = open(sshd.ssh_config).read().replace(sshd.known_hosts, str(empty))
+    config.write_text(text)
+    message = _connect_error(ssh_config=str(config), transport=transport)
+    assert '[host1]' in message
+    assert 'host key' in message.lower() or 'known_hosts' in message.lower()
+
+
+def test_missing_python_is_reported(sshd, transport):
+    message = _connect_error(python='/nonexistent/python3', transport=transport)
+    assert '/nonexistent/python3' in message
+
+
+def test_python2_is_refused(sshd, transport):
+    from conftest import python2
+    if not python2():
+        pytest.skip('no Python 2 interpreter')
+    message = _connect_error(python=python2(), transport=transport)
+    assert 'Python 2.7' in message and '3.6' in message
+
+
+def test_interpreter_discovery_message_when_none_exists():
+    out = subprocess.run(['/bin/sh', '-c', bootstrap.discovery_script()],
+                         env={'PATH': '/nonexistent'}, capture_output=True, text=True)
+    assert out.returncode == 127
+    assert 'no python interpreter found' in out.stderr
+    assert 'python3' in out.stderr and 'platform-python' in out.stderr
