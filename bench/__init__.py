@@ -1,0 +1,1 @@
+"""The chopsticks benchmark suite: ``python -m bench`` from the repository root."""

@@ -1,0 +1,237 @@
+"""``python -m bench``: chopsticks side by side with its peers and the floors.
+
+Sets everything up itself (loopback sshd, the peers' virtualenv, a slow-link
+ssh_config, test data), runs every row for every column in subprocesses,
+and prints a markdown table of medians with ratios to the floor or the best
+peer. See bench/RESULTS.md for a run and bench/rows.py to add a row.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import fixtures, report
+from .fixtures import log
+from .rows import COLUMNS, ROWS, tasks_for, ROW_BY_ID
+from .peers._harness import RESULT_PREFIX
+
+MiB = 1 << 20
+TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog='python -m bench', description=__doc__.split('\n\n')[0])
+    p.add_argument('--hosts', type=int, default=None,
+                   help='hosts for the many-host rows (default 48; 8 with --quick)')
+    p.add_argument('--repeat', type=int, default=None,
+                   help='repetitions per figure, median reported (default 5; 3 with --quick); '
+                        'file, WAN and many-host rows use at most 3')
+    p.add_argument('--quick', action='store_true',
+                   help='a smaller run: 32 MiB files, 8 hosts, 100 tunnels for memory, fewer calls')
+    p.add_argument('--only', default='',
+                   help='comma-separated row ids (%s)' % ', '.join(r.id for r in ROWS))
+    p.add_argument('--columns', default='',
+                   help='comma-separated column ids (%s)' % ', '.join(c.id for c in COLUMNS))
+    p.add_argument('--json', metavar='PATH', help='also write every sample as JSON')
+    p.add_argument('--wan-delay-ms', type=float, default=25.0,
+                   help='slowlink delay each way for the WAN rows (default 25 = 50 ms RTT)')
+    p.add_argument('--file-mib', type=int, default=None, help='size of the put/fetch file')
+    p.add_argument('--mem-tunnels', type=int, default=None,
+                   help='Local tunnels for the memory row (default 1000; 100 with --quick)')
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.only.split(',') if r.strip()]
+    unknown = [r for r in rows if r not in ROW_BY_ID]
+    if unknown:
+        p.error('unknown rows %s; choose from %s' % (unknown, ', '.join(ROW_BY_ID)))
+    args.rows = rows or [r.id for r in ROWS]
+    cols = [c.strip() for c in args.columns.split(',') if c.strip()]
+    known = {c.id for c in COLUMNS}
+    if set(cols) - known:
+        p.error('unknown columns %s' % sorted(set(cols) - known))
+    args.column_ids = cols or [c.id for c in COLUMNS]
+    return args
+
+
+def settings(args):
+    quick = args.quick
+    repeat = args.repeat or (3 if quick else 5)
+    heavy = min(repeat, 1 if quick else 3)
+    return {
+        'repeat': repeat,
+        'heavy_repeat': heavy,
+        'wan_repeat': heavy,
+        'local_repeat': repeat * 4,
+        'rtt_calls': 500 if quick else 2000,
+        'wan_rtt_calls': 5 if quick else 10,
+        'pipelined_calls': 5000 if quick else 20000,
+        'echo_bytes': 4 * MiB,
+        'echo_rounds': 2 if quick else 5,
+        'file_size': (args.file_mib or (32 if quick else 256)) * MiB,
+        'many_call_rounds': 5 if quick else 20,
+        'n_hosts': args.hosts or (8 if quick else 48),
+        'mem_tunnels': args.mem_tunnels or (100 if quick else 1000),
+    }
+
+
+def run_task(column, task, python, ctx_path, workdir, env, logdir):
+    """One subprocess of one column's script; returns {row_id: cell}."""
+    script = os.path.join(fixtures.PEERS_DIR, column.script)
+    argv = [python, script, task, ctx_path]
+    log_path = os.path.join(logdir, '%s.%s.log' % (task, column.id))
+    start = time.monotonic()
+    with open(log_path, 'w') as errlog:
+        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=errlog, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=TASK_TIMEOUT.get(task, 300))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the script and its children
+            proc.communicate()
+            return {'__task__': {'error': 'timed out after %ds' % TASK_TIMEOUT.get(task, 300)}}
+        finally:
+            # Peers leave ssh and python children behind when their script exits.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    elapsed = time.monotonic() - start
+    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        with open(log_path) as f:
+            tail = f.read().strip().splitlines()[-3:]
+        return {'__task__': {'error': 'no result (exit %s): %s' % (proc.returncode, ' | '.join(tail))}}
+    data = json.loads(lines[-1][len(RESULT_PREFIX):])
+    if 'rows' in data:
+        cells = data['rows']
+    else:
+        cells = {'__task__': data}
+    log('%-14s %-15s %6.1fs  %s' % (task, column.id, elapsed, summary(cells)))
+    return cells
+
+
+def summary(cells):
+    parts = []
+    for row_id, cell in cells.items():
+        if 'median' in cell:
+            unit = ROW_BY_ID[row_id].unit if row_id in ROW_BY_ID else ''
+            parts.append('%s=%s' % (row_id, report.fmt(cell['median'], unit)))
+        else:
+            parts.append('%s: %s' % (row_id, cell.get('na') or cell.get('error')))
+    return '; '.join(parts)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    conf = settings(args)
+    command = 'python -m bench ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    started = time.monotonic()
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    logdir = os.path.join(fixtures.BENCH_DIR, 'results', 'logs-' + stamp)
+    os.makedirs(logdir)
+    workdir = tempfile.mkdtemp(prefix='chopsticks-bench-')
+    scratch = os.path.join(workdir, 'scratch')
+    control_dir = tempfile.mkdtemp(prefix='cb-', dir='/tmp')  # ControlPath must stay short
+    os.makedirs(scratch)
+
+    n_hosts = conf['n_hosts']
+    aliases = ['host%d' % i for i in range(1, n_hosts + 1)]
+    log('starting loopback sshd with %d aliases' % n_hosts)
+    sshd = fixtures.start_sshd(aliases)
+    try:
+        peer_python, peer_problem = fixtures.ensure_peer_env()
+        slowlink = fixtures.find_slowlink()
+        wan_config = None
+        if slowlink:
+            wan_config = fixtures.write_wan_config(
+                sshd.ssh_config, slowlink, args.wan_delay_ms, os.path.join(workdir, 'ssh_config.wan'))
+        needs = set(tasks_for(args.rows))
+        file_path = os.path.join(workdir, 'payload.bin')
+        if 'files' in needs:
+            log('writing %d MiB of random data' % (conf['file_size'] // MiB))
+            fixtures.make_random_file(file_path, conf['file_size'])
+        tree_dir = os.path.join(workdir, 'tree')
+        n_modules = fixtures.make_module_tree(tree_dir)
+        mem_cap = int(fixtures.mem_available() * 0.5 // (12 * MiB))
+        if conf['mem_tunnels'] > mem_cap:
+            log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
+            conf['mem_tunnels'] = mem_cap
+        base_ctx = dict(conf, **{
+            'ssh_config': sshd.ssh_config, 'wan_ssh_config': wan_config,
+            'host': aliases[0], 'hosts': aliases, 'many_hosts': aliases,
+            'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
+            'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
+            # One absolute interpreter for every column: over ssh, 'python3' may be
+            # a pyenv shim (+130 ms) that some libraries would dodge and others not.
+            'remote_python': fixtures.system_python(),
+            'local_python': fixtures.system_python(),
+            'old_remote_python': fixtures.old_python(),
+        })
+        env = dict(os.environ, **sshd.env())
+        env.pop('PYTHONPATH', None)
+        env['PYTHONUNBUFFERED'] = '1'
+
+        results = {row_id: {} for row_id in args.rows}
+        for task in tasks_for(args.rows):
+            task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
+            for column in COLUMNS:
+                if column.id not in args.column_ids:
+                    continue
+                if column.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows):
+                    continue
+                if column.venv and peer_python is None:
+                    cells = {'__task__': {'na': peer_problem}}
+                else:
+                    ctx = dict(base_ctx, subject=column.id, options=column.options)
+                    ctx_path = os.path.join(workdir, 'ctx-%s.json' % column.id)
+                    with open(ctx_path, 'w') as f:
+                        json.dump(ctx, f)
+                    python = peer_python if column.venv else sys.executable
+                    cells = run_task(column, task, python, ctx_path, workdir, env, logdir)
+                whole_task = cells.pop('__task__', None)
+                for row_id in task_rows:
+                    cell = cells.get(row_id, whole_task)
+                    if cell and cell.get('na') == 'not measured for this column':
+                        cell = None
+                    results[row_id][column.id] = cell
+        elapsed = time.monotonic() - started
+    finally:
+        sshd.stop()
+        subprocess.run(['rm', '-rf', workdir, control_dir])
+
+    machine = '%s; %d cores; Python %s; %s' % (
+        platform.platform(), os.cpu_count(), platform.python_version(), fixtures.ssh_version())
+    versions = fixtures.peer_versions(peer_python) if peer_python else {}
+    print()
+    print(report.table(results, n_hosts))
+    print()
+    print('%s (%.0f s) on %s' % (command, elapsed, machine))
+    if versions:
+        print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
+    print('medians of %d runs (%d for files, WAN and many hosts); ×: ratio to the floor '
+          '(best peer for pipelined/WAN import/one call to N hosts: execnet/best)' % (
+              conf['repeat'], conf['heavy_repeat']))
+    print()
+    print(report.notes(results))
+    print('\nlogs: %s' % os.path.relpath(logdir))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({
+                'command': command, 'date': stamp, 'machine': machine, 'seconds': elapsed,
+                'settings': conf, 'peers': versions, 'modules_in_tree': n_modules,
+                'rows': {row_id: {'label': ROW_BY_ID[row_id].label, 'unit': ROW_BY_ID[row_id].unit,
+                                  'target': ROW_BY_ID[row_id].target_text, 'columns': cells}
+                         for row_id, cells in results.items()},
+            }, f, indent=1)
+        log('wrote %s' % args.json)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,161 @@
+"""The measuring side shared by every column of the benchmark (stdlib only).
+
+Each column of the table (the floor, ours, each peer) is one script in this
+directory, run as a subprocess by ``python -m bench``: ours with the project's
+interpreter, the peers with the interpreter of ``bench/.env-peers``, so that
+nothing of one column is ever imported into another's process. A script
+defines one function per *task* (named as in ``bench/rows.py``) and ends with
+``_harness.main(globals())``.
+
+A task receives a :class:`Context` and returns a :class:`Result`, or a dict of
+them keyed by row id when one set-up serves several rows (connecting 48 hosts
+once for both "connect 48 hosts" and "one call to 48 hosts"). It raises
+:class:`NotAvailable` when the column cannot do the thing at all: the table
+shows the reason instead of a number.
+
+The result travels back as one JSON line prefixed with ``BENCH-RESULT`` on
+stdout, so whatever a library prints on its own does not disturb it.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+RESULT_PREFIX = 'BENCH-RESULT '
+clock = time.perf_counter
+
+
+class NotAvailable(Exception):
+    """This column cannot measure this row (the message says why)."""
+
+
+class Result:
+    """Samples of one metric, one per repetition; the table shows the median."""
+
+    def __init__(self, samples, unit, note='', extra=None):
+        self.samples = [float(s) for s in samples]
+        self.unit = unit
+        self.note = note
+        self.extra = extra or {}
+
+    def to_json(self):
+        return {
+            'samples': self.samples, 'unit': self.unit,
+            'median': statistics.median(self.samples) if self.samples else None,
+            'note': self.note, 'extra': self.extra,
+        }
+
+
+class Context:
+    """What the driver set up, as attributes (see ``bench/fixtures.py``)."""
+
+    def __init__(self, data):
+        self.__dict__.update(data)
+
+    def log(self, *args):
+        print('[%s]' % self.subject, *args, file=sys.stderr, flush=True)
+
+
+def timed(fn, *args):
+    """Seconds taken by one call of ``fn(*args)``."""
+    start = clock()
+    fn(*args)
+    return clock() - start
+
+
+def per_op(fn, count):
+    """Mean seconds per call over ``count`` calls of ``fn()``."""
+    start = clock()
+    for _ in range(count):
+        fn()
+    return (clock() - start) / count
+
+
+def samples(repeat, fn):
+    """``fn()`` evaluated ``repeat`` times: one sample each."""
+    return [fn() for _ in range(repeat)]
+
+
+def mb_per_s(nbytes, seconds):
+    return nbytes / seconds / 1e6
+
+
+def file_sha1(path):
+    import hashlib
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_copy(src, dst, size):
+    """A transfer that did not arrive whole must not be reported as fast."""
+    got = os.path.getsize(dst)
+    if got != size:
+        raise AssertionError('%s has %d bytes, expected %d from %s' % (dst, got, size, src))
+
+
+def remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def rss_bytes():
+    """Resident set size of this process, from /proc."""
+    return _proc_status('VmRSS') * 1024
+
+
+def thread_count():
+    """Threads of this process as the kernel counts them (not only Python's)."""
+    return _proc_status('Threads')
+
+
+def _proc_status(key):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def main(namespace):
+    parser = argparse.ArgumentParser()
+    parser.add_argument('task')
+    parser.add_argument('context', help='JSON file written by the driver')
+    args = parser.parse_args()
+    with open(args.context) as f:
+        ctx = Context(json.load(f))
+    task = namespace.get(args.task)
+    if task is None:
+        out = {'na': 'not measured for this column'}
+    else:
+        try:
+            result = task(ctx)
+        except NotAvailable as exc:
+            out = {'na': str(exc) or 'n/a'}
+        except BaseException as exc:  # report, never hang the driver
+            traceback.print_exc()
+            out = {'error': '%s: %s' % (type(exc).__name__, exc)}
+        else:
+            if isinstance(result, dict):
+                out = {'rows': {row: _row_json(r) for row, r in result.items()}}
+            else:
+                out = {'rows': {args.task: _row_json(result)}}
+    sys.stdout.write('\n' + RESULT_PREFIX + json.dumps(out) + '\n')
+    sys.stdout.flush()
+    # Peers leave threads and children behind: do not wait for them.
+    os._exit(0)
+
+
+def _row_json(result):
+    if isinstance(result, NotAvailable):
+        return {'na': str(result)}
+    if isinstance(result, Exception):
+        return {'error': '%s: %s' % (type(result).__name__, result)}
+    return result.to_json()

@@ -1,0 +1,253 @@
+"""Our column: chopsticks from this checkout, through its public API only.
+
+Run with the project's interpreter (``python -m bench`` passes the transport,
+``openssh`` or ``paramiko``, as an option). Parts that have not landed yet
+(``put``/``fetch``, ``chopsticks.group``) are reported as n/a, not as errors.
+"""
+import gc
+import importlib
+import os
+import sys
+import time
+
+import _harness as h
+from _harness import NotAvailable, Result, clock
+
+import remote_fns
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+try:
+    from chopsticks import Local, Tunnel
+except ImportError as exc:  # the core has not landed in this checkout
+    Tunnel = Local = None
+    MISSING = 'chopsticks core missing (%s)' % exc
+
+
+def _need_core():
+    if Tunnel is None:
+        raise NotAvailable(MISSING)
+
+
+def tunnel(ctx, host=None, config=None, **options):
+    _need_core()
+    return Tunnel(host or ctx.host, ssh_config=config or ctx.ssh_config,
+                  transport=ctx.options['transport'], python=ctx.remote_python, **options)
+
+
+def _connect_and_call(ctx, **options):
+    start = clock()
+    t = tunnel(ctx, **options)
+    t.call(remote_fns.noop)
+    elapsed = clock() - start
+    t.close()
+    return elapsed
+
+
+def connect_call(ctx):
+    return Result(h.samples(ctx.repeat, lambda: _connect_and_call(ctx)), 's')
+
+
+def reconnect(ctx):
+    """Open a second tunnel to a host while a first one is connected."""
+    openssh = ctx.options['transport'] == 'openssh'
+    options = {'control_master': True} if openssh else {}
+    try:
+        first = tunnel(ctx, **options)
+    except TypeError as exc:
+        raise NotAvailable('control_master not accepted (%s)' % exc)
+    cold_start = clock()
+    first.call(remote_fns.noop)
+    cold = clock() - cold_start
+    try:
+        warm = h.samples(ctx.repeat, lambda: _connect_and_call(ctx, **options))
+    finally:
+        first.close()
+    note = 'control_master=True' if openssh else 'no control master for paramiko'
+    return Result(warm, 's', note=note, extra={'cold (first tunnel)': [cold]})
+
+
+def _connected(ctx, **kw):
+    t = tunnel(ctx, **kw)
+    for _ in range(20):
+        t.call(remote_fns.noop)
+    return t
+
+
+def trivial_rtt(ctx):
+    t = _connected(ctx)
+    try:
+        return Result(h.samples(ctx.repeat, lambda: h.per_op(lambda: t.call(remote_fns.noop),
+                                                             ctx.rtt_calls)), 's')
+    finally:
+        t.close()
+
+
+def pipelined(ctx):
+    t = _connected(ctx)
+    n = ctx.pipelined_calls
+
+    def burst():
+        start = clock()
+        futures = [t.call_async(remote_fns.noop) for _ in range(n)]
+        for future in futures:
+            future.result()
+        return n / (clock() - start)
+
+    try:
+        burst()  # warm
+        return Result(h.samples(ctx.repeat, burst), 'calls/s',
+                      note='%d call_async futures in flight' % n)
+    finally:
+        t.close()
+
+
+def echo_4mib(ctx):
+    t = _connected(ctx)
+    data = os.urandom(ctx.echo_bytes)
+
+    def once():
+        if t.call(remote_fns.echo, data) != data:
+            raise AssertionError('echo returned different bytes')
+
+    try:
+        once()
+        return Result(h.samples(ctx.repeat, lambda: h.mb_per_s(
+            2 * len(data), h.per_op(once, ctx.echo_rounds))), 'MB/s')
+    finally:
+        t.close()
+
+
+def files(ctx):
+    t = _connected(ctx)
+    try:
+        if not callable(getattr(t, 'put', None)) or not callable(getattr(t, 'fetch', None)):
+            raise NotAvailable('Tunnel.put/fetch not implemented yet')
+        size, src = ctx.file_size, ctx.file_path
+        remote = os.path.join(ctx.scratch, 'ours-remote.bin')
+        local = os.path.join(ctx.scratch, 'ours-local.bin')
+
+        def once(fn, dst):
+            seconds = h.timed(fn)
+            h.check_copy(src, dst, size)
+            h.remove(dst)
+            return h.mb_per_s(size, seconds)
+
+        put, fetch = [], []
+        try:
+            for _ in range(ctx.heavy_repeat):
+                put.append(once(lambda: t.put(src, remote), remote))
+                fetch.append(once(lambda: t.fetch(src, local), local))
+        except (ImportError, NotImplementedError) as exc:  # issue 3 not landed yet
+            raise NotAvailable('put/fetch not implemented yet (%s: %s)' % (type(exc).__name__, exc))
+        return {'put': Result(put, 'MB/s'), 'fetch': Result(fetch, 'MB/s')}
+    finally:
+        t.close()
+
+
+def wan(ctx):
+    _need_core()
+    if not ctx.wan_ssh_config:
+        raise NotAvailable('no slowlink.py')
+    sys.path.insert(0, ctx.tree_dir)
+    tree = importlib.import_module(ctx.tree_pkg)  # a caller has imported what it calls
+    connect, rtt, imports = [], [], []
+    for _ in range(ctx.wan_repeat):
+        start = clock()
+        t = tunnel(ctx, config=ctx.wan_ssh_config)
+        t.call(remote_fns.noop)
+        connect.append(clock() - start)
+        rtt.append(h.per_op(lambda: t.call(remote_fns.noop), ctx.wan_rtt_calls))
+        start = clock()
+        count = t.call(tree.entry)
+        imports.append(clock() - start)
+        t.close()
+    return {
+        'wan_connect': Result(connect, 's'),
+        'wan_rtt': Result(rtt, 's'),
+        'wan_import': Result(imports, 's', note='%d modules' % count),
+    }
+
+
+def many_hosts(ctx):
+    _need_core()
+    try:
+        from chopsticks.group import Group
+    except ImportError as exc:
+        raise NotAvailable('chopsticks.group missing (%s)' % exc)
+
+    def make_group():
+        return Group([tunnel(ctx, host=host) for host in ctx.many_hosts])
+
+    def call_all(group):
+        result = group.call(remote_fns.noop)
+        failures = list(result.failures())
+        if failures:
+            raise RuntimeError('%d hosts failed: %s' % (len(failures), failures[0]))
+
+    connect = []
+    for i in range(ctx.heavy_repeat):
+        group = make_group()
+        start = clock()
+        call_all(group)
+        connect.append(clock() - start)
+        if i + 1 < ctx.heavy_repeat:
+            group.close()
+    try:
+        call = h.samples(ctx.repeat, lambda: h.per_op(lambda: call_all(group), ctx.many_call_rounds))
+    finally:
+        group.close()
+    return {'many_connect': Result(connect, 's', note='Group(...).call'),
+            'many_call': Result(call, 's', note='Group.call')}
+
+
+def local_connect(ctx):
+    _need_core()
+
+    def once():
+        start = clock()
+        t = Local(python=ctx.local_python)
+        t.call(remote_fns.noop)
+        elapsed = clock() - start
+        t.close()
+        return elapsed
+
+    once()
+    return Result(h.samples(ctx.local_repeat, once), 's')
+
+
+def memory(ctx):
+    """Controller RSS and threads added by idle, connected Local tunnels."""
+    _need_core()
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = ctx.mem_tunnels
+    warm = Local(python=ctx.local_python)  # libraries, broker threads: not per tunnel
+    warm.call(remote_fns.noop)
+    gc.collect()
+    rss0, threads0 = h.rss_bytes(), h.thread_count()
+    tunnels = []
+    start = clock()
+    try:
+        for _ in range(n):
+            t = Local(python=ctx.local_python)
+            t.call(remote_fns.noop)
+            tunnels.append(t)
+        opened = clock() - start
+        gc.collect()
+        time.sleep(1.0)
+        rss1, threads1 = h.rss_bytes(), h.thread_count()
+    finally:
+        for t in tunnels:
+            t.close()
+        warm.close()
+    per_tunnel = (rss1 - rss0) / n / 1e6
+    return Result([per_tunnel], 'MB', note='%d Local tunnels' % n, extra={
+        'threads_added': threads1 - threads0, 'threads_total': threads1,
+        'tunnels': n, 'open_seconds': opened})
+
+
+if __name__ == '__main__':
+    h.main(globals())

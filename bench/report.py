@@ -1,0 +1,129 @@
+"""The table: medians, ratios to the floor or the best peer, and the targets."""
+from .rows import COLUMNS, OURS, ROW_BY_ID
+
+
+def fmt(value, unit):
+    if value is None:
+        return '?'
+    if unit == 's':
+        if value < 1e-3:
+            return '%.0f µs' % (value * 1e6)
+        if value < 0.01:
+            return '%.2f ms' % (value * 1e3)
+        if value < 1:
+            return '%.0f ms' % (value * 1e3)
+        return '%.2f s' % value
+    if unit == 'MB/s':
+        return '%.0f MB/s' % value
+    if unit == 'calls/s':
+        return '{:,.0f}/s'.format(value)
+    if unit == 'MB':
+        return '%.2f MB' % value
+    return '%g %s' % (value, unit)
+
+
+def median_of(cell):
+    return cell.get('median') if cell else None
+
+
+def best_peer(row, cells):
+    values = [median_of(cells.get(c.id)) for c in COLUMNS if c.peer]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return max(values) if row.higher_is_better else min(values)
+
+
+def reference(row, cells, which):
+    if which is None:
+        return None
+    if which == 'best_peer':
+        return best_peer(row, cells)
+    return median_of(cells.get(which))
+
+
+def target_met(row, cells, column_id):
+    """True, False, or None when a reference is missing."""
+    value = median_of(cells.get(column_id))
+    if value is None or not row.targets:
+        return None
+    for ref, factor in row.targets:
+        bound = factor if ref == 'abs' else reference(row, cells, ref)
+        if bound is None:
+            return None
+        if ref != 'abs':
+            bound *= factor
+        ok = value >= bound if row.higher_is_better else value <= bound
+        if ref not in ('abs', 'floor', 'best_peer') and row.higher_is_better:
+            ok = value > bound  # "ahead of" a named peer
+        if not ok:
+            return False
+    if row.id == 'memory':
+        extra = cells[column_id].get('extra', {})
+        if extra.get('threads_added', 0) >= 0.5 * extra.get('tunnels', 1):
+            return False
+    return True
+
+
+def cell_text(row, cells, column_id):
+    cell = cells.get(column_id)
+    if cell is None:
+        return '—'
+    if 'na' in cell:
+        return 'n/a'
+    if 'error' in cell:
+        return 'error'
+    text = fmt(cell['median'], row.unit)
+    extra = cell.get('extra') or {}
+    if row.id == 'memory':
+        text += ', +%d threads' % extra.get('threads_added', 0)
+    elif row.id == 'reconnect' and extra.get('cold (first tunnel)'):
+        text += ' (cold %s)' % fmt(extra['cold (first tunnel)'][0], 's')
+    elif column_id == 'floor' and extra:
+        text += ' (%s)' % ', '.join('%s %s' % (k, fmt(_median(v), row.unit))
+                                   for k, v in extra.items())
+    ref = reference(row, cells, row.ref)
+    if ref and column_id != row.ref:
+        text += ' ×%.2f' % (cell['median'] / ref)
+    return text
+
+
+def _median(values):
+    import statistics
+    return statistics.median(values)
+
+
+def table(results, n_hosts):
+    """A markdown table (readable in a terminal too)."""
+    titles = [c.title for c in COLUMNS]
+    head = ['metric'] + titles + ['target', 'met (openssh / paramiko)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row_id, cells in results.items():
+        row = ROW_BY_ID[row_id]
+        label = row.label.replace('N ', '%d ' % n_hosts)
+        cols = [cell_text(row, cells, c.id) for c in COLUMNS]
+        met = []
+        for column_id in OURS:
+            ok = target_met(row, cells, column_id)
+            met.append({True: 'yes', False: 'no', None: '—'}[ok])
+        if row.transport_free:
+            met = met[:1]
+        lines.append('| ' + ' | '.join([label] + cols + [row.target_text or '—', ' / '.join(met)])
+                     + ' |')
+    return '\n'.join(lines)
+
+
+def notes(results):
+    """n/a reasons, errors and per-cell notes, one line each."""
+    titles = {c.id: c.title for c in COLUMNS}
+    out = []
+    for row_id, cells in results.items():
+        for column_id, cell in cells.items():
+            if not cell:
+                continue
+            what = cell.get('na') or cell.get('error') or cell.get('note')
+            if what:
+                kind = 'n/a' if 'na' in cell else 'error' if 'error' in cell else 'note'
+                out.append('- %s / %s: %s: %s' % (ROW_BY_ID[row_id].label, titles[column_id],
+                                                 kind, what))
+    return '\n'.join(out)
