@@ -92,6 +92,26 @@ class BaseTunnel(object):
             except Exception:
                 pass
 
+    # --- set operations: a tunnel acts as a group of one (see chopsticks.group)
+    def _group_op(self, name, other):
+        from .group import Group
+        return getattr(Group([self]), name)(other)
+
+    def __or__(self, other):
+        return self._group_op('__or__', other)
+
+    def __add__(self, other):
+        return self._group_op('__add__', other)
+
+    def __and__(self, other):
+        return self._group_op('__and__', other)
+
+    def __sub__(self, other):
+        return self._group_op('__sub__', other)
+
+    def __xor__(self, other):
+        return self._group_op('__xor__', other)
+
     # --- calling
     def call(self, fn, *args, timeout=None, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the host and return its value.
