@@ -72,11 +72,15 @@ def chopsticks_register_facts(register: Callable[..., None]) -> None:
           first line of the docstring).
 
         ``register`` raises :class:`chopsticks.plugins.PluginError` for a
-        name another plugin has already registered (the message names both
-        distributions), or for a function the host could not import.  Do not
-        catch it: the plugin is then reported as broken by
+        function the host could not import (a nested function, a lambda, one
+        defined in ``__main__``) or a name that is not a public identifier.
+        Do not catch it: the plugin is then reported as broken by
         ``chopsticks list-plugins`` and none of its registrations are used,
         while every other plugin keeps working.
+
+        A name that two plugins register is used by neither (whichever loaded
+        first must not silently win): both are reported as ``error`` naming
+        the other distribution, and asking for the name says so.
 
     :return: ``None``; the return value is ignored.
 
@@ -95,8 +99,8 @@ def chopsticks_register_tasks(register: Callable[..., None]) -> None:
         :func:`chopsticks_register_facts` (a module-level, standard-library
         only function that runs on the host; ``name`` defaults to
         ``func.__name__`` and becomes an attribute of
-        :mod:`chopsticks.tasks`; duplicates are refused naming both
-        distributions), and in addition:
+        :mod:`chopsticks.tasks`; a name two plugins register is used by
+        neither), and in addition:
 
         * ``func`` must accept a keyword argument ``check`` (``bool``,
           default ``False``).  With ``check=True`` it reports what it would
@@ -133,9 +137,10 @@ def chopsticks_register_tunnels(register: Callable[[str, Callable[..., Any]], No
         ``register(scheme, factory)``.
 
         * ``scheme`` is lower-case letters, digits, ``+``, ``-`` or ``.``,
-          starting with a letter (RFC 3986).  A scheme another plugin
-          registered is refused with :class:`chopsticks.plugins.PluginError`
-          naming both distributions.
+          starting with a letter (RFC 3986).  A scheme two plugins register
+          is used by neither, and both are reported naming each other; a
+          plugin cannot take over chopsticks' own ``ssh``, ``local``,
+          ``sudo`` or ``docker``.
         * ``factory(address, **options)`` returns a connected-on-demand
           tunnel (an object with ``call``, ``call_async``, ``close`` and
           ``host``, normally a subclass of :class:`chopsticks.Tunnel`).

@@ -165,6 +165,7 @@ class PluginManager(pluggy.PluginManager):
         self._loaded = False
         self._infos: Dict[str, PluginInfo] = {}
         self._registries: Optional[Dict[str, Dict[str, Registration]]] = None
+        self._conflicts: Dict[Tuple[str, str], str] = {}
 
     # -- loading -----------------------------------------------------------
 
@@ -251,11 +252,14 @@ class PluginManager(pluggy.PluginManager):
         info.status, info.message = "disabled", why
         self._infos[info.name] = info
 
-    def _fail(self, info: PluginInfo, why: str) -> None:
+    def _fail(self, info: PluginInfo, why: str, disabled: bool = True) -> None:
         info.status, info.message = "error", why
         self._infos[info.name] = info
-        _warn(f"chopsticks plugin {info.name!r} ({info.describe()}) is disabled: {why}. "
-              f"Other plugins are unaffected; see `chopsticks list-plugins`.")
+        label = (f"chopsticks plugin {info.name!r} ({info.describe()})" if info.distribution
+                 else f"chopsticks {info.describe()}")
+        effect = "is disabled" if disabled else "is not fully usable"
+        _warn(f"{label} {effect}: {why}. Other plugins are unaffected; "
+              f"see `chopsticks list-plugins`.")
 
     # -- pluggy overrides: keep the registries in step ---------------------
 
@@ -302,24 +306,62 @@ class PluginManager(pluggy.PluginManager):
         self.load()
         if self._registries is not None:
             return self._registries
-        registries: Dict[str, Dict[str, Registration]] = {kind: {} for kind in _PLURAL}
+        everything: List[Registration] = []
         for info in self._infos.values():
             if info.status == "disabled" or (info.status == "error" and self.get_plugin(info.name) is None):
-                continue
+                continue  # disabled, or failed to load: nothing to call
             info.status, info.message = "ok", None
             staged: List[Registration] = []
             try:
                 for hookimpl_, kind in self._hookimpls_of(info.name):
-                    hookimpl_.function(register=_Registrar(kind, info, staged, registries))
+                    hookimpl_.function(register=_Registrar(kind, info, staged))
             except Exception as exc:
                 self._fail(info, _exc_text(exc) if isinstance(exc, PluginError)
                            else f"its hook raised {_exc_text(exc)}")
                 continue
-            for reg in staged:
-                registries[reg.kind][reg.name] = reg
+            everything.extend(staged)
+        registries = self._registries = self._resolve_duplicates(everything)
+        for info in self._infos.values():
             for kind in _PLURAL:
-                setattr(info, _PLURAL[kind], sorted(r.name for r in staged if r.kind == kind))
-        self._registries = registries
+                setattr(info, _PLURAL[kind], sorted(
+                    name for name, reg in registries[kind].items() if reg.plugin is info))
+        return registries
+
+    def _resolve_duplicates(self, registrations: List[Registration]) -> Dict[str, Dict[str, Registration]]:
+        """Registries of the names exactly one plugin registered.
+
+        A name two plugins registered is refused for both (whichever loads
+        first must not silently win), unless one is chopsticks itself, whose
+        own is kept; every plugin involved is marked ``error``, naming the
+        other distribution.
+        """
+        by_name: Dict[Tuple[str, str], List[Registration]] = {}
+        for reg in registrations:
+            by_name.setdefault((reg.kind, reg.name), []).append(reg)
+        registries: Dict[str, Dict[str, Registration]] = {kind: {} for kind in _PLURAL}
+        problems: Dict[str, List[str]] = {}
+        for (kind, name), regs in by_name.items():
+            if len(regs) == 1:
+                registries[kind][name] = regs[0]
+                continue
+            owners = " and ".join(reg.plugin.describe() for reg in regs)
+            builtin = [reg for reg in regs if reg.plugin.builtin]
+            if builtin:
+                registries[kind][name] = builtin[0]
+                outcome = "chopsticks' own is used"
+            else:
+                outcome = (f"neither is used: uninstall one, or choose with "
+                           f"{ALLOW_LIST_ENV}=... (see `chopsticks list-plugins`)")
+            for reg in regs:
+                if not reg.plugin.builtin:
+                    problems.setdefault(reg.plugin.name, []).append(
+                        f"the {kind} {name!r} is registered by both {owners}; {outcome}")
+        for plugin_name, messages in problems.items():
+            self._fail(self._infos[plugin_name], "; ".join(messages), disabled=False)
+        self._conflicts = {(kind, name): f"The {kind} {name!r} is registered by both "
+                           + " and ".join(reg.plugin.describe() for reg in regs) + "; neither is used."
+                           for (kind, name), regs in by_name.items()
+                           if len(regs) > 1 and name not in registries[kind]}
         return registries
 
     def _hookimpls_of(self, name: str) -> Iterable[Tuple[Any, str]]:
@@ -342,6 +384,9 @@ class PluginManager(pluggy.PluginManager):
 
     def _unknown_message(self, kind: str, name: str) -> str:
         registry = self._collect()[kind]
+        if (kind, name) in self._conflicts:
+            return (f"{self._conflicts[kind, name]} Uninstall one, or choose with "
+                    f"{ALLOW_LIST_ENV}=... (see `chopsticks list-plugins`).")
         lines = [f"No chopsticks {kind} is named {name!r}."]
         close = difflib.get_close_matches(name, list(registry), n=3)
         if close:
@@ -366,9 +411,8 @@ class PluginManager(pluggy.PluginManager):
 class _Registrar:
     """The ``register`` callback handed to one plugin's hook."""
 
-    def __init__(self, kind: str, info: PluginInfo, staged: List[Registration],
-                 registries: Dict[str, Dict[str, Registration]]) -> None:
-        self.kind, self.info, self.staged, self.registries = kind, info, staged, registries
+    def __init__(self, kind: str, info: PluginInfo, staged: List[Registration]) -> None:
+        self.kind, self.info, self.staged = kind, info, staged
 
     def __call__(self, obj: Any, factory: Any = None, name: Optional[str] = None, **metadata: Any) -> None:
         if self.kind == "tunnel":
@@ -381,12 +425,6 @@ class _Registrar:
         for reg in self.staged:
             if reg.kind == self.kind and reg.name == name:
                 raise PluginError(f"{self.info.describe()} registers the {self.kind} {name!r} twice")
-        existing = self.registries[self.kind].get(name)
-        if existing is not None:
-            raise PluginError(
-                f"the {self.kind} {name!r} is registered by both {existing.plugin.describe()} "
-                f"and {self.info.describe()}; uninstall one, or choose with "
-                f"{ALLOW_LIST_ENV}=... (the first keeps it)")
         self.staged.append(Registration(self.kind, name, obj, self.info, metadata))
 
     def _check_function(self, func: Any, name: Optional[str]) -> str:
