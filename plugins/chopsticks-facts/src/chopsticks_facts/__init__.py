@@ -74,9 +74,11 @@ def gather(names=None, fact_timeout=DEFAULT_TIMEOUT):
         except Exception as exc:
             results[name] = {"error": "%s: %s" % (type(exc).__name__, exc)}
     for name, job in jobs.items():
-        remaining = started + timeouts.get(name, default) - time.time()
+        limit = timeouts.get(name, default)
         try:
-            results[name] = job.result(max(0.0, remaining))
+            results[name] = job.result(max(0.0, started + limit - time.time()))
+        except TimeoutError:
+            results[name] = {"error": "TimeoutError: %s did not answer within %gs" % (name, limit)}
         except Exception as exc:
             results[name] = {"error": "%s: %s" % (type(exc).__name__, exc)}
     return {name: results[name] for name in names}
