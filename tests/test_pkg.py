@@ -148,7 +148,7 @@ def recorded_managers(tmp_path, monkeypatch):
     for executable, queries in RECORDED.items():
         cases = "".join(f'  *" {arg} "*) cat "{FIXTURES / name}" ;;\n' for arg, name in queries)
         script = bin_dir / executable
-        script.write_text(f'#!/bin/sh\necho "$0 $*" >> "{log}"\ncase " $* " in\n{cases}'
+        script.write_text(f'#!/bin/sh\necho "$0 $1" >> "{log}"\ncase " $* " in\n{cases}'
                           f'  *) echo "not a query: $*" >&2; exit 99 ;;\nesac\n')
         script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
