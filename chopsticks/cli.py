@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import click
 
 from chopsticks import plugins
+from chopsticks.errors import RemoteException
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -54,9 +55,10 @@ def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc).split("\n\nRemote traceback", 1)[0]
-    name = getattr(exc, "type_name", None) or type(exc).__name__
-    return text if name in text else f"{name}: {text}"
+    if isinstance(exc, RemoteException):  # the host is already named by the report
+        return f"{exc.type_name}: {exc.msg}"
+    name = type(exc).__name__
+    return f"{name}: {exc}"
 
 
 def _json_default(value: Any) -> Any:
