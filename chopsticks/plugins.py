@@ -25,6 +25,7 @@ import keyword
 import os
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -166,18 +167,20 @@ class PluginManager(pluggy.PluginManager):
         self._infos: Dict[str, PluginInfo] = {}
         self._registries: Optional[Dict[str, Dict[str, Registration]]] = None
         self._conflicts: Dict[Tuple[str, str], str] = {}
+        self._lock = threading.RLock()  # namespaces may be first used from several threads
 
     # -- loading -----------------------------------------------------------
 
     def load(self) -> None:
         """Register the built-in plugin and the entry-point plugins, once."""
-        if self._loaded:
-            return
-        self._loaded = True
-        if self.get_plugin("chopsticks") is None:
-            self._register_builtin()
-        if self._autoload:
-            self._load_entry_points()
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            if self.get_plugin("chopsticks") is None:
+                self._register_builtin()
+            if self._autoload:
+                self._load_entry_points()
 
     def _register_builtin(self) -> None:
         try:
@@ -202,6 +205,12 @@ class PluginManager(pluggy.PluginManager):
             info = PluginInfo(
                 name=ep.name, distribution=dist, version=_dist_version(ep), module=ep.value,
             )
+            clash = None
+            if ep.name in self._infos:  # two distributions use one entry-point name
+                other = self._infos[ep.name]
+                info.name = f"{ep.name} ({dist})"  # listed beside the plugin that has the name
+                clash = (f"the plugin name {ep.name!r} is already used by {other.describe()}; "
+                         f"uninstall one of {other.distribution or other.name} and {dist}")
             names = {_canonical(ep.name)} | ({_canonical(dist)} if dist else set())
             if allowed is not None:
                 if not names & allowed:
@@ -211,11 +220,8 @@ class PluginManager(pluggy.PluginManager):
             elif autoload_off:
                 self._disable(info, f"{DISABLE_AUTOLOAD_ENV} is set")
                 continue
-            if ep.name in self._infos:
-                other = self._infos[ep.name]
-                self._fail(info, f"the plugin name {ep.name!r} is already used by "
-                           f"{other.describe()}; uninstall one of {other.distribution or other.name} "
-                           f"and {dist}")
+            if clash:
+                self._fail(info, clash)
                 continue
             try:
                 plugin = ep.load()
@@ -304,8 +310,15 @@ class PluginManager(pluggy.PluginManager):
 
     def _collect(self) -> Dict[str, Dict[str, Registration]]:
         self.load()
-        if self._registries is not None:
+        registries = self._registries
+        if registries is not None:
+            return registries
+        with self._lock:
+            if self._registries is None:
+                self._registries = self._collect_now()
             return self._registries
+
+    def _collect_now(self) -> Dict[str, Dict[str, Registration]]:
         everything: List[Registration] = []
         for info in self._infos.values():
             if info.status == "disabled" or (info.status == "error" and self.get_plugin(info.name) is None):
@@ -314,13 +327,14 @@ class PluginManager(pluggy.PluginManager):
             staged: List[Registration] = []
             try:
                 for hookimpl_, kind in self._hookimpls_of(info.name):
-                    hookimpl_.function(register=_Registrar(kind, info, staged))
+                    register = _Registrar(kind, info, staged)
+                    hookimpl_.function(**({"register": register} if "register" in hookimpl_.argnames else {}))
             except Exception as exc:
                 self._fail(info, _exc_text(exc) if isinstance(exc, PluginError)
                            else f"its hook raised {_exc_text(exc)}")
                 continue
             everything.extend(staged)
-        registries = self._registries = self._resolve_duplicates(everything)
+        registries = self._resolve_duplicates(everything)
         for info in self._infos.values():
             for kind in _PLURAL:
                 setattr(info, _PLURAL[kind], sorted(

@@ -64,7 +64,7 @@ def _write_plugin(root, name, files):
     return root / name
 
 
-def _pyproject(dist, module):
+def _pyproject(dist, module, entry_point=None):
     return f"""
         [build-system]
         requires = ["setuptools>=61"]
@@ -75,7 +75,7 @@ def _pyproject(dist, module):
         version = "1.0"
 
         [project.entry-points.chopsticks]
-        {dist.replace("chopsticks-", "")} = "{module}"
+        {entry_point or dist.replace("chopsticks-", "")} = "{module}"
     """
 
 
@@ -105,7 +105,18 @@ BROKEN_PLUGINS = {
                 register(hostname)
         """,
     },
+    "chopsticks-other-facts": {
+        "chopsticks_other_facts.py": """
+            from chopsticks.hookspecs import hookimpl
+
+            @hookimpl
+            def chopsticks_register_facts(register):
+                pass
+        """,
+    },
 }
+# Entry-point names that are not the distribution's name less "chopsticks-".
+ENTRY_POINT_NAMES = {"chopsticks-other-facts": "facts"}
 
 
 def _pip(python, *args):
@@ -143,7 +154,7 @@ def venv(tmp_path_factory):
 
     broken = root / "broken"
     broken_projects = [_write_plugin(src, dist, dict(files, **{
-        "pyproject.toml": _pyproject(dist, next(iter(files))[:-3])}))
+        "pyproject.toml": _pyproject(dist, next(iter(files))[:-3], ENTRY_POINT_NAMES.get(dist))}))
         for dist, files in BROKEN_PLUGINS.items()]
     _pip(python, "--no-deps", "--target", str(broken), *map(str, broken_projects))
     return {"python": str(python), "bin": env_dir / "bin", "broken": str(broken)}
@@ -218,10 +229,15 @@ def test_broken_plugins_are_listed_with_their_errors(venv):
         assert plugins[name]["status"] == "error"
         assert plugins[name]["message"].startswith(duplicate)
     assert "hostname" not in plugins["facts"]["facts"] and "ip" in plugins["facts"]["facts"]
+    # Two distributions with one entry-point name: the second is refused, naming both.
+    assert plugins["facts (chopsticks-other-facts)"]["status"] == "error"
+    assert plugins["facts (chopsticks-other-facts)"]["message"] == (
+        "the plugin name 'facts' is already used by chopsticks-facts 0.1.0; "
+        "uninstall one of chopsticks-facts and chopsticks-other-facts")
     # The others are untouched.
     assert plugins["pkg"]["status"] == "ok"
     # And each broken one was reported as a warning on stderr.
-    for name in ("broken-import", "broken-hook", "dupe"):
+    for name in ("broken-import", "broken-hook", "dupe", "facts (chopsticks-other-facts)"):
         assert f"Warning: chopsticks plugin {name!r}" in result.stderr
 
 
@@ -250,7 +266,8 @@ def test_allow_list_loads_only_the_named_plugins(venv):
                  env={"CHOPSTICKS_PLUGINS": "chopsticks-pkg,broken-hook"}, check=0)
     status = {p["name"]: p["status"] for p in json.loads(result.stdout)}
     assert status == {"chopsticks": "ok", "pkg": "ok", "broken-hook": "error", "facts": "disabled",
-                      "broken-import": "disabled", "dupe": "disabled", "hello": "disabled"}
+                      "broken-import": "disabled", "dupe": "disabled", "hello": "disabled",
+                      "facts (chopsticks-other-facts)": "disabled"}
     message = next(p["message"] for p in json.loads(result.stdout) if p["name"] == "facts")
     assert message == "not named in CHOPSTICKS_PLUGINS=chopsticks-pkg,broken-hook"
 
