@@ -42,75 +42,107 @@ class Channel(object):
 
     def __init__(self, fd):
         self.fd = fd
-        self.lock = threading.Lock()
+        self.writer = wire.CombiningWriter(self._write_parts)
+        self.lock = self.writer.cond  # held while nothing else may be written
+
+    def _write_parts(self, parts):
+        wire.write_all(self.fd, parts)
 
     def send(self, rid, op, payload=b''):
-        data = wire.frame(rid, op, payload)
-        with self.lock:
-            self._write_all([data])
+        self.writer.write([wire.frame(rid, op, payload)])
 
     def send_value(self, rid, op, value):
         parts = codec.encode_parts(value)
         if len(parts) == 1 and len(parts[0]) < 65536:
-            self.send(rid, op, bytes(parts[0]))
+            self.writer.write([wire.frame(rid, op, bytes(parts[0]))])
         else:
-            with self.lock:
-                self._write_all(wire.frame_parts(rid, op, parts))
-
-    def _write_all(self, parts):
-        views = [memoryview(p).cast('B') for p in parts]
-        while views:
-            n = os.writev(self.fd, views[:512])
-            while n:
-                first = views[0]
-                if n >= len(first):
-                    n -= len(first)
-                    views.pop(0)
-                else:
-                    views[0] = first[n:]
-                    n = 0
+            self.writer.write(wire.frame_parts(rid, op, parts))
 
 
 # --- the worker pool ----------------------------------------------------------
 
 class Workers(object):
-    """Threads that run calls, spawned when none is idle, retired when idle.
+    """Threads that run calls.
+
+    A call may block for as long as it likes (sleep, wait for a lock another
+    call holds, import from the controller), so a queued call must never wait
+    behind blocked ones forever.  But a thread per call makes a burst of tiny
+    calls slow.  So: up to EAGER threads start as soon as calls are waiting;
+    beyond that a watchdog adds a thread whenever the queue has not moved for
+    STALL seconds, and idle threads retire after a while.
 
     Invariant: ``spare`` is the number of waiting workers minus the number of
-    queued jobs, so a job is queued only when a waiting worker will take it.
+    queued jobs.
     """
+
+    EAGER = 8
+    STALL = 0.02
 
     def __init__(self):
         self.cond = threading.Condition(threading.Lock())
         self.jobs = collections.deque()
         self.spare = 0
+        self.threads = 0
+        self.taken = 0  # jobs taken off the queue so far, for the watchdog
+        self.watchdog = None
 
     def submit(self, job, *args):
         with self.cond:
+            self.jobs.append((job, args))
             if self.spare > 0:
                 self.spare -= 1
-                self.jobs.append((job, args))
                 self.cond.notify()
                 return
-        t = threading.Thread(target=self._run, args=(job, args), name='chopsticks-worker')
+            if self.threads >= self.EAGER:
+                self._ensure_watchdog()
+                return
+            self.spare -= 1  # the new thread takes a queued job
+            self.threads += 1
+        self._start_thread()
+
+    def _start_thread(self):
+        t = threading.Thread(target=self._run, name='chopsticks-worker')
         t.daemon = True
         t.start()
 
-    def _run(self, job, args):
+    def _ensure_watchdog(self):
+        if self.watchdog is None:
+            self.watchdog = threading.Thread(target=self._watch, name='chopsticks-watchdog')
+            self.watchdog.daemon = True
+            self.watchdog.start()
+
+    def _watch(self):
+        import time
         while True:
-            try:
-                job(*args)
-            except BaseException:
-                traceback.print_exc()
-            job = None
-            args = None
+            with self.cond:
+                taken = self.taken
+            time.sleep(self.STALL)
+            with self.cond:
+                if self.jobs and self.taken == taken and self.spare <= 0:
+                    self.spare -= 1
+                    self.threads += 1
+                    start = True
+                else:
+                    start = False
+            if start:
+                self._start_thread()
+
+    def _run(self):
+        while True:
             with self.cond:
                 self.spare += 1
                 while not self.jobs:
                     if not self.cond.wait(WORKER_IDLE_EXIT) and not self.jobs:
                         self.spare -= 1
+                        self.threads -= 1
                         return
                 job, args = self.jobs.popleft()
+                self.taken += 1
+            try:
+                job(*args)
+            except BaseException:
+                traceback.print_exc()
+            job = args = None
 
 
 # --- functions shipped as source ----------------------------------------------

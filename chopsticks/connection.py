@@ -67,15 +67,29 @@ class ProcessTransport(object):
         os.set_blocking(self.stdout.fileno(), False)
         os.set_blocking(self.stderr.fileno(), False)
         broker = get_broker()
-        broker.register(self.stdout, lambda: self._pump(self.stdout, conn.feed, conn.eof))
+        broker.register(self.stdout, lambda: self._pump(self.stdout, conn.feed, lambda: self._eof(conn)))
         broker.register(self.stderr, lambda: self._pump(self.stderr, conn.feed_stderr, None))
+
+    def _eof(self, conn):
+        # The process's last stderr lines say why it ended ("Connection refused"):
+        # read them now, before the connection closes the pipe.  (stdout's EOF
+        # and stderr's data often arrive in one select(), stdout's first.)
+        while True:
+            try:
+                data = os.read(self.stderr.fileno(), 1 << 16)
+            except (OSError, ValueError):
+                break
+            if not data:
+                break
+            conn.feed_stderr(data)
+        conn.eof()
 
     def _pump(self, pipe, sink, on_eof):
         try:
             data = os.read(pipe.fileno(), 1 << 20)
         except BlockingIOError:
             return
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed meanwhile, by the stdout side
             data = b''
         if data:
             sink(data)
@@ -85,7 +99,8 @@ class ProcessTransport(object):
             on_eof()
 
     def write(self, parts):
-        views = [memoryview(p).cast('B') for p in parts]
+        # Empty parts (a frame without payload) would make writev return 0 forever.
+        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
         fd = self.stdin
         while views:
             n = os.writev(fd, views[:512])
