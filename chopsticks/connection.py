@@ -126,7 +126,9 @@ class ProcessTransport(object):
             except OSError:
                 pass
         # The agent exits when its stdin closes; make sure, without waiting long.
-        if proc.poll() is None:
+        # (Not at interpreter exit: a thread started then never runs, and
+        # Thread.start() would wait for it forever.)
+        if proc.poll() is None and not sys.is_finalizing():
             threading.Thread(target=_reap, args=(proc,), daemon=True).start()
 
     def pid(self):
