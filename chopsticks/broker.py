@@ -18,6 +18,7 @@ class Broker(object):
         self.lock = threading.Lock()
         self.thread = None
         self.pid = None
+        self.flushes = []  # callables to run on the broker thread soon
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -36,11 +37,27 @@ class Broker(object):
             except (KeyError, ValueError):
                 pass
 
+    def request_flush(self, flush):
+        """Run ``flush()`` on the broker thread as soon as it can."""
+        with self.lock:
+            self.flushes.append(flush)
+            self._ensure_thread()
+        self._wake()
+
     def _wake(self):
         try:
             os.write(self._wake_w, b'.')
         except BlockingIOError:
             pass
+
+    def _run_flushes(self):
+        with self.lock:
+            flushes, self.flushes = self.flushes, []
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:
+                log.exception('chopsticks broker flush failed')
 
     def _ensure_thread(self):
         # After a fork the child has the selector but not the thread.
@@ -59,6 +76,7 @@ class Broker(object):
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    self._run_flushes()
                     continue
                 try:
                     callback()

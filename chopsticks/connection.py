@@ -6,6 +6,7 @@ on the broker thread, pairing replies with pending requests by id.  Nothing
 the remote sends is unpickled or evaluated: replies go through the safe
 codec, and any malformed frame closes the connection with a ProtocolError.
 """
+import atexit
 import collections
 import concurrent.futures
 import itertools
@@ -29,6 +30,8 @@ STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
 ITER_CREDIT_BATCH = 32      # generator items acknowledged at a time
 STREAM_WINDOW = 8 << 20     # input-stream bytes in flight before the sender waits
 STREAM_CHUNK = 1 << 20      # the largest DATA frame we send
+CORK_MAX = 64 * 1024        # frames up to this size may wait to be sent together
+RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines are dropped
 
 _import_pool = None
 _import_pool_lock = threading.Lock()
@@ -41,6 +44,105 @@ def import_pool():
             _import_pool = concurrent.futures.ThreadPoolExecutor(
                 4, thread_name_prefix='chopsticks-imports')
     return _import_pool
+
+
+class OutputRelay(object):
+    """Shows remote output (stderr lines, log records) from a thread of its own.
+
+    The broker thread reads every tunnel: if it wrote to ``sys.stderr`` or ran
+    logging handlers itself, a slow or blocked stderr (a full pipe, a paused
+    terminal) would stall every tunnel.  Output waits here instead, at most
+    RELAY_BUFFER bytes of it; past that, lines are dropped and a note says
+    how many.
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.Lock())
+        self.queue = collections.deque()  # (text, None) or (logger, record)
+        self.queued = 0
+        self.dropped = {}  # host -> lines dropped since the last note
+        self.busy = False
+        self.thread = None
+
+    def has_room(self):
+        return self.queued < RELAY_BUFFER
+
+    def text(self, host, text, lines):
+        self._put(host, len(text), lines, (text, None))
+
+    def log(self, host, logger, record):
+        self._put(host, len(str(record.msg)) + 256, 1, (logger, record))
+
+    def drop(self, host, lines):
+        with self.cond:
+            self.dropped[host] = self.dropped.get(host, 0) + lines
+
+    def _put(self, host, cost, lines, item):
+        with self.cond:
+            if self.queued and self.queued + cost > RELAY_BUFFER:
+                self.dropped[host] = self.dropped.get(host, 0) + lines
+                return
+            self.queue.append(item)
+            self.queued += cost
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name='chopsticks-output',
+                                               daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def drain(self, timeout):
+        """Wait until everything queued so far was shown (at exit, say)."""
+        with self.cond:
+            self.cond.wait_for(lambda: not (self.queue or self.dropped or self.busy), timeout)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not (self.queue or self.dropped):
+                    self.busy = False
+                    self.cond.notify_all()
+                    self.cond.wait()
+                self.busy = True
+                items = list(self.queue)
+                self.queue.clear()
+                self.queued = 0
+                dropped, self.dropped = self.dropped, {}
+            texts = []
+            for first, record in items:
+                if record is None:
+                    texts.append(first)
+                    continue
+                self._write(texts)
+                try:
+                    first.handle(record)
+                except Exception:
+                    pass
+            texts.extend('[%s] chopsticks: %d lines of output dropped: this process\'s stderr '
+                         'is not keeping up\n' % (host, n) for host, n in dropped.items())
+            self._write(texts)
+
+    @staticmethod
+    def _write(texts):
+        if texts:
+            try:
+                sys.stderr.write(''.join(texts))
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            del texts[:]
+
+
+_relay = None
+_relay_lock = threading.Lock()
+
+
+def output_relay():
+    global _relay
+    with _relay_lock:
+        if _relay is None:
+            _relay = OutputRelay()
+            atexit.register(_relay.drain, 1.0)
+    return _relay
 
 
 # --- transports ----------------------------------------------------------------------
@@ -253,6 +355,7 @@ class Connection(object):
         self.pending = {}
         self.ids = itertools.count(1)
         self.write_lock = threading.Lock()
+        self.outbox = []  # corked frames, sent by the broker thread (see send_parts)
         self.modules = ModuleServer()
         self.hello = threading.Event()
         self.remote = None  # the agent's HELLO: pid, python, version, platform, hostname
@@ -343,6 +446,15 @@ class Connection(object):
             return  # kept for the ConnectError message instead
         partial = self.stderr_partial
         partial += data
+        relay = output_relay()
+        if not relay.has_room():
+            # Our stderr is not keeping up: count the lines instead of decoding them.
+            relay.drop(self.host, partial.count(b'\n'))
+            del partial[:partial.rfind(b'\n') + 1]
+            if len(partial) > STDERR_LINE_MAX:
+                relay.drop(self.host, 1)
+                partial.clear()
+            return
         lines = partial.split(b'\n')
         partial[:] = lines.pop()
         if len(partial) > STDERR_LINE_MAX:
@@ -351,11 +463,7 @@ class Connection(object):
         if lines:
             prefix = '[%s] ' % self.host
             text = ''.join(prefix + line.decode('utf-8', 'replace') + '\n' for line in lines)
-            try:
-                sys.stderr.write(text)
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+            relay.text(self.host, text, len(lines))
 
     def _flush_stderr_line(self):
         if self.connected and self.stderr_partial:
@@ -383,7 +491,7 @@ class Connection(object):
         fields['host'] = self.host
         logger = logging.getLogger(fields['name'])
         if logger.isEnabledFor(levelno):
-            logger.handle(logging.makeLogRecord(fields))
+            output_relay().log(self.host, logger, logging.makeLogRecord(fields))
 
     def remote_exception(self, payload):
         info = codec.decode(payload)
@@ -394,13 +502,31 @@ class Connection(object):
 
     # --- outgoing (callers' threads)
     def send(self, rid, op, payload):
-        self.send_parts(rid, op, [payload])
+        if len(payload) <= CORK_MAX:
+            self._send_frame([wire.frame(rid, op, payload)], len(payload))
+        else:
+            self.send_parts(rid, op, [payload])
 
     def send_parts(self, rid, op, parts):
         frame = wire.frame_parts(rid, op, parts)
+        self._send_frame(frame, sum(len(p) for p in frame))
+
+    def _send_frame(self, frame, size):
         with self.write_lock:
             if self.closed:
                 raise self._closed_error()
+            # Corking: while other requests are in flight, small frames wait
+            # for the broker thread, which sends all that queued up in one
+            # write.  An idle tunnel writes at once, for the lowest latency.
+            if size <= CORK_MAX and len(self.pending) > 1:
+                outbox = self.outbox
+                outbox.extend(frame)
+                if len(outbox) == len(frame):
+                    get_broker().request_flush(self.flush)
+                return
+            if self.outbox:
+                frame = self.outbox + frame
+                self.outbox = []
             try:
                 self.transport.write(frame)
             except (OSError, ValueError) as e:
@@ -409,6 +535,19 @@ class Connection(object):
                 return
         self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
         raise self._closed_error()
+
+    def flush(self):
+        """Send the corked frames (on the broker thread)."""
+        with self.write_lock:
+            batch, self.outbox = self.outbox, []
+            if not batch or self.closed:
+                return
+            try:
+                self.transport.write(batch)
+                return
+            except (OSError, ValueError) as e:
+                write_error = e
+        self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
 
     def _closed_error(self):
         exc = self.error
@@ -433,7 +572,7 @@ class Connection(object):
         return rid
 
     def call_async(self, fn, args, kwargs):
-        handler = CallHandler(self, describe(fn))
+        handler = CallHandler(self, fn)  # described only if an error needs it
         self.request(wire.CALL, handler, fn, args, kwargs)
         return handler.future
 

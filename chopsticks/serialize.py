@@ -93,7 +93,34 @@ class CallPickler(pickle.Pickler):
         return used
 
 
+# Values that cannot hide a function or class: the C pickler alone is right for them.
+_PLAIN_TYPES = frozenset([type(None), bool, int, float, complex, str, bytes, bytearray])
+_importable_cache = {}
+
+
+def _plain(args, kwargs):
+    for value in args:
+        if type(value) not in _PLAIN_TYPES:
+            return False
+    for value in kwargs.values():
+        if type(value) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
 def dumps_call(fn, args, kwargs, remote_version=None):
+    """Pickle a call; functions without an import path travel as source."""
+    if _plain(args, kwargs):
+        try:
+            by_reference = _importable_cache[fn]
+        except (KeyError, TypeError):
+            by_reference = importable(fn) and type(fn) is not type
+            try:
+                _importable_cache[fn] = by_reference
+            except TypeError:
+                pass  # unhashable callable: just don't cache
+        if by_reference:
+            return pickle.dumps((fn, args, kwargs), PROTOCOL)
     buf = io.BytesIO()
     CallPickler(buf, remote_version).dump((fn, args, kwargs))
     return buf.getvalue()
