@@ -16,4 +16,22 @@ __all__ = [
     'Tunnel', 'SSHTunnel', 'Local', 'Sudo', 'Docker', 'SubprocessTunnel', 'BaseTunnel',
     'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed', 'CallTimeout',
     'ProtocolError', 'DepthLimitExceeded', 'hookimpl',
+    'Group', 'GroupResult', 'ErrorResult', 'Queue', 'AsyncResult',
 ]
+
+# Imported on first use: ``import chopsticks`` (which remotes do too, for
+# chopsticks.files) stays light.
+_LAZY = {
+    'Group': 'group', 'GroupResult': 'group', 'ErrorResult': 'group',
+    'Queue': 'queue', 'AsyncResult': 'queue',
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError('module %r has no attribute %r' % (__name__, name))
+    import importlib
+    value = getattr(importlib.import_module('.' + module, __name__), name)
+    globals()[name] = value
+    return value
