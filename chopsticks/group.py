@@ -34,8 +34,6 @@ How the work is spread (the dispatcher below, shared with
   runs longer than half a second shows a progress bar; ``progress=False``
   turns it off.
 """
-from __future__ import annotations
-
 import asyncio
 import collections
 import concurrent.futures
@@ -83,6 +81,8 @@ HANDSHAKE_DROPPED = (
 _GROUP_TIMEOUT = object()   # "the group's own timeout"
 
 Tunnel = Any  # a chopsticks.tunnel.BaseTunnel, or anything with the same interface
+
+# This module runs on Python 3.6 too (a relay host may fan out from there).
 
 
 # --- results --------------------------------------------------------------------------
@@ -377,7 +377,7 @@ class _Dispatcher(object):
     # --- driving
     def run(self) -> None:
         """Run until every job has settled."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
+        events = queue.Queue()
         self._begin(events.put)
         try:
             while True:
@@ -478,7 +478,7 @@ class _Dispatcher(object):
             self._connect_wait.clear()
             self._busy = self._connecting = self._unsettled = 0
             if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown(wait=False)
 
     def _raise_callback_errors(self):
         errors, self._callback_errors = self._callback_errors, []
