@@ -520,7 +520,9 @@ class Connection(object):
             # write.  An idle tunnel writes at once, for the lowest latency.
             if size <= CORK_MAX and len(self.pending) > 1:
                 outbox = self.outbox
-                outbox.extend(frame)
+                # The caller may reuse its buffer once we return (call_stream
+                # chunks do): keep a copy of anything that is not immutable bytes.
+                outbox.extend(p if type(p) is bytes else bytes(p) for p in frame)
                 if len(outbox) == len(frame):
                     get_broker().request_flush(self.flush)
                 return
