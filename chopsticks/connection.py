@@ -19,7 +19,7 @@ import threading
 from . import bootstrap, codec, wire
 from .broker import get_broker
 from .errors import ConnectError, ProtocolError, RemoteException, TunnelClosed, CallTimeout
-from .modserver import ModuleServer
+from .modserver import server_for_this_process
 from .serialize import dumps_call, describe
 
 log = logging.getLogger('chopsticks')
@@ -356,7 +356,7 @@ class Connection(object):
         self.ids = itertools.count(1)
         self.write_lock = threading.Lock()
         self.outbox = []  # corked frames, sent by the broker thread (see send_parts)
-        self.modules = ModuleServer()
+        self.modules = server_for_this_process()
         self.hello = threading.Event()
         self.remote = None  # the agent's HELLO: pid, python, version, platform, hostname
         self.closed = False
@@ -559,8 +559,7 @@ class Connection(object):
 
     def request(self, op, handler, fn, args, kwargs):
         """Send a call and register its handler; returns the request id."""
-        payload = dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
-        return self.request_payload(op, handler, payload)
+        return self.request_payload(op, handler, self.pickle_call(fn, args, kwargs))
 
     def request_payload(self, op, handler, payload):
         """Send an already pickled call (``dumps_call``) and register its handler."""
@@ -596,10 +595,16 @@ class Connection(object):
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
 
+    def pickle_call(self, fn, args, kwargs):
+        return dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+
     def call_iter(self, fn, args, kwargs, timeout=None):
-        what = describe(fn)
+        return self.call_iter_payload(self.pickle_call(fn, args, kwargs), describe(fn), timeout)
+
+    def call_iter_payload(self, payload, what, timeout=None):
+        """Iterate over the items of a remote generator call pickled by ``dumps_call``."""
         handler = IterHandler(self, what)
-        rid = self.request(wire.CALL_ITER, handler, fn, args, kwargs)
+        rid = self.request_payload(wire.CALL_ITER, handler, payload)
         consumed = 0
         finished = False
         try:
@@ -625,9 +630,12 @@ class Connection(object):
 
     def call_stream(self, fn, chunks, args, kwargs, timeout=None):
         """Call ``fn(stream, *args, **kwargs)`` remotely, feeding ``chunks`` to ``stream``."""
-        what = describe(fn)
+        return self.call_stream_payload(self.pickle_call(fn, args, kwargs), chunks,
+                                        describe(fn), timeout)
+
+    def call_stream_payload(self, payload, chunks, what, timeout=None):
         handler = StreamHandler(self, what)
-        rid = self.request(wire.CALL_STREAM, handler, fn, args, kwargs)
+        rid = self.request_payload(wire.CALL_STREAM, handler, payload)
         error = None
         try:
             for chunk in chunks:

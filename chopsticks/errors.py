@@ -41,6 +41,7 @@ class ConnectError(ChopsticksError, ConnectionError):
 
     def __init__(self, host, msg, stderr=''):
         self.host = host
+        self.reason = msg
         self.stderr = stderr
         text = '[%s] could not connect: %s' % (host, msg)
         if stderr.strip():

@@ -260,6 +260,8 @@ class ModuleServer(object):
                 raise Refused('bad request')
             if kind == 'module':
                 reply = self.serve_module(arg)
+            elif kind == 'closure':
+                reply = self.serve_module(arg, resend=True)
             elif kind == 'data':
                 reply = {'data': self.serve_data(arg)}
             else:
@@ -272,7 +274,9 @@ class ModuleServer(object):
             reply = {'error': '%s: %s' % (type(e).__name__, e)}
         return zlib.compress(codec.encode(reply), 6)
 
-    def serve_module(self, fullname):
+    def serve_module(self, fullname, resend=False):
+        """The module and its import closure, leaving out what this remote
+        already has (unless ``resend``: a relay asking on behalf of others)."""
         modules = {}
         errors = {}
         with self.lock:
@@ -294,7 +298,7 @@ class ModuleServer(object):
                     continue
                 if info is None:
                     continue
-                if name not in self.sent:
+                if resend or name not in self.sent:
                     if total > CLOSURE_BYTES and name != root.name:
                         continue
                     modules[name] = info.entry()
@@ -325,3 +329,49 @@ class ModuleServer(object):
                 with open(real, 'rb') as f:
                     return f.read()
         raise Refused('%s is not inside a package served to this host' % path)
+
+
+class ForwardingModuleServer(object):
+    """On a relay host: serves the hosts behind it by asking the controller.
+
+    Replies are cached here, so a module goes over the controller's link once
+    however many hosts behind the relay import it.
+    """
+
+    cache = {}  # query -> decoded reply, shared by every connection of this relay
+    cache_lock = threading.Lock()
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.sent = set()
+
+    def handle(self, query):
+        try:
+            kind, arg = query
+        except (TypeError, ValueError):
+            return zlib.compress(codec.encode({'error': 'malformed import request'}))
+        upstream = ('closure', arg) if kind == 'module' else (kind, arg)
+        with self.cache_lock:
+            reply = self.cache.get(upstream)
+        if reply is None:
+            try:
+                reply = self.agent.request(upstream)
+            except ImportError as e:
+                reply = {'error': str(e)}
+            if kind in ('module', 'data') and 'error' not in reply:
+                with self.cache_lock:
+                    self.cache[upstream] = reply
+        if kind == 'module' and 'modules' in reply:
+            modules = {name: entry for name, entry in reply['modules'].items()
+                       if name not in self.sent or name == arg}
+            self.sent.update(modules)
+            reply = dict(reply, modules=modules)
+        return zlib.compress(codec.encode(reply), 6)
+
+
+def server_for_this_process():
+    """The import server for a new connection: a relay forwards to its controller."""
+    agent = getattr(sys.modules.get('_chopsticks_agent'), 'agent', None)
+    if agent is not None:
+        return ForwardingModuleServer(agent)
+    return ModuleServer()

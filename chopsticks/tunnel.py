@@ -11,7 +11,7 @@ import threading
 
 from . import bootstrap
 from .connection import Connection, ProcessTransport
-from .errors import CallTimeout
+from .errors import CallTimeout, DepthLimitExceeded
 from .serialize import describe
 
 __all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
@@ -26,15 +26,28 @@ class BaseTunnel(object):
     calls, streaming, reconnection, lives here.
     """
 
-    def __init__(self, host, python=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT):
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        # How to build this tunnel again on a relay host (see relay_spec).
+        self._spec = (cls, args, {k: v for k, v in kwargs.items() if k != 'via'})
+        return self
+
+    def __init__(self, host, python=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None):
         self.host = host
         self.python = python
         self.connect_timeout = connect_timeout
+        self.via = via
         self._conn = None
         self._lock = threading.Lock()
 
     def __repr__(self):
+        if self.via is not None:
+            return '%s(%r, via=%r)' % (type(self).__name__, self.host, self.via)
         return '%s(%r)' % (type(self).__name__, self.host)
+
+    def relay_spec(self):
+        """(class, args, kwargs) that rebuild this tunnel on a relay host."""
+        return self._spec
 
     # --- subclass interface
     def transport(self):
@@ -43,7 +56,13 @@ class BaseTunnel(object):
 
     def settings(self):
         """Settings sent to the agent as it starts."""
-        return {'host': self.host}
+        from .relay import current_depth, max_depth
+        depth = current_depth() + 1
+        if depth > max_depth():
+            raise DepthLimitExceeded(
+                '[%s] cannot open a tunnel %d hops from the controller (the limit is %d)'
+                % (self.host, depth, max_depth()))
+        return {'host': self.host, 'depth': depth, 'max_depth': max_depth()}
 
     # --- connection
     def connect(self):
@@ -58,7 +77,11 @@ class BaseTunnel(object):
         with self._lock:
             conn = self._conn
             if conn is None or conn.closed:
-                conn = Connection(self.host, self.transport(), self.settings())
+                if self.via is not None:
+                    from .relay import RelayConnection
+                    conn = RelayConnection(self, self.via)
+                else:
+                    conn = Connection(self.host, self.transport(), self.settings())
                 conn.start(self.connect_timeout)
                 self._conn = conn
             return conn
@@ -259,7 +282,7 @@ class SSHTunnel(SubprocessTunnel):
 
     def __init__(self, host, user=None, port=None, transport='openssh', python=None,
                  ssh_config=None, control_master=False,
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, **options):
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None, **options):
         from .ssh import SSHSettings
         self.transport_type = transport
         self.ssh_settings = SSHSettings(host, user, port, ssh_config, options,
@@ -267,7 +290,7 @@ class SSHTunnel(SubprocessTunnel):
         name = self.ssh_settings.host
         if user and '@' not in name:
             name = '%s@%s' % (user, name)
-        super().__init__(name, python=python, connect_timeout=connect_timeout)
+        super().__init__(name, python=python, connect_timeout=connect_timeout, via=via)
 
     def cmd_args(self):
         return self.ssh_settings.openssh_argv()

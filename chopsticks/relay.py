@@ -1,0 +1,200 @@
+"""Tunnels through tunnels.
+
+``Tunnel('web1', via=bastion)`` builds the tunnel on the host ``bastion``:
+bastion's agent opens (with its own ssh_config and keys) the connection to
+``web1``, and calls to ``web1`` travel controller -> bastion -> web1 as
+pre-pickled payloads that bastion forwards without unpickling.  Replies are
+decoded and re-encoded on the relay with the same safe codec.  Imports for
+``web1`` are served by bastion, which forwards them to the controller and
+caches them, so a hundred hosts behind one relay cost the controller one
+connection and one copy of each module.
+
+A depth limit stops tunnels opened by tunnels from nesting without bound.
+
+This module runs on both sides: the controller uses ``RelayConnection``; the
+relay host runs the ``relay_*`` functions (served to it by the import hook),
+which is why everything else is imported lazily.
+"""
+import concurrent.futures
+import threading
+import uuid
+
+DEFAULT_MAX_DEPTH = 3
+
+
+# --- on the relay host ----------------------------------------------------------
+
+_tunnels = {}
+_tunnels_lock = threading.Lock()
+
+
+def _relayed_tunnel(key, spec):
+    with _tunnels_lock:
+        tunnel = _tunnels.get(key)
+        if tunnel is None:
+            cls, args, kwargs = spec
+            tunnel = _tunnels[key] = cls(*args, **kwargs)
+    return tunnel
+
+
+def _failure(exc):
+    """An exception as a codec-friendly value, to re-raise on the controller."""
+    from .errors import ConnectError, RemoteException
+    if isinstance(exc, RemoteException):
+        return ('remote', exc.host, exc.type_name, exc.msg, exc.remote_traceback)
+    if isinstance(exc, ConnectError):
+        return ('connect', exc.reason, exc.stderr)
+    return ('error', type(exc).__name__, str(exc))
+
+
+def relay_connect(key, spec):
+    try:
+        return ('ok', dict(_relayed_tunnel(key, spec).remote_info))
+    except Exception as e:
+        return _failure(e)
+
+
+def relay_call(key, spec, payload, what, timeout):
+    try:
+        conn = _relayed_tunnel(key, spec)._connection()
+        return ('ok', conn.wait(conn.call_async_payload(payload, what), timeout, what))
+    except Exception as e:
+        return _failure(e)
+
+
+def relay_iter(key, spec, payload, what, timeout):
+    try:
+        conn = _relayed_tunnel(key, spec)._connection()
+        for item in conn.call_iter_payload(payload, what, timeout):
+            yield ('ok', item)
+    except Exception as e:
+        yield _failure(e)
+
+
+def relay_stream(stream, key, spec, payload, what, timeout):
+    try:
+        conn = _relayed_tunnel(key, spec)._connection()
+        return ('ok', conn.call_stream_payload(payload, stream, what, timeout))
+    except Exception as e:
+        return _failure(e)
+
+
+def relay_close(key):
+    with _tunnels_lock:
+        tunnel = _tunnels.pop(key, None)
+    if tunnel is not None:
+        tunnel.close()
+
+
+def current_depth():
+    """How many hops from the controller this process is (0 on the controller)."""
+    import sys
+    agent_module = sys.modules.get('_chopsticks_agent')
+    agent = getattr(agent_module, 'agent', None)
+    if agent is None:
+        return 0
+    return agent.config.get('depth', 1)
+
+
+def max_depth():
+    import sys
+    agent = getattr(sys.modules.get('_chopsticks_agent'), 'agent', None)
+    if agent is None:
+        return DEFAULT_MAX_DEPTH
+    return agent.config.get('max_depth', DEFAULT_MAX_DEPTH)
+
+
+# --- on the controller -------------------------------------------------------------
+
+class RelayConnection(object):
+    """Stands in for a Connection: every operation is a call on the relay tunnel."""
+
+    def __init__(self, tunnel, via):
+        self.tunnel = tunnel
+        self.via = via
+        self.host = tunnel.host
+        self.key = uuid.uuid4().hex
+        self.spec = tunnel.relay_spec()
+        self.remote = None
+        self.closed = False
+
+    def _unwrap(self, reply):
+        from . import errors
+        kind = reply[0]
+        if kind == 'ok':
+            return reply[1]
+        if kind == 'remote':
+            _, host, type_name, msg, tb = reply
+            raise errors.RemoteException(host, type_name, msg, tb)
+        if kind == 'connect':
+            _, reason, stderr = reply
+            raise errors.ConnectError(self.host, 'via %s: %s' % (self.via.host, reason), stderr)
+        _, name, msg = reply
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.ChopsticksError):
+            raise cls(msg)
+        raise errors.ChopsticksError('[%s] via %s: %s: %s' % (self.host, self.via.host, name, msg))
+
+    def start(self, timeout):
+        self.remote = self._unwrap(self.via.call(relay_connect, self.key, self.spec,
+                                                 timeout=timeout))
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.via.connected:
+            try:
+                self.via.call_async(relay_close, self.key)
+            except Exception:
+                pass
+
+    def pickle_call(self, fn, args, kwargs):
+        from .serialize import dumps_call
+        return dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+
+    def call_async_payload(self, payload, what, timeout=None):
+        outer = concurrent.futures.Future()
+        inner = self.via.call_async(relay_call, self.key, self.spec, payload, str(what), timeout)
+
+        def settle(done):
+            try:
+                outer.set_result(self._unwrap(done.result()))
+            except BaseException as e:
+                outer.set_exception(e)
+        inner.add_done_callback(settle)
+        return outer
+
+    def call_async(self, fn, args, kwargs):
+        from .serialize import describe
+        return self.call_async_payload(self.pickle_call(fn, args, kwargs), describe(fn))
+
+    def wait(self, future, timeout, what):
+        from .errors import CallTimeout
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
+
+    def call(self, fn, args, kwargs, timeout=None):
+        from .serialize import describe
+        return self.wait(self.call_async_payload(self.pickle_call(fn, args, kwargs),
+                                                 describe(fn), timeout), timeout, describe(fn))
+
+    def call_iter_payload(self, payload, what, timeout=None):
+        for reply in self.via.call_iter(relay_iter, self.key, self.spec, payload, str(what),
+                                        timeout):
+            yield self._unwrap(reply)
+
+    def call_iter(self, fn, args, kwargs, timeout=None):
+        from .serialize import describe
+        return self.call_iter_payload(self.pickle_call(fn, args, kwargs), describe(fn), timeout)
+
+    def call_stream_payload(self, payload, chunks, what, timeout=None):
+        return self._unwrap(self.via.call_stream(relay_stream, chunks, self.key, self.spec,
+                                                 payload, str(what), timeout))
+
+    def call_stream(self, fn, chunks, args, kwargs, timeout=None):
+        from .serialize import describe
+        return self.call_stream_payload(self.pickle_call(fn, args, kwargs), chunks,
+                                        describe(fn), timeout)
