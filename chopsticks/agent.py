@@ -538,8 +538,10 @@ class Agent(object):
             if sem is not None:
                 sem.release()
         elif op == wire.CALL_STREAM:
-            self.streams[rid] = InputStream(self, rid)
-            self.workers.submit(self.run_stream, rid, payload)
+            # The worker gets the stream itself: by the time it runs, DATA_END
+            # may already have taken it out of self.streams.
+            stream = self.streams[rid] = InputStream(self, rid)
+            self.workers.submit(self.run_stream, rid, payload, stream)
         elif op == wire.DATA_END:
             stream = self.streams.pop(rid, None)
             if stream is not None:
@@ -568,8 +570,7 @@ class Agent(object):
         except BaseException as e:
             self.send_error(rid, e)
 
-    def run_stream(self, rid, payload):
-        stream = self.streams.get(rid)
+    def run_stream(self, rid, payload, stream):
         try:
             fn, args, kwargs = load_call(payload)
             result = fn(stream, *args, **kwargs)
