@@ -440,8 +440,8 @@ class _Dispatcher(object):
             self._progress = _Progress(self.what, self.show_progress)
 
     def _step(self) -> Optional[float]:
-        """Start what can start; None when all is done, else how long to wait
-        for an event (None-free: at most a minute, to notice stray states)."""
+        """Start what can start.  Returns None when every job has settled,
+        else how long to wait for the next event (until the next timer)."""
         with self.lock:
             self._fire_timers()
             self._pump()
@@ -513,8 +513,7 @@ class _Dispatcher(object):
             return
         lane.scheduled = False
         self._busy -= 1
-        if not lane.jobs:
-            del self._lanes[id(tunnel)]
+        del self._lanes[id(tunnel)]  # an idle tunnel costs the dispatcher nothing
 
     def _start(self, job: _Job):
         tunnel = job.lane.tunnel
@@ -642,6 +641,8 @@ class _Progress(object):
         self.task = None
         self.lock = threading.Lock()   # transfers report bytes from their own threads
         self.transfers: Dict[str, Tuple[int, int]] = {}
+        self.done = 0
+        self.failed = 0
 
     def starts_at(self) -> Optional[float]:
         return self.start_at if self.bar is None else None
@@ -655,31 +656,39 @@ class _Progress(object):
             with self.lock:
                 self.transfers[host] = (done, total)
                 if self.bar is not None:
-                    self.bar.update(self.task, moved=self._bytes())
+                    self.bar.update(self.task, completed=self._completed(), detail=self._detail())
         return report
 
-    def _bytes(self) -> str:
-        if not self.transfers:
-            return ''
-        from rich.filesize import decimal
-        done = sum(d for d, _ in self.transfers.values())
-        total = sum(t for _, t in self.transfers.values())
-        return '%s/%s' % (decimal(done), decimal(total))
+    def _completed(self) -> float:
+        # Hosts done, plus the fractions of the transfers under way: the bar moves.
+        return self.done + sum(d / t for d, t in self.transfers.values() if 0 < d < t)
+
+    def _detail(self) -> str:
+        parts = []
+        if self.transfers:
+            from rich.filesize import decimal
+            done = sum(d for d, _ in self.transfers.values())
+            total = sum(t for _, t in self.transfers.values())
+            parts.append('%s/%s' % (decimal(done), decimal(total)))
+        if self.failed:
+            parts.append('[red]%d failed[/]' % self.failed)
+        return '  '.join(parts)
 
     def update(self, done: int, total: int, failed: int):
         if self.start_at is None:
             return
         with self.lock:
+            self.done = done
+            self.failed = failed
             if self.bar is None:
                 if time.monotonic() < self.start_at or done >= total:
                     return
-                self._open()
+                self._open(total)
                 if self.bar is None:
                     return
-            self.bar.update(self.task, completed=done, total=total, moved=self._bytes(),
-                            failed='[red]%d failed' % failed if failed else '')
+            self.bar.update(self.task, completed=self._completed(), total=total, detail=self._detail())
 
-    def _open(self):
+    def _open(self, total: int):
         try:
             from rich.console import Console
             from rich.progress import (
@@ -687,9 +696,9 @@ class _Progress(object):
             )
             bar = Progress(
                 SpinnerColumn(), TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
-                TextColumn('hosts {task.fields[moved]} {task.fields[failed]}'), TimeElapsedColumn(),
+                TextColumn('hosts'), TextColumn('{task.fields[detail]}'), TimeElapsedColumn(),
                 console=Console(stderr=True), transient=True)
-            self.task = bar.add_task(self.what, moved='', failed='')
+            self.task = bar.add_task(self.what, total=total, detail='')
             bar.start()
         except Exception:  # no rich, or another live display is running
             self.start_at = None
