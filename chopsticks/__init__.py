@@ -7,7 +7,6 @@ from .errors import (
     CallTimeout, ChopsticksError, ConnectError, DepthLimitExceeded, ProtocolError,
     RemoteException, TunnelClosed,
 )
-from .hookspecs import hookimpl
 from .tunnel import BaseTunnel, Docker, Local, SSHTunnel, SubprocessTunnel, Sudo, Tunnel
 
 __version__ = '2.0.0.dev0'
@@ -24,6 +23,7 @@ __all__ = [
 _LAZY = {
     'Group': 'group', 'GroupResult': 'group', 'ErrorResult': 'group',
     'Queue': 'queue', 'AsyncResult': 'queue',
+    'hookimpl': 'hookspecs',  # pluggy: not something a remote (maybe Python 3.6) should import
 }
 
 
