@@ -3,7 +3,7 @@
 Each docstring below is the reference documentation of its hook: what the
 hook is for, when chopsticks calls it, what its arguments are, and what a
 plugin may rely on.  ``tests/test_plugins.py`` fails when a hook here is not
-documented in ``README.rst`` or ``docs/plugins.rst``, or has no test.
+documented in ``README.rst`` ("Hook reference"), or has no test.
 
 A plugin is a module (or any object) with functions decorated by
 :data:`hookimpl`, named by an entry point in the ``chopsticks`` group::

@@ -78,16 +78,15 @@ HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith("chopstic
 
 
 def _documented_hooks():
-    text = "".join(p.read_text() for p in (ROOT / "README.rst", ROOT / "docs" / "plugins.rst")
-                   if p.exists())
+    text = (ROOT / "README.rst").read_text()
     # A section heading: the hook's signature underlined.
-    return set(re.findall(r"^(chopsticks_\w+)\(.*\)\n[~\-=^]{3,}$", text, re.MULTILINE))
+    return set(re.findall(r"^(chopsticks_\w+)\(.*\)\n[~\-=^\x22]{3,}$", text, re.MULTILINE))
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)
 def test_hook_is_documented(hook):
     assert hook in _documented_hooks(), (
-        f"{hook} has no section in README.rst or docs/plugins.rst")
+        f"{hook} has no section in README.rst")
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)

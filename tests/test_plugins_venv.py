@@ -1,7 +1,7 @@
 """Real installs: the plugin distributions pip-installed into a fresh virtualenv.
 
 One virtualenv per session holds chopsticks, chopsticks-facts, chopsticks-pkg
-and the third-party plugin of docs/plugins.rst ("Writing a plugin"), built
+and the third-party plugin of README.rst ("Writing a plugin"), built
 from its text, so the documented example is what is tested.  Broken plugins
 (one that fails to import, one whose hook raises, one that registers a
 duplicate fact) are installed into a separate ``--target`` directory put on
@@ -29,7 +29,7 @@ if not os.environ.get("CI"):  # CI installs the plugins (.ci/run); elsewhere the
 import chopsticks_facts
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "plugins.rst"
+DOCS = ROOT / "README.rst"
 
 NEEDS_HOOKIMPL_EXPORT = pytest.mark.xfail(
     not hasattr(chopsticks, "hookimpl"), strict=True,
@@ -38,11 +38,11 @@ NEEDS_HOOKIMPL_EXPORT = pytest.mark.xfail(
 
 
 def documented_file(name):
-    """The code block that follows ``name``: in docs/plugins.rst."""
+    """The code block that follows ``name`` in README.rst ("Writing a plugin")."""
     text = DOCS.read_text()
     match = re.search(r"^``%s``:\n\n\.\. code:: \w+\n\n((?:    .*\n|\n)+)" % re.escape(name),
                       text, re.MULTILINE)
-    assert match, f"docs/plugins.rst has no code block for {name}"
+    assert match, f"README.rst has no code block for {name}"
     return textwrap.dedent(match.group(1)).strip() + "\n"
 
 
