@@ -304,7 +304,9 @@ class ModuleServer(object):
                     modules[name] = info.entry()
                     self.sent.add(name)
                     total += len(info.source)
-                    if info.package_dir is not None:
+                    # Any directory on sys.path imports as a namespace package:
+                    # only a regular package (one with __init__.py) opens its data files.
+                    if info.package_dir is not None and info.kind != 'namespace':
                         self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
                 queue.extend(n for n in info.imports if n not in seen)
         if fullname not in modules and fullname in self.sent:
