@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,10 +20,11 @@ import time
 
 from . import fixtures, report
 from .fixtures import log
-from .rows import COLUMNS, ROWS, tasks_for, ROW_BY_ID
+from .rows import COLUMNS, ROWS, ROW_BY_ID, label, tasks_for
 from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
+INTERLEAVED = ('files', 'wan', 'many_hosts')
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
 
 
@@ -117,6 +119,24 @@ def run_task(column, task, python, ctx_path, workdir, env, logdir):
     return cells
 
 
+def merge(old, new):
+    """Combine the cells of one column and row from several rounds."""
+    if not old or 'samples' not in old:
+        return new if new is not None else old
+    if not new or 'samples' not in new:
+        return old
+    merged = dict(old, samples=old['samples'] + new['samples'])
+    merged['median'] = statistics.median(merged['samples'])
+    extra = dict(old.get('extra') or {})
+    for key, value in (new.get('extra') or {}).items():
+        if isinstance(value, list) and isinstance(extra.get(key), list):
+            extra[key] = extra[key] + value
+        else:
+            extra[key] = value
+    merged['extra'] = extra
+    return merged
+
+
 def summary(cells):
     parts = []
     for row_id, cell in cells.items():
@@ -133,6 +153,7 @@ def main(argv=None):
     conf = settings(args)
     command = 'python -m bench ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.monotonic()
+    load_before = os.getloadavg()
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     logdir = os.path.join(fixtures.BENCH_DIR, 'results', 'logs-' + stamp)
     os.makedirs(logdir)
@@ -159,7 +180,7 @@ def main(argv=None):
             fixtures.make_random_file(file_path, conf['file_size'])
         tree_dir = os.path.join(workdir, 'tree')
         n_modules = fixtures.make_module_tree(tree_dir)
-        mem_cap = int(fixtures.mem_available() * 0.5 // (12 * MiB))
+        mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
         if conf['mem_tunnels'] > mem_cap:
             log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
             conf['mem_tunnels'] = mem_cap
@@ -181,52 +202,63 @@ def main(argv=None):
         results = {row_id: {} for row_id in args.rows}
         for task in tasks_for(args.rows):
             task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
-            for column in COLUMNS:
-                if column.id not in args.column_ids:
-                    continue
-                if column.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows):
-                    continue
-                if column.venv and peer_python is None:
-                    cells = {'__task__': {'na': peer_problem}}
-                else:
-                    ctx = dict(base_ctx, subject=column.id, options=column.options)
-                    ctx_path = os.path.join(workdir, 'ctx-%s.json' % column.id)
-                    with open(ctx_path, 'w') as f:
-                        json.dump(ctx, f)
-                    python = peer_python if column.venv else sys.executable
-                    cells = run_task(column, task, python, ctx_path, workdir, env, logdir)
-                whole_task = cells.pop('__task__', None)
-                for row_id in task_rows:
-                    cell = cells.get(row_id, whole_task)
-                    if cell and cell.get('na') == 'not measured for this column':
-                        cell = None
-                    results[row_id][column.id] = cell
+            columns = [c for c in COLUMNS if c.id in args.column_ids and not (
+                c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
+            # Long tasks run one sample per subprocess, the columns taking turns, so
+            # that a change in the machine's load mid-run hits every column alike.
+            rounds = conf['heavy_repeat'] if task in INTERLEAVED else 1
+            round_ctx = {}
+            if rounds > 1:
+                round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1,
+                             'repeat': -(-conf['repeat'] // rounds)}
+            for _ in range(rounds):
+                for column in columns:
+                    if column.venv and peer_python is None:
+                        cells = {'__task__': {'na': peer_problem}}
+                    else:
+                        ctx = dict(base_ctx, subject=column.id, options=column.options, **round_ctx)
+                        ctx_path = os.path.join(workdir, 'ctx-%s.json' % column.id)
+                        with open(ctx_path, 'w') as f:
+                            json.dump(ctx, f)
+                        python = peer_python if column.venv else sys.executable
+                        cells = run_task(column, task, python, ctx_path, workdir, env, logdir)
+                    whole_task = cells.pop('__task__', None)
+                    for row_id in task_rows:
+                        cell = cells.get(row_id, whole_task)
+                        if cell and cell.get('na') == 'not measured for this column':
+                            cell = None
+                        results[row_id][column.id] = merge(results[row_id].get(column.id), cell)
         elapsed = time.monotonic() - started
     finally:
         sshd.stop()
         subprocess.run(['rm', '-rf', workdir, control_dir])
 
+    load = 'load average %.1f at the start, %.1f at the end' % (load_before[0], os.getloadavg()[0])
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=fixtures.REPO,
+                            capture_output=True, text=True).stdout.strip() or '?'
     machine = '%s; %d cores; Python %s; %s' % (
         platform.platform(), os.cpu_count(), platform.python_version(), fixtures.ssh_version())
     versions = fixtures.peer_versions(peer_python) if peer_python else {}
     print()
-    print(report.table(results, n_hosts))
+    print(report.table(results, conf))
     print()
-    print('%s (%.0f s) on %s' % (command, elapsed, machine))
+    print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('medians of %d runs (%d for files, WAN and many hosts); ×: ratio to the floor '
-          '(best peer for pipelined/WAN import/one call to N hosts: execnet/best)' % (
-              conf['repeat'], conf['heavy_repeat']))
+    print('Medians of %d runs (%d for files, WAN and many hosts; those interleave the columns). '
+          '×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
+          'one call to many hosts to the best peer. Every column runs %s on the remote.' % (
+              conf['repeat'], conf['heavy_repeat'], base_ctx['remote_python']))
     print()
-    print(report.notes(results))
+    print(report.notes(results, conf))
     print('\nlogs: %s' % os.path.relpath(logdir))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({
                 'command': command, 'date': stamp, 'machine': machine, 'seconds': elapsed,
+                'commit': commit, 'load': load,
                 'settings': conf, 'peers': versions, 'modules_in_tree': n_modules,
-                'rows': {row_id: {'label': ROW_BY_ID[row_id].label, 'unit': ROW_BY_ID[row_id].unit,
+                'rows': {row_id: {'label': label(ROW_BY_ID[row_id], conf), 'unit': ROW_BY_ID[row_id].unit,
                                   'target': ROW_BY_ID[row_id].target_text, 'columns': cells}
                          for row_id, cells in results.items()},
             }, f, indent=1)

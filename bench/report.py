@@ -1,5 +1,5 @@
 """The table: medians, ratios to the floor or the best peer, and the targets."""
-from .rows import COLUMNS, OURS, ROW_BY_ID
+from .rows import COLUMNS, OURS, ROW_BY_ID, label
 
 
 def fmt(value, unit):
@@ -93,14 +93,13 @@ def _median(values):
     return statistics.median(values)
 
 
-def table(results, n_hosts):
+def table(results, settings):
     """A markdown table (readable in a terminal too)."""
     titles = [c.title for c in COLUMNS]
     head = ['metric'] + titles + ['target', 'met (openssh / paramiko)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row_id, cells in results.items():
         row = ROW_BY_ID[row_id]
-        label = row.label.replace('N ', '%d ' % n_hosts)
         cols = [cell_text(row, cells, c.id) for c in COLUMNS]
         met = []
         for column_id in OURS:
@@ -108,22 +107,26 @@ def table(results, n_hosts):
             met.append({True: 'yes', False: 'no', None: '—'}[ok])
         if row.transport_free:
             met = met[:1]
-        lines.append('| ' + ' | '.join([label] + cols + [row.target_text or '—', ' / '.join(met)])
+        lines.append('| ' + ' | '.join([label(row, settings)] + cols + [row.target_text or '—', ' / '.join(met)])
                      + ' |')
     return '\n'.join(lines)
 
 
-def notes(results):
-    """n/a reasons, errors and per-cell notes, one line each."""
+def notes(results, settings):
+    """One line per row: how each column measured it, n/a reasons and errors."""
     titles = {c.id: c.title for c in COLUMNS}
     out = []
     for row_id, cells in results.items():
+        parts = []
         for column_id, cell in cells.items():
             if not cell:
                 continue
-            what = cell.get('na') or cell.get('error') or cell.get('note')
-            if what:
-                kind = 'n/a' if 'na' in cell else 'error' if 'error' in cell else 'note'
-                out.append('- %s / %s: %s: %s' % (ROW_BY_ID[row_id].label, titles[column_id],
-                                                 kind, what))
+            if 'na' in cell:
+                parts.append('%s n/a: %s' % (titles[column_id], cell['na']))
+            elif 'error' in cell:
+                parts.append('%s ERROR: %s' % (titles[column_id], cell['error']))
+            elif cell.get('note'):
+                parts.append('%s: %s' % (titles[column_id], cell['note']))
+        if parts:
+            out.append('- %s: %s' % (label(ROW_BY_ID[row_id], settings), '; '.join(parts)))
     return '\n'.join(out)

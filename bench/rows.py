@@ -59,26 +59,32 @@ ROWS = (
         targets=(('abs', 40000), ('execnet', 1.0)), target_text='>= 40,000/s and > execnet'),
     Row('echo_4mib', '4 MiB bytes echoed (both ways counted)', 'MB/s', 'echo_4mib',
         higher_is_better=True, targets=(('floor', 0.75),), target_text='>= 0.75x floor'),
-    Row('put', 'put 256 MiB', 'MB/s', 'files',
+    Row('put', 'put {file_mib} MiB', 'MB/s', 'files',
         higher_is_better=True, targets=(('floor', 0.9),), target_text='>= 0.9x ssh cat'),
-    Row('fetch', 'fetch 256 MiB', 'MB/s', 'files',
+    Row('fetch', 'fetch {file_mib} MiB', 'MB/s', 'files',
         higher_is_better=True, targets=(('floor', 0.9),), target_text='>= 0.9x ssh cat'),
     Row('wan_import', 'import ~200 modules the host lacks, WAN', 's', 'wan',
         ref='best_peer', targets=(('abs', 0.4),), target_text='<= 0.4 s'),
     Row('wan_connect', 'connect + first call, WAN', 's', 'wan'),
     Row('wan_rtt', 'trivial call round trip, WAN', 's', 'wan'),
-    Row('many_connect', 'connect + call on N hosts at once', 's', 'many_hosts',
+    Row('many_connect', 'connect + call on {hosts} hosts at once', 's', 'many_hosts',
         targets=(('floor', 1.15),), target_text='<= 1.15x floor'),
-    Row('many_call', 'one call to N connected hosts', 's', 'many_hosts',
+    Row('many_call', 'one call to {hosts} connected hosts', 's', 'many_hosts',
         ref='best_peer', targets=(('best_peer', 0.5),), target_text='<= 0.5x best peer'),
     Row('local_connect', 'Local tunnel: connect + first call', 's', 'local_connect',
         targets=(('abs', 0.025),), target_text='<= 25 ms', transport_free=True),
-    Row('memory', 'controller memory per idle Local tunnel', 'MB', 'memory', ref=None,
+    Row('memory', 'controller memory per idle Local tunnel ({tunnels})', 'MB', 'memory', ref=None,
         targets=(('abs', 2.0),), target_text='<= 2 MB, no thread per tunnel',
         transport_free=True),
 )
 
 ROW_BY_ID = {row.id: row for row in ROWS}
+
+
+def label(row, settings):
+    """The row's label with this run's sizes filled in."""
+    return row.label.format(file_mib=settings['file_size'] >> 20, hosts=settings['n_hosts'],
+                            tunnels=settings['mem_tunnels'])
 
 
 def tasks_for(row_ids):
