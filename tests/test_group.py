@@ -313,9 +313,7 @@ def test_put_and_fetch_with_host_templates(locals4, tmp_path):
     group = Group(locals4[:2] + ['nonexistent.invalid'])
     dest = tmp_path / 'remote'
     dest.mkdir()
-    # Local tunnels share this filesystem: give each its own remote path.
-    group.call(lambda d: os.makedirs(os.path.join(d, os.environ.get('CHOPSTICKS_TEST_ROLE', 'x')),
-                                     exist_ok=True), str(dest))
+    # Local tunnels share this filesystem: both hosts write the same file (atomically).
     put = group.put(str(source), str(dest / 'copy.bin'), mode=0o600)
     assert set(h for h, _ in put.successful()) == {'local0', 'local1'}
     assert put['local0']['size'] == 300 * 1024
