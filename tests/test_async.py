@@ -46,7 +46,7 @@ def test_acall_keeps_the_loop_running(group):
     result, ticks = asyncio.run(main())
     assert [h for h, _ in result.successful()] == ['x0', 'x1', 'x2']
     assert isinstance(result['nonexistent.invalid'], ErrorResult)
-    assert ticks >= 10  # a blocked loop would not have ticked during the 0.5 s sleeps
+    assert ticks >= 5  # a blocked loop would not tick during the 0.5 s sleeps (it would count 1)
 
 
 def test_connecting_does_not_block_the_loop_either(group):
