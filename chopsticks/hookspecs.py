@@ -23,7 +23,6 @@ time a fact, task or tunnel scheme is looked up (``chopsticks.facts.ip``,
 after a plugin is registered or unregistered.  A hook must therefore be cheap
 and have no side effect beyond calling ``register``.
 """
-from __future__ import annotations
 
 from typing import Any, Callable
 
