@@ -722,22 +722,24 @@ def _stderr_is_terminal() -> bool:
 
 # --- groups ---------------------------------------------------------------------------
 
-def _tunnel_from_string(host: str) -> Tunnel:
+def _tunnel_from_string(host: str, via: Optional[Tunnel] = None) -> Tunnel:
+    extra = {} if via is None else {'via': via}
     try:
         from .plugins import tunnel_from_url
     except ImportError:
         from .tunnel import SSHTunnel
-        return SSHTunnel(host)
-    return tunnel_from_url(host)
+        return SSHTunnel(host, **extra)
+    return tunnel_from_url(host, **extra)
 
 
 def _is_tunnel(obj: Any) -> bool:
     return hasattr(obj, 'call_async') and hasattr(obj, 'host') and not isinstance(obj, Group)
 
 
-def _tunnels_of(hosts: Any) -> List[Tunnel]:
+def _tunnels_of(hosts: Any, via: Optional[Tunnel] = None) -> List[Tunnel]:
     """Tunnels from host strings, tunnels, groups, or an iterable of them,
-    without repeating one; two different tunnels of one name are an error."""
+    without repeating one; two different tunnels of one name are an error.
+    Host strings become tunnels opened from ``via`` when it is given."""
     if isinstance(hosts, str) or _is_tunnel(hosts) or isinstance(hosts, Group):
         hosts = [hosts]
     tunnels: List[Tunnel] = []
@@ -748,7 +750,7 @@ def _tunnels_of(hosts: Any) -> List[Tunnel]:
             items = item.tunnels
         elif isinstance(item, str):
             if item not in from_string:
-                from_string[item] = _tunnel_from_string(item)
+                from_string[item] = _tunnel_from_string(item, via)
             items = [from_string[item]]
         elif _is_tunnel(item):
             items = [item]
@@ -786,14 +788,18 @@ class Group(object):
     ``difference``, ``symmetric_difference``, with groups and tunnels; a
     tunnel acts as a group of one.  ``len``, iteration (over tunnels) and
     ``in`` (a tunnel or a host name) work as for a set.
+
+    ``via=relay`` opens the tunnels of host strings from the host ``relay``
+    (see ``chopsticks.relay``): the controller holds one connection, to the
+    relay, which fans out to the hosts and serves them their imports.
     """
 
     def __init__(self, hosts: Iterable[Any], max_parallel: int = DEFAULT_MAX_PARALLEL,
                  timeout: Optional[float] = None, *, max_connect: int = DEFAULT_MAX_CONNECT,
-                 progress: bool = True):
+                 progress: bool = True, via: Optional[Tunnel] = None):
         if max_parallel < 1 or max_connect < 1:
             raise ValueError('max_parallel and max_connect must be at least 1')
-        self.tunnels: List[Tunnel] = _tunnels_of(hosts)
+        self.tunnels: List[Tunnel] = _tunnels_of(hosts, via)
         self.max_parallel = max_parallel
         self.max_connect = max_connect
         self.timeout = timeout

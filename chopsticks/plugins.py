@@ -566,8 +566,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def tunnel_from_url(url: str) -> Any:
-    """The tunnel a host string names.
+def tunnel_from_url(url: str, **kwargs: Any) -> Any:
+    """The tunnel a host string names; ``kwargs`` (such as ``via=relay``) go
+    to the tunnel's constructor too.
 
     * ``scheme://address?option=value&...`` calls the factory registered for
       ``scheme`` (see :func:`chopsticks.hookspecs.chopsticks_register_tunnels`)
@@ -597,6 +598,7 @@ def tunnel_from_url(url: str) -> Any:
         known = ", ".join(f"{s}://" for s in sorted(pm.tunnels))
         raise ValueError(f"unknown tunnel scheme in host {url!r}: known schemes are {known} "
                          f"(a plugin can add one; see `chopsticks list-plugins`)") from None
+    options.update(kwargs)
     return factory(unquote(address), **options)
 
 

@@ -95,3 +95,21 @@ def test_ssh_through_ssh(sshd):
     finally:
         far.close()
         bastion.close()
+
+
+def test_group_fans_out_from_a_relay(sshd, relay):
+    from chopsticks import Group
+    hosts = ['host1', 'host2', 'host3', 'no-such-host.invalid']
+    group = Group(['%s?ssh_config=%s' % (h, sshd.ssh_config) for h in hosts[:3]]
+                  + ['no-such-host.invalid'], via=relay)
+    try:
+        results = group.call(os.getppid)
+    finally:
+        group.close()
+    assert set(results) == set(hosts)
+    failures = dict(results.failures())
+    assert list(failures) == ['no-such-host.invalid']
+    assert 'via relay' in failures['no-such-host.invalid'].msg
+    assert len({pid for _, pid in results.successful()}) == 3
+    # one connection from the controller: the relay
+    assert all(t.via is relay for t in group)
