@@ -215,6 +215,29 @@ class ProcessTransport(object):
                     views[0] = first[n:]
                     n = 0
 
+    def write_nowait(self, parts):
+        """Write what the pipe takes now; return the views left unwritten."""
+        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+        fd = self.stdin
+        os.set_blocking(fd, False)
+        try:
+            while views:
+                try:
+                    n = os.writev(fd, views[:512])
+                except BlockingIOError:
+                    break
+                while n:
+                    first = views[0]
+                    if n >= len(first):
+                        n -= len(first)
+                        views.pop(0)
+                    else:
+                        views[0] = first[n:]
+                        n = 0
+        finally:
+            os.set_blocking(fd, True)
+        return views
+
     def close(self):
         proc = self.proc
         if proc is None:
@@ -356,6 +379,7 @@ class Connection(object):
         self.ids = itertools.count(1)
         self.write_lock = threading.Lock()
         self.outbox = []  # corked frames, sent by the broker thread (see send_parts)
+        self.flushing = False  # a helper thread is sending the outbox (see flush)
         self.modules = server_for_this_process()
         self.hello = threading.Event()
         self.remote = None  # the agent's HELLO: pid, python, version, platform, hostname
@@ -539,8 +563,44 @@ class Connection(object):
         raise self._closed_error()
 
     def flush(self):
-        """Send the corked frames (on the broker thread)."""
+        """Send the corked frames (on the broker thread).
+
+        The broker serves every tunnel, so it must never wait for this one:
+        when the host is not taking bytes (frozen, or behind a stalled link)
+        or another thread is writing, what is left goes to a helper thread.
+        """
+        if not self.write_lock.acquire(blocking=False):
+            self._flush_later()
+            return
+        write_error = None
+        try:
+            batch, self.outbox = self.outbox, []
+            if not batch or self.closed:
+                return
+            write_nowait = getattr(self.transport, 'write_nowait', None)
+            try:
+                rest = write_nowait(batch) if write_nowait is not None else batch
+            except (OSError, ValueError) as e:
+                write_error = e
+            else:
+                if rest:
+                    # Callers put the outbox before what they write: order is kept.
+                    self.outbox = list(rest)
+                    self._flush_later()
+        finally:
+            self.write_lock.release()
+        if write_error is not None:
+            self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+
+    def _flush_later(self):
+        if self.flushing:
+            return
+        self.flushing = True
+        threading.Thread(target=self._flush_blocking, name='chopsticks-flush', daemon=True).start()
+
+    def _flush_blocking(self):
         with self.write_lock:
+            self.flushing = False
             batch, self.outbox = self.outbox, []
             if not batch or self.closed:
                 return

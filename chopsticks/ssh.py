@@ -186,6 +186,18 @@ class ParamikoTransport(object):
             for start in range(0, len(view), 1 << 20):
                 self.channel.sendall(view[start:start + (1 << 20)])
 
+    def write_nowait(self, parts):
+        """Send what the channel's window takes now; return the views left unsent."""
+        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+        channel = self.channel
+        while views and channel.send_ready():
+            n = channel.send(views[0][:1 << 20])
+            if n >= len(views[0]):
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+        return views
+
     def close(self):
         if self.closed:
             return
