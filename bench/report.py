@@ -18,7 +18,7 @@ def fmt(value, unit):
     if unit == 'calls/s':
         return '{:,.0f}/s'.format(value)
     if unit == 'MB':
-        return '%.2f MB' % value
+        return '%.1f kB' % (value * 1e3) if value < 0.1 else '%.2f MB' % value
     return '%g %s' % (value, unit)
 
 
