@@ -12,9 +12,11 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 from . import bootstrap, codec, wire
 from .broker import get_broker
@@ -145,6 +147,51 @@ def output_relay():
     return _relay
 
 
+class KeepaliveWatch(object):
+    """One thread for every connection with a ``keepalive``: it pings those
+    that have been quiet for half their interval and declares lost those that
+    stay quiet for the whole interval despite the ping (see
+    ``Connection.check_alive``).  No thread at all while no tunnel asks.
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.Lock())
+        self.conns = set()
+        self.thread = None
+
+    def add(self, conn):
+        with self.cond:
+            self.conns.add(conn)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name='chopsticks-keepalive',
+                                               daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def remove(self, conn):
+        with self.cond:
+            self.conns.discard(conn)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                if not self.conns:
+                    self.thread = None
+                    return
+                tick = min(conn.keepalive for conn in self.conns) / 4.0
+                self.cond.wait(min(max(tick, 0.05), 1.0))
+                conns = list(self.conns)
+            now = time.monotonic()
+            for conn in conns:
+                try:
+                    conn.check_alive(now)
+                except Exception:
+                    log.exception('chopsticks keepalive check failed')
+
+
+_keepalive_watch = KeepaliveWatch()
+
+
 # --- transports ----------------------------------------------------------------------
 
 class ProcessTransport(object):
@@ -238,6 +285,11 @@ class ProcessTransport(object):
             os.set_blocking(fd, True)
         return views
 
+    def kill(self):
+        """End the process now (the connection is dead); a blocked write fails."""
+        if self.proc is not None:
+            _kill(self.proc)
+
     def close(self):
         proc = self.proc
         if proc is None:
@@ -264,8 +316,22 @@ def _reap(proc):
     try:
         proc.wait(2)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill(proc)
         proc.wait()
+
+
+def _kill(proc):
+    """SIGKILL a transport's process and what it started (ssh's ProxyCommand):
+    it leads its own process group (start_new_session)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            proc.kill()
+        except OSError:
+            pass
 
 
 # --- pending requests --------------------------------------------------------------
@@ -368,8 +434,11 @@ class StreamHandler(CallHandler):
 # --- the connection ------------------------------------------------------------------
 
 class Connection(object):
-    def __init__(self, host, transport, settings=None):
+    def __init__(self, host, transport, settings=None, keepalive=None):
         self.host = host
+        self.keepalive = keepalive  # seconds, or None: see check_alive
+        self.last_rx = self.last_ping = 0.0  # time.monotonic() of the last bytes in, last PING
+        self.abort_error = None  # why the connection was declared dead, if it was
         self.transport = transport
         self.settings = dict(settings or {})
         self.settings.setdefault('host', host)
@@ -406,6 +475,9 @@ class Connection(object):
                 'the remote process exited before the agent started'
             raise ConnectError(self.host, reason, self.stderr_text())
         self.connected = True
+        if self.keepalive:
+            self.last_rx = time.monotonic()
+            _keepalive_watch.add(self)
 
     def close(self):
         self.lost(TunnelClosed('[%s] tunnel closed' % self.host))
@@ -415,7 +487,9 @@ class Connection(object):
             if self.closed:
                 return
             self.closed = True
-            self.error = exc
+            self.error = exc = self.abort_error or exc
+        if self.keepalive:
+            _keepalive_watch.remove(self)
         self.transport.close()
         self.hello.set()
         pending, self.pending = self.pending, {}
@@ -433,6 +507,7 @@ class Connection(object):
 
     # --- incoming (broker thread)
     def feed(self, data):
+        self.last_rx = time.monotonic()
         try:
             frames = self.parser.feed(data)
             for rid, op, payload in frames:
@@ -462,6 +537,7 @@ class Connection(object):
             raise ValueError('unexpected op %d' % op)
 
     def feed_stderr(self, data):
+        self.last_rx = time.monotonic()
         tail = self.stderr_tail
         tail += data
         if len(tail) > STDERR_TAIL:
@@ -610,6 +686,62 @@ class Connection(object):
             except (OSError, ValueError) as e:
                 write_error = e
         self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+
+    # --- keepalive (on the keepalive thread, see KeepaliveWatch)
+    def check_alive(self, now):
+        """Ping a connection quiet for half its keepalive interval; declare it
+        lost when it stays quiet for the whole interval despite the ping.
+
+        Any bytes from the host (a reply, a PONG, stderr) count as life.  A
+        ping is only sent when it cannot block (the write lock is free and the
+        host takes bytes): while a large write is stuck, ssh's own
+        ServerAliveInterval, set from the same keepalive, watches the link.
+        """
+        quiet = now - self.last_rx
+        if self.closed or quiet < self.keepalive / 2.0:
+            return
+        if self.last_ping <= self.last_rx:
+            self._ping(now)
+        elif quiet >= self.keepalive:
+            self.abort_error = TunnelClosed(
+                '[%s] connection lost: no reply to a keepalive ping within %gs '
+                '(the host or the link stopped responding)' % (self.host, self.keepalive))
+            _keepalive_watch.remove(self)
+            threading.Thread(target=self._abort, name='chopsticks-abort', daemon=True).start()
+
+    def _ping(self, now):
+        write_nowait = getattr(self.transport, 'write_nowait', None)
+        if write_nowait is None or not self.write_lock.acquire(blocking=False):
+            return
+        write_error = None
+        try:
+            if self.closed or self.outbox:  # the outbox may hold half a frame
+                return
+            try:
+                rest = write_nowait([wire.frame(0, wire.PING)])
+            except (OSError, ValueError) as e:
+                write_error = e
+            else:
+                if len(rest) and sum(map(len, rest)) == wire.HEADER.size:
+                    return  # nothing went out: try again at the next tick
+                self.last_ping = now
+                if rest:
+                    self.outbox = list(rest)
+                    self._flush_later()
+        finally:
+            self.write_lock.release()
+        if write_error is not None:
+            self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+
+    def _abort(self):
+        # Killing the transport first unblocks any thread stuck writing to it.
+        kill = getattr(self.transport, 'kill', None)
+        if kill is not None:
+            try:
+                kill()
+            except Exception:
+                pass
+        self.lost(self.abort_error)
 
     def _closed_error(self):
         exc = self.error

@@ -15,6 +15,7 @@ read (ssh reads ssh_config itself).
 Host keys are verified by default on both transports.
 """
 import glob
+import math
 import os
 import shutil
 import threading
@@ -52,7 +53,7 @@ class SSHSettings(object):
     """Where and how to connect, resolved once per tunnel."""
 
     def __init__(self, host, user=None, port=None, ssh_config=None, options=None,
-                 control_master=False, connect_timeout=None):
+                 control_master=False, connect_timeout=None, keepalive=None):
         self.connection = None
         if hasattr(host, 'original_host') and hasattr(host, 'connect_kwargs'):
             self.connection = host  # a fabric.Connection
@@ -64,6 +65,7 @@ class SSHSettings(object):
         self.options = dict(options or {})
         self.control_master = control_master
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self.identity_files = []
         self.proxy_jump = None
         if self.connection is not None or fabric_configured():
@@ -93,8 +95,14 @@ class SSHSettings(object):
         ssh = shutil.which('ssh')
         if ssh is None:
             raise FileNotFoundError('the ssh command is not installed (use transport="paramiko")')
-        argv = [ssh, '-T', '-o', 'BatchMode=yes', '-o', 'ServerAliveInterval=15',
-                '-o', 'ServerAliveCountMax=3']
+        argv = [ssh, '-T', '-o', 'BatchMode=yes']
+        # ssh keeps the first value it sees: leave these to an option the caller gave.
+        given = {key.lower() for key in self.options}
+        if 'serveraliveinterval' not in given:
+            interval = max(1, int(math.ceil(self.keepalive))) if self.keepalive else 15
+            argv += ['-o', 'ServerAliveInterval=%d' % interval]
+        if 'serveralivecountmax' not in given:
+            argv += ['-o', 'ServerAliveCountMax=3']
         if self.ssh_config:
             argv += ['-F', self.ssh_config]
         if self.connect_timeout:
@@ -185,6 +193,13 @@ class ParamikoTransport(object):
             # paramiko's sendall is quadratic on a small window: send in pieces.
             for start in range(0, len(view), 1 << 20):
                 self.channel.sendall(view[start:start + (1 << 20)])
+
+    def kill(self):
+        """Drop the connection now (it is dead): a blocked send fails."""
+        transport = self.channel.get_transport() if self.channel is not None else None
+        sock = getattr(transport, 'sock', None)
+        if sock is not None:
+            sock.close()
 
     def write_nowait(self, parts):
         """Send what the channel's window takes now; return the views left unsent."""

@@ -32,10 +32,12 @@ class BaseTunnel(object):
         self._spec = (cls, args, {k: v for k, v in kwargs.items() if k != 'via'})
         return self
 
-    def __init__(self, host, python=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None):
+    def __init__(self, host, python=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None,
+                 keepalive=None):
         self.host = host
         self.python = python
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self.via = via
         self._conn = None
         self._lock = threading.Lock()
@@ -81,7 +83,8 @@ class BaseTunnel(object):
                     from .relay import RelayConnection
                     conn = RelayConnection(self, self.via)
                 else:
-                    conn = Connection(self.host, self.transport(), self.settings())
+                    conn = Connection(self.host, self.transport(), self.settings(),
+                                      keepalive=self.keepalive)
                 conn.start(self.connect_timeout)
                 self._conn = conn
             return conn
@@ -276,21 +279,23 @@ class SSHTunnel(SubprocessTunnel):
     in-process through Fabric.  ``ssh_config`` names the ssh_config file
     (default ``~/.ssh/config``, or ``$CHOPSTICKS_SSH_CONFIG``);
     ``control_master=True`` (or a ControlPersist value) shares one OpenSSH
-    connection between tunnels to the same host; other keyword arguments are
+    connection between tunnels to the same host; ``keepalive`` (seconds) also
+    sets OpenSSH's ServerAliveInterval; other keyword arguments are
     ssh_config options (``ConnectTimeout=5``, ``IdentityFile='~/.ssh/k'``).
     """
 
     def __init__(self, host, user=None, port=None, transport='openssh', python=None,
                  ssh_config=None, control_master=False,
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None, **options):
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None, keepalive=None, **options):
         from .ssh import SSHSettings
         self.transport_type = transport
         self.ssh_settings = SSHSettings(host, user, port, ssh_config, options,
-                                        control_master, connect_timeout)
+                                        control_master, connect_timeout, keepalive)
         name = self.ssh_settings.host
         if user and '@' not in name:
             name = '%s@%s' % (user, name)
-        super().__init__(name, python=python, connect_timeout=connect_timeout, via=via)
+        super().__init__(name, python=python, connect_timeout=connect_timeout, via=via,
+                         keepalive=keepalive)
 
     def cmd_args(self):
         return self.ssh_settings.openssh_argv()
