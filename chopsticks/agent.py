@@ -100,6 +100,23 @@ class Workers(object):
             self.threads += 1
         self._start_thread()
 
+    def submit_first(self, job, *args):
+        """Run ``job`` before anything queued, on a new thread if none is idle."""
+        with self.cond:
+            if self.spare > 0:
+                self.spare -= 1
+                self.jobs.appendleft((job, args))
+                self.cond.notify()
+                return
+            self.jobs.appendleft((job, args))
+            self.spare -= 1
+            self.threads += 1
+        self._start_thread()
+
+    def serve_forever(self):
+        """Make the calling thread a worker that never retires."""
+        self._run(retire=False)
+
     def _start_thread(self):
         t = threading.Thread(target=self._run, name='chopsticks-worker')
         t.daemon = True
@@ -127,12 +144,15 @@ class Workers(object):
             if start:
                 self._start_thread()
 
-    def _run(self):
+    def _run(self, retire=True):
+        if not retire:
+            with self.cond:
+                self.threads += 1
         while True:
             with self.cond:
                 self.spare += 1
                 while not self.jobs:
-                    if not self.cond.wait(WORKER_IDLE_EXIT) and not self.jobs:
+                    if not self.cond.wait(WORKER_IDLE_EXIT) and not self.jobs and retire:
                         self.spare -= 1
                         self.threads -= 1
                         return
@@ -220,7 +240,7 @@ class ControllerFinder(importlib.abc.MetaPathFinder):
         self.lock = threading.Lock()
 
     def find_spec(self, fullname, path=None, target=None):
-        if threading.current_thread() is self.agent.reader_thread:
+        if getattr(self.agent.local, 'reading', False):
             return None  # the reader must never wait for itself
         entry = self.modules.get(fullname)
         if entry is None:
@@ -478,7 +498,8 @@ class Agent(object):
         self.channel = Channel(wfd)
         self.config = config
         self.workers = Workers()
-        self.reader_thread = threading.current_thread()
+        self.local = threading.local()  # .reading: this thread holds the reader role
+        self.parser = wire.FrameParser(config.get('max_frame', 1 << 30))
         self.finder = ControllerFinder(self)
         self.requests = {}  # our request id -> [event, reply]
         self.next_request = 0
@@ -501,15 +522,31 @@ class Agent(object):
             raise ImportError('controller did not answer %r within %ds' % (query, IMPORT_TIMEOUT))
         return slot[1]
 
-    def serve(self):
-        parser = wire.FrameParser(self.config.get('max_frame', 1 << 30))
-        read = os.read
+    def read_frames(self):
+        """Hold the reader role: read and dispatch frames.
+
+        Leader/follower: when a read ends with a call, this thread hands the
+        reader role to another thread and runs the call itself, so the call
+        does not wait for a second thread to wake up.
+        """
+        self.local.reading = True
+        parser = self.parser
         fd = self.rfd
         while True:
-            data = read(fd, 1 << 18)
+            try:
+                data = os.read(fd, 1 << 18)
+            except OSError:
+                data = b''
             if not data:
-                return
-            for rid, op, payload in parser.feed(data):
+                os._exit(0)  # the controller hung up: leave, whatever calls still run
+            frames = parser.feed(data)
+            last = len(frames) - 1
+            for i, (rid, op, payload) in enumerate(frames):
+                if i == last and op == wire.CALL:
+                    self.local.reading = False
+                    self.workers.submit_first(self.read_frames)
+                    self.run_call(rid, payload)
+                    return
                 self.dispatch(rid, op, payload)
 
     def dispatch(self, rid, op, payload):
@@ -665,7 +702,7 @@ def main():
         'hostname': os.uname().nodename,
     })
     try:
-        agent.serve()
+        agent.read_frames()
+        agent.workers.serve_forever()  # the reader role moved on; help with calls
     finally:
-        # The controller hung up: leave now, whatever calls are still running.
         os._exit(0)
