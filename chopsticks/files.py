@@ -12,12 +12,13 @@ What a caller may rely on:
 * Bytes stream in constant memory in both directions (a file larger than RAM
   works), hashed with SHA-256 on both sides while they travel.  Each file is
   written to a hidden temporary name in its destination directory
-  (``.name.chopsticks-...``), fsync'd, and renamed into place only once
-  both hashes agree.  Whatever goes wrong (checksum mismatch, the connection
-  or the remote dies, disk full, a local read error, Ctrl-C) the temporary file
-  is removed (unless the process that wrote it was killed) and the old
-  destination is left as it was.  A tree is not atomic as a whole: files
-  already renamed into place stay.
+  (``.name.chopsticks-<host>-<pid>-XXXXXXXX``), fsync'd, and renamed into
+  place only once both hashes agree.  Whatever goes wrong (checksum
+  mismatch, the connection or the remote dies, disk full, a local read
+  error, Ctrl-C) the old destination is left as it was and the temporary
+  file is removed; only a process killed outright cannot remove its own, and
+  the next transfer to the same file on that host removes it.  A tree is not
+  atomic as a whole: files already renamed into place stay.
 * Remote paths are expanded on the host: ``~`` is the remote home and a
   relative path is relative to it.  A destination that is an existing
   directory receives the source inside it under its own name (``cp``, ``scp``).
@@ -379,11 +380,12 @@ def remote_receive(stream, dest, spec):
             elif dest.endswith('/'):
                 raise NotADirectoryError(errno.ENOTDIR, 'no such directory', target)
             if os.path.isdir(target):
-                raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it with a file',
-                                        target)
+                raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
+                                        'with a file', target)
             parent = os.path.dirname(target)
             if not os.path.isdir(parent):
-                raise FileNotFoundError(errno.ENOENT, 'the directory %s does not exist' % parent, target)
+                raise FileNotFoundError(errno.ENOENT, 'the directory %s does not exist'
+                                        % parent, target)
         try:
             sha256, sha1 = _receive_file(incoming, target, size, mode, spec.get('sha1', True),
                                          durable, sweep=True)
@@ -450,6 +452,13 @@ def _send_file(fd, chunk, want_sha1):
     yield trailer
 
 
+def _open_regular_or_dir(path, flags):
+    """Open for reading without blocking on a FIFO or a device (checked by the caller)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | flags)
+    os.set_blocking(fd, True)
+    return fd
+
+
 def remote_send(path, chunk=FETCH_CHUNK, sha1=True):
     """What ``fetch`` receives; a generator that runs on the host.
 
@@ -459,7 +468,7 @@ def remote_send(path, chunk=FETCH_CHUNK, sha1=True):
     file of ``files`` in order its chunks and a trailer.
     """
     path = remote_path(path)
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_regular_or_dir(path, 0)
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
@@ -476,8 +485,10 @@ def remote_send(path, chunk=FETCH_CHUNK, sha1=True):
     yield {'kind': 'tree', 'path': path, 'mode': stat.S_IMODE(st.st_mode), 'dirs': dirs,
            'files': files, 'links': links, 'skipped': skipped}
     for rel, size, mode in files:
-        fd = os.open(os.path.join(path, rel), os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+        fd = _open_regular_or_dir(os.path.join(path, rel), getattr(os, 'O_NOFOLLOW', 0))
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, 'no longer a regular file', os.path.join(path, rel))
             for item in _send_file(fd, chunk, False):
                 yield item
         finally:
@@ -546,8 +557,9 @@ def _remote_failure(tunnel, operation, what, exc):
     if code == errno.ENOSPC:
         msg += ' (the host is out of disk space)'
     elif code in (errno.EACCES, errno.EPERM):
-        msg += ' (permission denied on the host)'
-    return TransferError('[%s] %s %s failed: %s: %s' % (tunnel.host, operation, what, exc.type_name, msg),
+        msg += ' (for the user the tunnel runs as on the host)'
+    return TransferError('[%s] %s %s failed: %s: %s'
+                         % (tunnel.host, operation, what, exc.type_name, msg),
                          tunnel.host, operation, code, exc.remote_traceback)
 
 
@@ -559,8 +571,9 @@ def _local_failure(tunnel, operation, what, exc):
 
 
 def _interrupted(tunnel, operation, what, exc):
-    return type(exc)('[%s] %s %s interrupted: %s; the destination was left unchanged'
-                     % (tunnel.host, operation, what, str(exc).replace('[%s] ' % tunnel.host, '', 1)))
+    reason = str(exc).replace('[%s] ' % tunnel.host, '', 1)
+    return type(exc)('[%s] %s %s interrupted: %s; no partial file was left at the destination'
+                     % (tunnel.host, operation, what, reason))
 
 
 class _Guard(object):
@@ -639,8 +652,8 @@ def _bar_add(description, total):
                 from rich.console import Console
                 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                            TimeRemainingColumn, TransferSpeedColumn)
-                bar = Progress(TextColumn('{task.description}'), BarColumn(), DownloadColumn(),
-                               TransferSpeedColumn(), TimeRemainingColumn(),
+                bar = Progress(TextColumn('{task.description}', markup=False), BarColumn(),
+                               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                                console=Console(stderr=True), transient=True)
                 bar.start()
             except Exception:  # no rich, or another live display is running
@@ -684,8 +697,8 @@ def _file_chunks(files, progress, host):
                     pos = 0
                 n = f.readinto(view[pos:pos + min(remaining, CHUNK - pos)])
                 if not n:
-                    raise TransferError('[%s] put %s failed: the file shrank while it was being sent'
-                                        % (host, path), host, 'put')
+                    raise TransferError('[%s] put %s failed: the file shrank while it was '
+                                        'being sent' % (host, path), host, 'put')
                 sha256.update(view[pos:pos + n])
                 pos += n
                 remaining -= n
@@ -736,14 +749,16 @@ def put(tunnel, local_path, remote_path=None, mode=0o644, progress=None, durable
                                 % (tunnel.host, local), tunnel.host, 'put')
         if mode is None:
             mode = stat.S_IMODE(st.st_mode)
+        elif not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise ValueError('mode must be an int like 0o644, not %r' % (mode,))
         size = st.st_size
         name = os.path.basename(local.rstrip('/'))
         spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)], 'durable': durable,
                 'sha1': _SHA1}
         bar = _Progress(progress, '[%s] put %s' % (tunnel.host, name), size)
         try:
-            return tunnel.call_stream(remote_receive, _file_chunks([(local, size)], bar, tunnel.host),
-                                      remote_path, spec)
+            chunks = _file_chunks([(local, size)], bar, tunnel.host)
+            return tunnel.call_stream(remote_receive, chunks, remote_path, spec)
         finally:
             bar.close()
 
@@ -836,8 +851,9 @@ def _receive_local(items, target, progress, host, sweep=False):
                 _writeback(fd, flushed, size)
                 flushed = size
         if item.get('size') != size or item.get('sha256') != sha256.hexdigest():
-            raise TransferError('[%s] fetch %s failed: checksum mismatch (the host read %s bytes with '
-                                'sha256 %s, %s bytes with sha256 %s arrived); %s was not changed'
+            raise TransferError('[%s] fetch %s failed: checksum mismatch (the host read %s bytes '
+                                'with sha256 %s, %s bytes with sha256 %s arrived); %s was not '
+                                'changed'
                                 % (host, target, item.get('size'), item.get('sha256'), size,
                                    sha256.hexdigest(), target), host, 'fetch')
         return fd, temp, size, item
@@ -958,7 +974,8 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
         _check_rel(host, rel)
         _check_parents(host, root, rel)
         if not isinstance(target_text, str) or '\0' in target_text:
-            raise TransferError('[%s] fetch: bad symlink target for %r' % (host, rel), host, 'fetch')
+            raise TransferError('[%s] fetch: bad symlink target for %r' % (host, rel), host,
+                                'fetch')
         _replace_symlink(target_text, os.path.join(root, rel))
     items.end()
     return {'local_path': root, 'remote_path': header.get('path'), 'size': total, 'files': done,

@@ -10,7 +10,6 @@ import os
 import signal
 import stat
 import subprocess
-import tempfile
 
 import pytest
 
