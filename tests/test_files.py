@@ -485,3 +485,23 @@ def test_sync_refuses_to_replace_a_different_kind_without_delete(local, tmp_path
     assert 'delete=True' in str(info.value) and 'x' in str(info.value)
     report = local.sync(str(tree), str(remote), delete=True)
     assert report['updated'] == ['x'] and (remote / 'x').read_bytes() == b'file here'
+
+
+def test_fetching_a_fifo_is_refused_without_blocking(local, tmp_path):
+    os.mkfifo(str(tmp_path / 'fifo'))
+    with pytest.raises(TransferError) as info:
+        local.fetch(str(tmp_path / 'fifo'), str(tmp_path / 'copy'))
+    assert info.value.errno == errno.EINVAL and 'not a regular file' in str(info.value)
+
+
+def test_asyncio_put_and_fetch(local, tmp_path):
+    import asyncio
+    src = tmp_path / 'src'
+    src.write_bytes(b'async bytes')
+
+    async def main():
+        put = await local.aput(str(src), str(tmp_path / 'r'))
+        got = await local.afetch(str(tmp_path / 'r'), str(tmp_path / 'l'))
+        return put, got
+    put, got = asyncio.run(main())
+    assert put['size'] == got['size'] == 11 and (tmp_path / 'l').read_bytes() == b'async bytes'
