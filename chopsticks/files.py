@@ -383,7 +383,12 @@ def remote_receive(stream, dest, spec):
                 raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
                                         'with a file', target)
             parent = os.path.dirname(target)
-            if not os.path.isdir(parent):
+            # os.stat, not os.path.isdir: a directory we may not search is not missing.
+            try:
+                parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+            except FileNotFoundError:
+                parent_is_dir = False
+            if not parent_is_dir:
                 raise FileNotFoundError(errno.ENOENT, 'the directory %s does not exist'
                                         % parent, target)
         try:
