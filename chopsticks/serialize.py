@@ -217,12 +217,41 @@ def _find_lambda(tree, fn):
         raise SourceUnavailable('its source was not found at %s:%d'
                                 % (code.co_filename, code.co_firstlineno))
     argnames = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-    for node in candidates:
+
+    def same_arguments(node):
         args = node.args
-        names = tuple(a.arg for a in args.posonlyargs + args.args + args.kwonlyargs)
-        if names == argnames:
-            return node
+        return tuple(a.arg for a in args.posonlyargs + args.args + args.kwonlyargs) == argnames
+    candidates = [n for n in candidates if same_arguments(n)] or candidates
+    if len(candidates) > 1:
+        # Several lambdas on one line (one inside another, or side by side):
+        # sending the wrong one would run the wrong code, so tell them apart.
+        candidates = _lambdas_at(candidates, code)
+    if len(candidates) != 1:
+        raise SourceUnavailable('line %d of %s has several lambdas like it and chopsticks cannot '
+                                'tell which one it is (define it with def)'
+                                % (code.co_firstlineno, code.co_filename))
     return candidates[0]
+
+
+def _lambdas_at(candidates, code):
+    """The innermost candidates whose source span holds all of ``code``'s instructions."""
+    positions = getattr(code, 'co_positions', None)  # Python 3.11+
+    if positions is None:
+        return candidates
+    spans = [(line, col, end_line, end_col) for line, end_line, col, end_col in positions()
+             if None not in (line, end_line, col, end_col)]
+
+    def holds(node):
+        start, end = (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset)
+        return all(start <= (l, c) and (el, ec) <= end for l, c, el, ec in spans)
+    holding = [n for n in candidates if holds(n)]
+    # An enclosing lambda holds the inner one's text too: keep the innermost.
+    return [n for n in holding if not any(o is not n and _inside_node(o, n) for o in holding)]
+
+
+def _inside_node(inner, outer):
+    return ((outer.lineno, outer.col_offset) <= (inner.lineno, inner.col_offset)
+            and (inner.end_lineno, inner.end_col_offset) <= (outer.end_lineno, outer.end_col_offset))
 
 
 def _find_definition(tree, obj, firstlineno):
