@@ -12,6 +12,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -788,7 +789,15 @@ class Connection(object):
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
 
     def pickle_call(self, fn, args, kwargs):
-        return dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+        try:
+            return dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
+        except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as e:
+            # Same type, so callers catching it still do; the message says where and what.
+            try:
+                error = type(e)('[%s] cannot send the call to %s: %s' % (self.host, describe(fn), e))
+            except Exception:
+                raise e
+            raise error from e
 
     def call_iter(self, fn, args, kwargs, timeout=None):
         return self.call_iter_payload(self.pickle_call(fn, args, kwargs), describe(fn), timeout)
