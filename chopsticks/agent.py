@@ -539,7 +539,10 @@ class Agent(object):
                 data = b''
             if not data:
                 os._exit(0)  # the controller hung up: leave, whatever calls still run
-            frames = parser.feed(data)
+            try:
+                frames = parser.feed(data)
+            except Exception as e:
+                reader_failed(e)
             last = len(frames) - 1
             for i, (rid, op, payload) in enumerate(frames):
                 if i == last and op == wire.CALL:
@@ -547,7 +550,10 @@ class Agent(object):
                     self.workers.submit_first(self.read_frames)
                     self.run_call(rid, payload)
                     return
-                self.dispatch(rid, op, payload)
+                try:
+                    self.dispatch(rid, op, payload)
+                except Exception as e:
+                    reader_failed(e)
 
     def dispatch(self, rid, op, payload):
         if op == wire.CALL:
@@ -640,6 +646,17 @@ class Agent(object):
                     pass
             self.iter_credits.pop(rid, None)
             self.cancelled.discard(rid)
+
+
+def reader_failed(exc):
+    """Nobody would read the controller's frames any more: say why and leave,
+    so the controller sees the connection end instead of waiting forever."""
+    try:
+        sys.stderr.write('chopsticks agent: cannot read what the controller sent (%s: %s); '
+                         'exiting\n' % (type(exc).__name__, exc))
+        sys.stderr.flush()
+    finally:
+        os._exit(2)
 
 
 def _take_stdio():
