@@ -122,9 +122,17 @@ def _walk(root):
     return dirs, files, links, skipped
 
 
+_host_tags = {}
+
+
 def _host_tag():
-    import socket
-    return hashlib.sha1(socket.gethostname().encode('utf-8', 'replace')).hexdigest()[:6]
+    """Six hex digits naming this machine, for temp file names (cached per process)."""
+    tag = _host_tags.get(os.getpid())
+    if tag is None:
+        import socket
+        name = socket.gethostname().encode('utf-8', 'replace')
+        tag = _host_tags[os.getpid()] = hashlib.sha1(name).hexdigest()[:6]
+    return tag
 
 
 def _temp_prefix(name):
@@ -199,13 +207,58 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _commit(fd, temp, target, mode, durable=True):
-    """chmod, fsync and close ``fd``, then rename ``temp`` over ``target``."""
-    os.fchmod(fd, mode)
-    if durable:
-        os.fsync(fd)
-    os.close(fd)
-    os.rename(temp, target)
+class _Batch(object):
+    """Written temp files waiting to be made durable and renamed into place.
+
+    One fsync usually commits the filesystem journal for every file written
+    before it, so a tree of small files costs a few slow fsyncs, not one per
+    file.  Each file is renamed only after its own fsync.
+    """
+
+    MAX_FILES = 128       # open descriptors held at once
+    MAX_BYTES = 64 << 20
+
+    def __init__(self, durable=True):
+        self.durable = durable
+        self.pending = []  # (fd, temp, target)
+        self.size = 0
+
+    def add(self, fd, temp, target, mode, size):
+        """Take charge of ``fd`` and ``temp`` (removed if anything fails)."""
+        self.pending.append((fd, temp, target))
+        self.size += size
+        os.fchmod(fd, mode)
+        if len(self.pending) >= self.MAX_FILES or self.size >= self.MAX_BYTES:
+            self.commit()
+
+    def commit(self):
+        pending = self.pending
+        self.size = 0
+        directories = set()
+        try:
+            if self.durable:
+                for fd, _, _ in pending:
+                    os.fsync(fd)
+            while pending:
+                fd, temp, target = pending.pop()
+                try:
+                    os.close(fd)
+                    os.rename(temp, target)
+                except BaseException:
+                    _discard(None, temp)
+                    raise
+                directories.add(os.path.dirname(target))
+        except BaseException:
+            self.discard()
+            raise
+        if self.durable:
+            for directory in directories:
+                _fsync_dir(directory)
+
+    def discard(self):
+        pending, self.pending = self.pending, []
+        for fd, temp, _ in pending:
+            _discard(fd, temp)
 
 
 def _discard(fd, temp):
@@ -318,9 +371,9 @@ class _Incoming(object):
                 raise IOError('unexpected bytes at the end of the transfer')
 
 
-def _receive_file(incoming, target, size, mode, want_sha1, durable=True, sweep=False):
-    """Write ``size`` bytes from ``incoming`` to ``target`` via a temp file,
-    check the SHA-256 that follows them, then rename into place."""
+def _receive_file(incoming, target, size, want_sha1, sweep=False):
+    """Write ``size`` bytes from ``incoming`` to a temp file next to ``target``
+    and check the SHA-256 that follows them: (fd, temp, sha256, sha1)."""
     fd, temp = _temp_file(target, sweep)
     try:
         sha256 = hashlib.sha256()
@@ -350,12 +403,10 @@ def _receive_file(incoming, target, size, mode, want_sha1, durable=True, sweep=F
             raise IOError('checksum mismatch writing %s: the controller sent sha256 %s, '
                           'this host received %s; %s was not changed'
                           % (target, expected.hex(), sha256.hexdigest(), target))
-        _commit(fd, temp, target, mode, durable)
-        fd = None
     except BaseException:
         _discard(fd, temp)
         raise
-    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+    return fd, temp, sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
 
 
 def remote_receive(stream, dest, spec):
@@ -391,16 +442,18 @@ def remote_receive(stream, dest, spec):
             if not parent_is_dir:
                 raise FileNotFoundError(errno.ENOENT, 'the directory %s does not exist'
                                         % parent, target)
+        batch = _Batch(durable)
         try:
-            sha256, sha1 = _receive_file(incoming, target, size, mode, spec.get('sha1', True),
-                                         durable, sweep=True)
+            fd, temp, sha256, sha1 = _receive_file(incoming, target, size,
+                                                   spec.get('sha1', True), sweep=True)
+            batch.add(fd, temp, target, mode, size)
             incoming.finish()
+            batch.commit()
         except BaseException:
+            batch.discard()
             if dest is None:
                 _discard(None, target)
             raise
-        if durable:
-            _fsync_dir(os.path.dirname(target))
         return {'remote_path': target, 'size': size, 'sha256': sha256, 'sha1sum': sha1,
                 'mode': mode}
 
@@ -421,14 +474,21 @@ def remote_receive(stream, dest, spec):
     for rel, mode in spec['dirs']:
         _make_dir(os.path.join(root, rel), mode)
     total = 0
-    for rel, size, mode in spec['files']:
-        target = os.path.join(root, rel)
-        if os.path.isdir(target) and not os.path.islink(target):
-            raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it with a file',
-                                    target)
-        _receive_file(incoming, target, size, mode, False, durable)
-        total += size
-    incoming.finish()
+    batch = _Batch(durable)
+    try:
+        for rel, size, mode in spec['files']:
+            target = os.path.join(root, rel)
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
+                                        'with a file', target)
+            fd, temp, _, _ = _receive_file(incoming, target, size, False)
+            batch.add(fd, temp, target, mode, size)
+            total += size
+        incoming.finish()
+        batch.commit()
+    except BaseException:
+        batch.discard()
+        raise
     for rel, target_text in spec['links']:
         _replace_symlink(target_text, os.path.join(root, rel))
     return {'remote_path': root, 'size': total, 'files': [f[0] for f in spec['files']],
@@ -904,21 +964,18 @@ def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durabl
             if mode is None:
                 mode = header.get('mode', 0o644) & 0o777
             bar = _Progress(progress, '[%s] fetch %s' % (tunnel.host, name), size)
+            batch = _Batch(durable)
             try:
                 fd, temp, size, trailer = _receive_local(items, target, bar, tunnel.host, True)
-                try:
-                    _commit(fd, temp, target, mode, durable)
-                except BaseException:
-                    _discard(None, temp)
-                    raise
+                batch.add(fd, temp, target, mode, size)
+                batch.commit()
             except BaseException:
+                batch.discard()
                 if local_path is None:
                     _discard(None, target)
                 raise
             finally:
                 bar.close()
-            if durable:
-                _fsync_dir(os.path.dirname(target))
             items.end()
             return {'local_path': target, 'remote_path': header.get('path'), 'size': size,
                     'sha1sum': trailer.get('sha1sum'), 'sha256': trailer['sha256'], 'mode': mode}
@@ -958,6 +1015,7 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
     total = sum(size for _, size, _ in files if isinstance(size, int))
     bar = _Progress(progress, '[%s] fetch %s' % (host, os.path.basename(root)), total)
     done = []
+    batch = _Batch(durable)
     try:
         for rel, size, mode in files:
             _check_rel(host, rel)
@@ -967,12 +1025,12 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
                 raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
                                         'with a file', target)
             fd, temp, size, _ = _receive_local(items, target, bar, host)
-            try:
-                _commit(fd, temp, target, int(mode) & 0o777, durable)
-            except BaseException:
-                _discard(None, temp)
-                raise
+            batch.add(fd, temp, target, int(mode) & 0o777, size)
             done.append(rel)
+        batch.commit()
+    except BaseException:
+        batch.discard()
+        raise
     finally:
         bar.close()
     for rel, target_text in links:
