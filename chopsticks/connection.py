@@ -756,6 +756,10 @@ class Connection(object):
 
     def request_payload(self, op, handler, payload):
         """Send an already pickled call (``dumps_call``) and register its handler."""
+        if len(payload) > self.parser.max_payload:  # the agent would refuse the frame
+            raise ValueError('[%s] the call is %d bytes pickled, more than the %d a frame may carry: '
+                             'send big data with put() or call_stream()'
+                             % (self.host, len(payload), self.parser.max_payload))
         rid = next(self.ids)
         self.pending[rid] = handler
         try:
