@@ -120,11 +120,22 @@ def run_task(column, task, python, ctx_path, workdir, env, logdir):
 
 
 def merge(old, new):
-    """Combine the cells of one column and row from several rounds."""
-    if not old or 'samples' not in old:
-        return new if new is not None else old
-    if not new or 'samples' not in new:
+    """Combine the cells of one column and row from several rounds.
+
+    A round that failed while others measured leaves its error in
+    ``extra['failed rounds']`` (shown in the notes) instead of hiding the row.
+    """
+    if old is None or new is None:
+        return new if old is None else old
+    if 'samples' not in old and 'samples' not in new:
         return old
+    if 'samples' not in old or 'samples' not in new:
+        good, bad = (old, new) if 'samples' in old else (new, old)
+        if 'error' not in bad:
+            return good
+        extra = dict(good.get('extra') or {})
+        extra['failed rounds'] = extra.get('failed rounds', []) + [bad['error']]
+        return dict(good, extra=extra)
     merged = dict(old, samples=old['samples'] + new['samples'])
     merged['median'] = statistics.median(merged['samples'])
     extra = dict(old.get('extra') or {})

@@ -81,7 +81,7 @@ def cell_text(row, cells, column_id):
         text += ' (cold %s)' % fmt(extra['cold (first tunnel)'][0], 's')
     elif column_id == 'floor' and extra:
         text += ' (%s)' % ', '.join('%s %s' % (k, fmt(_median(v), row.unit))
-                                   for k, v in extra.items())
+                                   for k, v in extra.items() if k != 'failed rounds')
     ref = reference(row, cells, row.ref)
     if ref and column_id != row.ref:
         text += ' ×%.2f' % (cell['median'] / ref)
@@ -125,8 +125,11 @@ def notes(results, settings):
                 parts.append('%s n/a: %s' % (titles[column_id], cell['na']))
             elif 'error' in cell:
                 parts.append('%s ERROR: %s' % (titles[column_id], cell['error']))
-            elif cell.get('note'):
-                parts.append('%s: %s' % (titles[column_id], cell['note']))
+            else:
+                failed = (cell.get('extra') or {}).get('failed rounds')
+                if cell.get('note') or failed:
+                    parts.append('%s: %s%s' % (titles[column_id], cell.get('note', ''), ' (%d of the rounds failed: %s)' % (
+                        len(failed), failed[0]) if failed else ''))
         if parts:
             out.append('- %s: %s' % (label(ROW_BY_ID[row_id], settings), '; '.join(parts)))
     return '\n'.join(out)

@@ -27,9 +27,13 @@ def run(argv, **kw):
 class Cat:
     """A persistent ``ssh host cat``: bytes in, the same bytes back."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, wait=True):
         self.proc = subprocess.Popen(argv, stdin=PIPE, stdout=PIPE, bufsize=0)
         self.win, self.rout = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        if wait:
+            self.ready()
+
+    def ready(self):
         self.round_trip(b'x' * 16)  # connected once the first echo is back
 
     def round_trip(self, data):
@@ -205,7 +209,9 @@ def many_hosts(ctx):
                 raise RuntimeError('ssh exited %d' % proc.returncode)
 
     connect = h.samples(ctx.heavy_repeat, lambda: h.timed(connect_all))
-    cats = [Cat(ssh(ctx, host, 'cat')) for host in hosts]
+    cats = [Cat(ssh(ctx, host, 'cat'), wait=False) for host in hosts]
+    for cat in cats:
+        cat.ready()
     data = b'0123456789abcdef'
 
     def round_trip_all():
