@@ -1,0 +1,279 @@
+"""A hostile or broken remote cannot read the controller's files, run code
+there, exhaust its memory or starve its other tunnels; host keys are checked."""
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+
+from chopsticks import ConnectError, Local, Tunnel, codec
+from chopsticks.modserver import ModuleServer
+from remote_helpers import echo
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+# --- output floods ---------------------------------------------------------------------
+
+FLOOD_SCRIPT = '''
+import os, sys, time
+sys.path[:0] = [{repo!r}, {tests!r}]
+from chopsticks import Local
+
+
+def flood(megabytes, how):
+    import os, subprocess
+    block = (b'x' * 999 + b'\\n') * 1024
+    if how == 'child':  # a child process writing to its inherited stdout
+        subprocess.run('yes %s | head -c %d' % ('x' * 999, megabytes << 20), shell=True)
+    else:
+        for _ in range(megabytes):
+            os.write(1 if how == 'stdout' else 2, block)
+    return 'flooded'
+
+
+def high_water():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM'):
+                return int(line.split()[1]) << 10
+
+
+flooder, quiet = Local('flooder'), Local('quiet')
+flooder.connect()
+quiet.connect()
+base = high_water()
+done = flooder.call_async(flood, {megabytes}, {how!r})
+slowest = calls = 0
+while not done.done():
+    start = time.monotonic()
+    quiet.call(os.getpid, timeout=20)
+    slowest = max(slowest, time.monotonic() - start)
+    calls += 1
+    time.sleep(0.01)
+print(done.result(), calls, round(slowest, 3), (high_water() - base) >> 20, flush=True)
+'''
+
+
+def run_flood(megabytes, how, stderr_blocked):
+    script = FLOOD_SCRIPT.format(repo=REPO, tests=TESTS, megabytes=megabytes, how=how)
+    proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if stderr_blocked else subprocess.DEVNULL)
+    try:
+        # While we wait here, nobody reads the controller's stderr: its pipe is full.
+        line = proc.stdout.readline().decode()
+        err = proc.stderr.read().decode('utf-8', 'replace') if stderr_blocked else ''
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and line, err[-3000:]
+    result, calls, slowest, grown_mb = line.split()
+    return result, int(calls), float(slowest), int(grown_mb), err
+
+
+@pytest.mark.parametrize('how', ['stderr', 'stdout', 'child'])
+def test_flood_with_blocked_controller_stderr_does_not_starve_other_tunnels(how):
+    """200 MB of remote output while the controller's stderr is a pipe nobody
+    reads: the other tunnel keeps answering, memory stays flat, and the
+    dropped lines are reported once stderr moves again."""
+    megabytes = 200 if how == 'stderr' else 50
+    result, calls, slowest, grown_mb, err = run_flood(megabytes, how, stderr_blocked=True)
+    assert result == 'flooded'
+    assert calls >= 1
+    assert grown_mb < 100
+    assert '[flooder] chopsticks:' in err and 'lines of output dropped' in err
+    assert '[flooder] xxxxxxxx' in err  # what fitted in the buffer was shown
+
+
+def test_flood_with_fast_controller_stderr_keeps_memory_flat():
+    result, calls, slowest, grown_mb, _ = run_flood(200, 'stderr', stderr_blocked=False)
+    assert result == 'flooded' and calls >= 1
+    assert grown_mb < 100
+
+
+def test_endless_line_is_shown_in_pieces(capfd):
+    """A remote writing one line without a newline cannot grow a buffer without bound."""
+    def no_newline():
+        import os
+        for _ in range(64):
+            os.write(2, b'y' * (1 << 20))
+        return True
+    with Local('oneline') as t:
+        assert t.call(no_newline)
+        assert t.call(echo, 'still here') == 'still here'
+        assert len(t._conn.stderr_partial) <= 1 << 20
+        assert len(t._conn.stderr_tail) <= 64 * 1024
+
+
+def test_log_flood_is_relayed_off_the_broker_thread(caplog):
+    import logging
+
+    def log_many(n):
+        import logging
+        log = logging.getLogger('flood.remote')
+        for i in range(n):
+            log.warning('record %d', i)
+        return n
+    with Local('logger') as t, caplog.at_level(logging.WARNING):
+        assert t.call(log_many, 2000) == 2000
+        assert t.call(echo, 1) == 1
+
+
+# --- the import server, attacked through the real protocol -----------------------------
+
+# Lambdas, so they travel as source: a module-level function here would make
+# the remote import this test module (and pytest).
+ask_controller = lambda query: __import__('sys').modules['_chopsticks_agent'].agent.request(query)  # noqa: E731
+import_module = lambda name: __import__('importlib').import_module(name).__name__  # noqa: E731
+
+
+@pytest.fixture
+def controller_path(tmp_path, monkeypatch):
+    """A directory on the controller's sys.path with one package, and secrets nearby."""
+    root = tmp_path / 'on_sys_path'
+    pkg = root / 'victimpkg'
+    (pkg / 'data').mkdir(parents=True)
+    (pkg / '__init__.py').write_text('VALUE = 1\n')
+    (pkg / 'data' / 'ok.txt').write_text('fine to read')
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('TOP SECRET')
+    # a plain directory (no __init__.py) that happens to sit on sys.path
+    (root / 'private').mkdir()
+    (root / 'private' / 'credentials.txt').write_text('PRIVATE KEY')
+    # links out of the package and out of sys.path
+    os.symlink(secret, pkg / 'data' / 'link_out.txt')
+    os.symlink(tmp_path, pkg / 'data' / 'dir_out')
+    os.symlink(secret, root / 'linked_module.py')
+    outside = tmp_path / 'outside_pkg'
+    outside.mkdir()
+    (outside / '__init__.py').write_text('SECRET = "outside"\n')
+    os.symlink(outside, root / 'linked_pkg')
+    monkeypatch.syspath_prepend(str(root))
+    for name in [n for n in sys.modules if n.startswith(('victimpkg', 'private', 'linked_'))]:
+        del sys.modules[name]
+    return root, pkg, secret
+
+
+def refused(reply):
+    return isinstance(reply, dict) and 'data' not in reply and not reply.get('modules') \
+        and bool(reply.get('error') or reply.get('errors') or reply.get('missing'))
+
+
+def test_served_package_data_is_readable(controller_path):
+    root, pkg, _ = controller_path
+    with Local() as t:
+        assert t.call(import_module, 'victimpkg') == 'victimpkg'
+        assert t.call(ask_controller, ('data', str(pkg / 'data' / 'ok.txt'))) == \
+            {'data': b'fine to read'}
+
+
+def test_hostile_data_requests_are_refused(controller_path):
+    root, pkg, secret = controller_path
+    home = os.path.expanduser('~')
+    paths = [
+        str(secret),                                         # absolute, outside
+        str(pkg / 'data' / '..' / '..' / '..' / 'secret.txt'),  # .. out of the package
+        str(pkg) + '/../../secret.txt',
+        str(pkg / 'data' / 'link_out.txt'),                  # symlink to a file outside
+        str(pkg / 'data' / 'dir_out' / 'secret.txt'),        # through a symlinked directory
+        str(root / 'private' / 'credentials.txt'),           # on sys.path, not in a package
+        os.path.join(home, '.ssh', 'id_rsa'),
+        os.path.join(home, '.ssh', 'authorized_keys'),
+        '~/.ssh/id_rsa',
+        '/etc/shadow',
+        '/proc/self/environ',
+        str(pkg / 'data' / 'ok.txt') + '\0/etc/passwd',
+        str(pkg / 'data'),                                   # a directory
+        'data/ok.txt',                                       # relative
+    ]
+    with Local() as t:
+        t.call(import_module, 'victimpkg')  # the package is served: its data is fair game
+        for path in paths:
+            reply = t.call(ask_controller, ('data', path))
+            assert refused(reply), (path, reply)
+        assert t.call(echo, 'still fine') == 'still fine'
+
+
+def test_hostile_module_requests_are_refused(controller_path):
+    with Local() as t:
+        for name in ['linked_module', 'linked_pkg', '../secret', '.ssh', 'os/../../etc/passwd',
+                     '/etc/passwd', '', 'a..b', 'victimpkg.__init__\0x']:
+            reply = t.call(ask_controller, ('module', name))
+            assert refused(reply), (name, reply)
+        for query in [('list', '/'), ('data', 3), ('module', None), 'module', ('module',),
+                      ('module', 'a', 'b'), {'module': 'os'}, None]:
+            reply = t.call(ask_controller, query)
+            assert refused(reply), (query, reply)
+        assert t.call(echo, 1) == 1
+
+
+def test_plain_directory_on_sys_path_does_not_open_its_files(controller_path):
+    """Any directory on sys.path imports as a namespace package; that must not
+    make the files under it readable by the remote."""
+    root, _, _ = controller_path
+    with Local() as t:
+        t.call(ask_controller, ('module', 'private'))
+        reply = t.call(ask_controller, ('data', str(root / 'private' / 'credentials.txt')))
+        assert refused(reply), reply
+
+
+def test_module_server_direct(controller_path):
+    """The same refusals without a remote, including a zip archive on sys.path."""
+    root, pkg, secret = controller_path
+    server = ModuleServer()
+
+    def ask(query):
+        return codec.decode(zlib.decompress(server.handle(query)))
+    assert ask(('module', 'victimpkg'))['modules']
+    assert refused(ask(('module', 'linked_module')))
+    assert 'outside sys.path' in ask(('module', 'linked_module'))['errors']['linked_module']
+    assert refused(ask(('data', str(pkg / 'data' / 'link_out.txt'))))
+
+
+# --- host keys -------------------------------------------------------------------------
+
+def config_with_known_hosts(sshd, tmp_path, known_hosts_line):
+    known = tmp_path / 'known_hosts'
+    known.write_text(known_hosts_line)
+    config = tmp_path / 'ssh_config'
+    config.write_text(open(sshd.ssh_config).read().replace(sshd.known_hosts, str(known)))
+    return str(config)
+
+
+@pytest.mark.parametrize('transport', ['openssh', 'paramiko'])
+def test_changed_host_key_is_refused(sshd, tmp_path, transport):
+    """known_hosts holds another key for the host: a man in the middle, or a
+    reinstalled host.  Both transports refuse; neither updates known_hosts."""
+    other = tmp_path / 'other_key'
+    subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(other)], check=True)
+    key_type, blob = open(str(other) + '.pub').read().split()[:2]
+    line = '[127.0.0.1]:%d %s %s\n' % (sshd.port, key_type, blob)
+    config = config_with_known_hosts(sshd, tmp_path, line)
+    with pytest.raises(ConnectError) as info:
+        Tunnel('host1', ssh_config=config, transport=transport, connect_timeout=20).call(echo, 1)
+    message = str(info.value)
+    assert '[host1]' in message
+    assert 'host key' in message.lower() or 'identification has changed' in message.lower()
+    assert open(tmp_path / 'known_hosts').read() == line  # not silently replaced
+
+
+@pytest.mark.parametrize('transport', ['openssh', 'paramiko'])
+def test_host_key_checking_is_on_without_any_config(sshd, tmp_path, transport):
+    """No StrictHostKeyChecking in the config at all: still refused (the
+    OpenSSH default would be 'ask', which BatchMode turns into a refusal;
+    paramiko would be AutoAddPolicy under Fabric)."""
+    text = open(sshd.ssh_config).read()
+    text = text.replace(sshd.known_hosts, str(tmp_path / 'empty_known_hosts'))
+    text = '\n'.join(line for line in text.splitlines()
+                     if 'StrictHostKeyChecking' not in line) + '\n'
+    (tmp_path / 'empty_known_hosts').write_text('')
+    config = tmp_path / 'ssh_config'
+    config.write_text(text)
+    with pytest.raises(ConnectError) as info:
+        Tunnel('host1', ssh_config=str(config), transport=transport, connect_timeout=20).call(echo, 1)
+    assert '[host1]' in str(info.value)
+    assert (tmp_path / 'empty_known_hosts').read_text() == ''
