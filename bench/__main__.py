@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -159,6 +160,73 @@ def summary(cells):
     return '; '.join(parts)
 
 
+def prepare(args, conf, sshd, workdir, control_dir):
+    """Data files and the context every column's script receives."""
+    wan_config = None
+    slowlink = fixtures.find_slowlink()
+    if slowlink:
+        wan_config = fixtures.write_wan_config(
+            sshd.ssh_config, slowlink, args.wan_delay_ms, os.path.join(workdir, 'ssh_config.wan'))
+    else:
+        log('slowlink.py not found: the WAN rows will be n/a (set BENCH_SLOWLINK)')
+    file_path = os.path.join(workdir, 'payload.bin')
+    if 'files' in tasks_for(args.rows):
+        log('writing %d MiB of random data' % (conf['file_size'] // MiB))
+        fixtures.make_random_file(file_path, conf['file_size'])
+    tree_dir = os.path.join(workdir, 'tree')
+    conf['modules_in_tree'] = fixtures.make_module_tree(tree_dir)
+    mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
+    if conf['mem_tunnels'] > mem_cap:
+        log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
+        conf['mem_tunnels'] = mem_cap
+    scratch = os.path.join(workdir, 'scratch')
+    os.makedirs(scratch)
+    return dict(conf, **{
+        'ssh_config': sshd.ssh_config, 'wan_ssh_config': wan_config,
+        'host': sshd.aliases[0], 'hosts': list(sshd.aliases), 'many_hosts': list(sshd.aliases),
+        'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
+        'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
+        # One absolute interpreter for every column: over ssh, 'python3' may be
+        # a pyenv shim (+130 ms) that some libraries would dodge and others not.
+        'remote_python': fixtures.system_python(),
+        'local_python': fixtures.system_python(),
+        'old_remote_python': fixtures.old_python(),
+    })
+
+
+def measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdir):
+    """Run every selected task for every column: {row_id: {column_id: cell}}."""
+    results = {row_id: {} for row_id in args.rows}
+    for task in tasks_for(args.rows):
+        task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
+        columns = [c for c in COLUMNS if c.id in args.column_ids and not (
+            c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
+        # Long tasks run one sample per subprocess, the columns taking turns, so
+        # that a change in the machine's load mid-run hits every column alike.
+        rounds = conf['heavy_repeat'] if task in INTERLEAVED else 1
+        round_ctx = {}
+        if rounds > 1:
+            round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1, 'repeat': -(-conf['repeat'] // rounds)}
+        for _ in range(rounds):
+            for column in columns:
+                if column.venv and peer_python is None:
+                    cells = {'__task__': {'na': peer_problem}}
+                else:
+                    ctx = dict(base_ctx, subject=column.id, options=column.options, **round_ctx)
+                    ctx_path = os.path.join(workdir, 'ctx-%s.json' % column.id)
+                    with open(ctx_path, 'w') as f:
+                        json.dump(ctx, f)
+                    python = peer_python if column.venv else sys.executable
+                    cells = run_task(column, task, python, ctx_path, workdir, env, logdir)
+                whole_task = cells.pop('__task__', None)
+                for row_id in task_rows:
+                    cell = cells.get(row_id, whole_task)
+                    if cell and cell.get('na') == 'not measured for this column':
+                        cell = None
+                    results[row_id][column.id] = merge(results[row_id].get(column.id), cell)
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     conf = settings(args)
@@ -169,80 +237,22 @@ def main(argv=None):
     logdir = os.path.join(fixtures.BENCH_DIR, 'results', 'logs-' + stamp)
     os.makedirs(logdir)
     workdir = tempfile.mkdtemp(prefix='chopsticks-bench-')
-    scratch = os.path.join(workdir, 'scratch')
-    control_dir = tempfile.mkdtemp(prefix='cb-', dir='/tmp')  # ControlPath must stay short
-    os.makedirs(scratch)
+    control_dir = tempfile.mkdtemp(prefix='cb-', dir='/tmp')  # a ControlPath must stay short
 
-    n_hosts = conf['n_hosts']
-    aliases = ['host%d' % i for i in range(1, n_hosts + 1)]
-    log('starting loopback sshd with %d aliases' % n_hosts)
-    sshd = fixtures.start_sshd(aliases)
+    log('starting loopback sshd with %d aliases' % conf['n_hosts'])
+    sshd = fixtures.start_sshd(['host%d' % i for i in range(1, conf['n_hosts'] + 1)])
     try:
         peer_python, peer_problem = fixtures.ensure_peer_env()
-        slowlink = fixtures.find_slowlink()
-        wan_config = None
-        if slowlink:
-            wan_config = fixtures.write_wan_config(
-                sshd.ssh_config, slowlink, args.wan_delay_ms, os.path.join(workdir, 'ssh_config.wan'))
-        needs = set(tasks_for(args.rows))
-        file_path = os.path.join(workdir, 'payload.bin')
-        if 'files' in needs:
-            log('writing %d MiB of random data' % (conf['file_size'] // MiB))
-            fixtures.make_random_file(file_path, conf['file_size'])
-        tree_dir = os.path.join(workdir, 'tree')
-        n_modules = fixtures.make_module_tree(tree_dir)
-        mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
-        if conf['mem_tunnels'] > mem_cap:
-            log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
-            conf['mem_tunnels'] = mem_cap
-        base_ctx = dict(conf, **{
-            'ssh_config': sshd.ssh_config, 'wan_ssh_config': wan_config,
-            'host': aliases[0], 'hosts': aliases, 'many_hosts': aliases,
-            'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
-            'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
-            # One absolute interpreter for every column: over ssh, 'python3' may be
-            # a pyenv shim (+130 ms) that some libraries would dodge and others not.
-            'remote_python': fixtures.system_python(),
-            'local_python': fixtures.system_python(),
-            'old_remote_python': fixtures.old_python(),
-        })
+        base_ctx = prepare(args, conf, sshd, workdir, control_dir)
         env = dict(os.environ, **sshd.env())
-        env.pop('PYTHONPATH', None)
+        env.pop('PYTHONPATH', None)  # the remote must find the module tree only through imports served
         env['PYTHONUNBUFFERED'] = '1'
-
-        results = {row_id: {} for row_id in args.rows}
-        for task in tasks_for(args.rows):
-            task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
-            columns = [c for c in COLUMNS if c.id in args.column_ids and not (
-                c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
-            # Long tasks run one sample per subprocess, the columns taking turns, so
-            # that a change in the machine's load mid-run hits every column alike.
-            rounds = conf['heavy_repeat'] if task in INTERLEAVED else 1
-            round_ctx = {}
-            if rounds > 1:
-                round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1,
-                             'repeat': -(-conf['repeat'] // rounds)}
-            for _ in range(rounds):
-                for column in columns:
-                    if column.venv and peer_python is None:
-                        cells = {'__task__': {'na': peer_problem}}
-                    else:
-                        ctx = dict(base_ctx, subject=column.id, options=column.options, **round_ctx)
-                        ctx_path = os.path.join(workdir, 'ctx-%s.json' % column.id)
-                        with open(ctx_path, 'w') as f:
-                            json.dump(ctx, f)
-                        python = peer_python if column.venv else sys.executable
-                        cells = run_task(column, task, python, ctx_path, workdir, env, logdir)
-                    whole_task = cells.pop('__task__', None)
-                    for row_id in task_rows:
-                        cell = cells.get(row_id, whole_task)
-                        if cell and cell.get('na') == 'not measured for this column':
-                            cell = None
-                        results[row_id][column.id] = merge(results[row_id].get(column.id), cell)
-        elapsed = time.monotonic() - started
+        results = measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdir)
     finally:
         sshd.stop()
-        subprocess.run(['rm', '-rf', workdir, control_dir])
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(control_dir, ignore_errors=True)
+    elapsed = time.monotonic() - started
 
     load = 'load average %.1f at the start, %.1f at the end' % (load_before[0], os.getloadavg()[0])
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=fixtures.REPO,
@@ -267,9 +277,9 @@ def main(argv=None):
         with open(args.json, 'w') as f:
             json.dump({
                 'command': command, 'date': stamp, 'machine': machine, 'seconds': elapsed,
-                'commit': commit, 'load': load,
-                'settings': conf, 'peers': versions, 'modules_in_tree': n_modules,
-                'rows': {row_id: {'label': label(ROW_BY_ID[row_id], conf), 'unit': ROW_BY_ID[row_id].unit,
+                'commit': commit, 'load': load, 'settings': conf, 'peers': versions,
+                'rows': {row_id: {'label': label(ROW_BY_ID[row_id], conf),
+                                  'unit': ROW_BY_ID[row_id].unit,
                                   'target': ROW_BY_ID[row_id].target_text, 'columns': cells}
                          for row_id, cells in results.items()},
             }, f, indent=1)
