@@ -229,7 +229,9 @@ class SubprocessTunnel(BaseTunnel):
 
     def transport(self):
         argv = self.argv()
-        return ProcessTransport(argv, what=' '.join(shlex.quote(a) for a in argv[:3]))
+        # Named in errors without the bootstrap stub: 'sudo -n -H -u app -- python3'.
+        shown = argv[:len(argv) - len(self.python_args()) + 1]
+        return ProcessTransport(argv, what=' '.join(shlex.quote(a) for a in shown))
 
 
 class Local(SubprocessTunnel):
