@@ -151,6 +151,14 @@ def test_call_that_closes_stdin_and_stdout(local):
     assert local.call(echo, 'after') == 'after'
 
 
+def test_missing_interpreter_message_names_the_command_not_the_stub():
+    with pytest.raises(ConnectError) as info:
+        Local('nopython', python='/nonexistent/python3').call(echo, 1)
+    message = str(info.value)
+    assert message.startswith('[nopython] could not connect: cannot run /nonexistent/python3: ')
+    assert 'zlib' not in message and len(message) < 200
+
+
 def test_missing_interpreter_through_sudo(sudo_user):
     from chopsticks import Sudo
     with pytest.raises(ConnectError) as info:
