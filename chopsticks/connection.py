@@ -35,6 +35,9 @@ STREAM_WINDOW = 8 << 20     # input-stream bytes in flight before the sender wai
 STREAM_CHUNK = 1 << 20      # the largest DATA frame we send
 CORK_MAX = 64 * 1024        # frames up to this size may wait to be sent together
 RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines are dropped
+LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
+LOGGER_NAMES_MAX = 1000     # ...and how many names one connection may bring into being
+REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
 
 _import_pool = None
 _import_pool_lock = threading.Lock()
@@ -458,6 +461,7 @@ class Connection(object):
         self.connected = False
         self.stderr_tail = bytearray()
         self.stderr_partial = bytearray()
+        self.log_names = set()  # logger names this remote used (see _log)
 
     # --- lifecycle
     def start(self, timeout):
@@ -590,7 +594,14 @@ class Connection(object):
         fields['msg'] = '[%s] %s' % (self.host, fields.get('msg'))
         fields['args'] = None
         fields['host'] = self.host
-        logger = logging.getLogger(fields['name'])
+        # Loggers live as long as the process, with a placeholder for each dotted
+        # prefix: a remote must not make us create unboundedly many or long ones.
+        name = fields['name']
+        if name not in self.log_names:
+            if len(name) > LOGGER_NAME_MAX or len(self.log_names) >= LOGGER_NAMES_MAX:
+                name = fields['name'] = REMOTE_LOGGER
+            self.log_names.add(name)
+        logger = logging.getLogger(name)
         if logger.isEnabledFor(levelno):
             output_relay().log(self.host, logger, logging.makeLogRecord(fields))
 
