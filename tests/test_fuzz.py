@@ -328,3 +328,41 @@ def test_concurrent_feed_and_close_do_not_raise():
         conn.close()
         t.join()
     assert not errors
+
+
+def test_hostile_logger_names_cannot_grow_the_controller():
+    """Every logger lives as long as the process, with a placeholder per dotted
+    prefix: a 100 KB name of 16,000 parts used to cost 700 MB."""
+    import logging
+    conn, _ = connected('lognames')
+    long_name = '.'.join('x%d' % i for i in range(16000))
+    before = len(logging.Logger.manager.loggerDict)
+    tracemalloc.start()
+    try:
+        conn.feed(wire.frame(0, wire.LOG, codec.encode(
+            {'name': long_name, 'levelno': 10, 'msg': 'long'})))
+        for i in range(3000):  # many distinct names
+            conn.feed(wire.frame(0, wire.LOG, codec.encode(
+                {'name': 'flood.n%d' % i, 'levelno': 10, 'msg': 'many'})))
+        grown = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert not conn.closed
+    assert long_name not in logging.Logger.manager.loggerDict
+    assert len(logging.Logger.manager.loggerDict) - before <= 1002
+    assert grown < 16 << 20
+    conn.close()
+
+
+def test_ordinary_logger_names_are_kept(caplog):
+    import logging
+    conn, _ = connected('lognames')
+    with caplog.at_level(logging.INFO):
+        conn.feed(wire.frame(0, wire.LOG, codec.encode(
+            {'name': 'myapp.db', 'levelno': logging.WARNING, 'msg': 'slow query'})))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not caplog.records:
+            time.sleep(0.02)
+    [record] = [r for r in caplog.records if r.name == 'myapp.db']
+    assert record.host == 'lognames' and 'slow query' in record.getMessage()
+    conn.close()
