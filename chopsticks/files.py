@@ -48,6 +48,7 @@ is served to it by the import hook, so everything at module level is stdlib
 import errno
 import hashlib
 import os
+import queue
 import re
 import shutil
 import stat
@@ -790,43 +791,94 @@ def _bar_remove(task):
 
 # --- put -------------------------------------------------------------------------------
 
-def _file_chunks(files, progress, host):
-    """The bytes of ``files`` [(path, size)], each followed by its SHA-256 digest,
-    packed into CHUNK-sized pieces of one reused buffer.
+READ_AHEAD = 4  # CHUNK buffers the reading thread may fill ahead of the sender
 
-    Each yielded memoryview is only valid until the next one is requested:
-    ``call_stream`` has written it to the transport by then.
+
+class _Stopped(Exception):
+    pass
+
+
+def _file_chunks(files, progress, host):
+    """The bytes of ``files`` [(path, size)], each followed by its SHA-256
+    digest, packed into CHUNK-sized pieces.
+
+    A helper thread reads and hashes up to READ_AHEAD pieces ahead, so the
+    pipe to the host never waits for the hash.  The pieces are views of a few
+    reused buffers: each is only valid until the next one is requested
+    (``call_stream`` has written it to the transport by then).
     """
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    pos = 0
-    for path, size in files:
-        sha256 = hashlib.sha256()
-        with open(path, 'rb', buffering=0) as f:
-            remaining = size
-            while remaining:
+    free = queue.Queue()
+    ready = queue.Queue()
+    for _ in range(READ_AHEAD):
+        free.put(bytearray(CHUNK))
+    reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready),
+                              name='chopsticks-read', daemon=True)
+    reader.start()
+    sent = None
+    try:
+        while True:
+            if sent is not None:
+                free.put(sent)  # asked for more: the previous piece has been written
+                sent = None
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            buf, length, data_bytes = item
+            sent = buf
+            yield memoryview(buf)[:length]
+            progress.advance(data_bytes)
+    finally:
+        free.put(None)  # stops the reader if it is still running
+        reader.join()
+
+
+def _read_ahead(files, host, free, ready):
+    """The reading thread of _file_chunks: fills buffers from ``free`` into ``ready``."""
+    def take():
+        buf = free.get()
+        if buf is None:
+            raise _Stopped()
+        return buf, memoryview(buf)
+
+    try:
+        buf, view = take()
+        pos = data = 0
+        for path, size in files:
+            sha256 = hashlib.sha256()
+            with open(path, 'rb', buffering=0) as f:
+                remaining = size
+                while remaining:
+                    if pos == CHUNK:
+                        ready.put((buf, pos, data))
+                        buf, view = take()
+                        pos = data = 0
+                    n = f.readinto(view[pos:pos + min(remaining, CHUNK - pos)])
+                    if not n:
+                        raise TransferError('[%s] put %s failed: the file shrank while it was '
+                                            'being sent' % (host, path), host, 'put')
+                    sha256.update(view[pos:pos + n])
+                    pos += n
+                    data += n
+                    remaining -= n
+            digest = sha256.digest()
+            while digest:
                 if pos == CHUNK:
-                    yield view
-                    pos = 0
-                n = f.readinto(view[pos:pos + min(remaining, CHUNK - pos)])
-                if not n:
-                    raise TransferError('[%s] put %s failed: the file shrank while it was '
-                                        'being sent' % (host, path), host, 'put')
-                sha256.update(view[pos:pos + n])
+                    ready.put((buf, pos, data))
+                    buf, view = take()
+                    pos = data = 0
+                n = min(len(digest), CHUNK - pos)
+                view[pos:pos + n] = digest[:n]
+                digest = digest[n:]
                 pos += n
-                remaining -= n
-                progress.advance(n)
-        digest = sha256.digest()
-        while digest:
-            if pos == CHUNK:
-                yield view
-                pos = 0
-            n = min(len(digest), CHUNK - pos)
-            view[pos:pos + n] = digest[:n]
-            digest = digest[n:]
-            pos += n
-    if pos:
-        yield view[:pos]
+        if pos:
+            ready.put((buf, pos, data))
+        ready.put(None)
+    except _Stopped:
+        pass
+    except BaseException as e:
+        ready.put(e)
 
 
 def _local(path):
@@ -869,10 +921,11 @@ def put(tunnel, local_path, remote_path=None, mode=0o644, progress=None, durable
         spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)], 'durable': durable,
                 'sha1': _SHA1}
         bar = _Progress(progress, '[%s] put %s' % (tunnel.host, name), size)
+        chunks = _file_chunks([(local, size)], bar, tunnel.host)
         try:
-            chunks = _file_chunks([(local, size)], bar, tunnel.host)
             return tunnel.call_stream(remote_receive, chunks, remote_path, spec)
         finally:
+            chunks.close()  # stops its reading thread at once, even on errors
             bar.close()
 
 
@@ -885,11 +938,12 @@ def _put_tree(tunnel, local, remote_path, st, progress, durable, what, contents=
             'dirs': dirs, 'files': files, 'links': links, 'skipped': skipped,
             'contents': contents, 'durable': durable}
     bar = _Progress(progress, '[%s] put %s' % (tunnel.host, spec['name']), total)
+    chunks = _file_chunks([(os.path.join(local, rel), size) for rel, size, _ in files], bar,
+                          tunnel.host)
     try:
-        chunks = _file_chunks([(os.path.join(local, rel), size) for rel, size, _ in files], bar,
-                              tunnel.host)
         return tunnel.call_stream(remote_receive, chunks, remote_path, spec)
     finally:
+        chunks.close()
         bar.close()
 
 
