@@ -38,6 +38,7 @@ RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines 
 LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
 LOGGER_NAMES_MAX = 1000     # ...and how many names one connection may bring into being
 REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
+IMPORTS_IN_FLIGHT = 1000    # import requests one remote may have waiting for an answer
 
 _import_pool = None
 _import_pool_lock = threading.Lock()
@@ -462,6 +463,7 @@ class Connection(object):
         self.stderr_tail = bytearray()
         self.stderr_partial = bytearray()
         self.log_names = set()  # logger names this remote used (see _log)
+        self.import_slots = threading.BoundedSemaphore(IMPORTS_IN_FLIGHT)
 
     # --- lifecycle
     def start(self, timeout):
@@ -488,11 +490,20 @@ class Connection(object):
         self.lost(TunnelClosed('[%s] tunnel closed' % self.host))
 
     def lost(self, exc):
-        with self.write_lock:
+        # Often on the broker thread, which must not wait for a writer stuck on
+        # a host that stopped reading: end the transport, and the write fails.
+        if not self.write_lock.acquire(timeout=0.05):
+            if self.abort_error is None:
+                self.abort_error = exc  # the reason, rather than the writer's broken pipe
+            self._kill_transport()
+            self.write_lock.acquire()
+        try:
             if self.closed:
                 return
             self.closed = True
             self.error = exc = self.abort_error or exc
+        finally:
+            self.write_lock.release()
         if self.keepalive:
             _keepalive_watch.remove(self)
         self.transport.close()
@@ -528,6 +539,10 @@ class Connection(object):
                 self.pending.pop(rid, None)
         elif op == wire.IMPORT:
             query = codec.decode(payload)
+            # Each waiting request costs memory here; an agent asks from threads
+            # that wait for the answer, so only a hostile one piles up more.
+            if not self.import_slots.acquire(blocking=False):
+                raise ValueError('more than %d import requests waiting' % IMPORTS_IN_FLIGHT)
             import_pool().submit(self._serve_import, rid, query)
         elif op == wire.LOG:
             self._log(codec.decode(payload))
@@ -575,11 +590,13 @@ class Connection(object):
             self.feed_stderr(b'\n')
 
     def _serve_import(self, rid, query):
-        reply = self.modules.handle(query)
         try:
+            reply = self.modules.handle(query)
             self.send(rid, wire.MODULE, reply)
         except TunnelClosed:
             pass
+        finally:
+            self.import_slots.release()
 
     def _log(self, record):
         if not isinstance(record, dict):
@@ -747,13 +764,16 @@ class Connection(object):
 
     def _abort(self):
         # Killing the transport first unblocks any thread stuck writing to it.
+        self._kill_transport()
+        self.lost(self.abort_error)
+
+    def _kill_transport(self):
         kill = getattr(self.transport, 'kill', None)
         if kill is not None:
             try:
                 kill()
             except Exception:
-                pass
-        self.lost(self.abort_error)
+                log.debug('chopsticks: killing the transport of %s failed', self.host, exc_info=True)
 
     def _closed_error(self):
         exc = self.error
