@@ -366,3 +366,31 @@ def test_ordinary_logger_names_are_kept(caplog):
     [record] = [r for r in caplog.records if r.name == 'myapp.db']
     assert record.host == 'lognames' and 'slow query' in record.getMessage()
     conn.close()
+
+
+def test_import_flood_from_a_remote_that_does_not_read_is_cut_off():
+    """A remote that asks for modules without ever reading the answers: the
+    requests waiting on it are capped, the tunnel is closed with a
+    ProtocolError, and closing does not wait for the stuck answer writes."""
+    conn, handlers = connected('importflood')
+    unblock = threading.Event()
+
+    def stuck_write(parts):  # the host stopped reading: the pipe is full
+        unblock.wait()
+        raise BrokenPipeError(32, 'Broken pipe')
+    conn.transport.write = stuck_write
+    conn.transport.kill = unblock.set  # what killing the real transport does
+    requests = b''.join(wire.frame(i, wire.IMPORT, codec.encode(('module', 'nosuch%d' % (i % 7))))
+                        for i in range(50000))
+    tracemalloc.start()
+    try:
+        for i in range(0, len(requests), 1 << 16):
+            conn.feed(requests[i:i + (1 << 16)])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        unblock.set()
+    assert conn.closed and isinstance(conn.error, ProtocolError)
+    assert 'import requests waiting' in str(conn.error) and '[importflood]' in str(conn.error)
+    assert handlers[1].future.done()
+    assert held < 16 << 20

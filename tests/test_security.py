@@ -277,3 +277,57 @@ def test_host_key_checking_is_on_without_any_config(sshd, tmp_path, transport):
         Tunnel('host1', ssh_config=str(config), transport=transport, connect_timeout=20).call(echo, 1)
     assert '[host1]' in str(info.value)
     assert (tmp_path / 'empty_known_hosts').read_text() == ''
+
+
+# --- a remote that stops reading, then misbehaves ----------------------------------------
+
+def test_remote_that_stops_reading_and_misbehaves_cannot_stall_the_controller():
+    """The controller is stuck writing a large call to a host that no longer
+    reads when that host sends garbage: the tunnel is closed (the stuck write
+    fails instead of waiting forever) and other tunnels never stall."""
+    import threading
+    from chopsticks import TunnelClosed
+
+    def go_deaf_then_send_garbage(delay):
+        """Stop reading the controller's frames, keeping the pipe open so its
+        writes block rather than fail; later send bytes that are not protocol."""
+        import os
+        import sys
+        import threading
+        import time
+        agent = sys.modules['_chopsticks_agent'].agent
+        agent.kept_open = os.dup(agent.rfd)
+        never, _ = os.pipe()
+        os.dup2(never, agent.rfd)  # the reader's next read waits forever
+
+        def garbage():
+            time.sleep(delay)
+            with agent.channel.lock:
+                os.write(agent.channel.fd, b'\xff' * 64)
+        threading.Thread(target=garbage).start()
+        return 'deaf'
+
+    hostile, other = Local('deaf'), Local('other')
+    try:
+        other.connect()
+        assert hostile.call(go_deaf_then_send_garbage, 1.5) == 'deaf'
+        outcome = {}
+
+        def stuck_call():
+            try:
+                hostile.call(len, b'x' * (8 << 20))  # blocks: nobody reads the pipe
+            except Exception as e:
+                outcome['error'] = e
+        writer = threading.Thread(target=stuck_call)
+        writer.start()
+        for n in range(30):  # the broker keeps serving everyone else meanwhile
+            assert other.call(echo, n, timeout=10) == n
+        writer.join(20)
+        assert not writer.is_alive(), 'the stuck write was never released'
+        error = outcome['error']
+        assert isinstance(error, TunnelClosed) and '[deaf]' in str(error)
+        assert 'invalid data' in str(error)
+        assert hostile.call(echo, 'reconnected') == 'reconnected'
+    finally:
+        hostile.close()
+        other.close()
