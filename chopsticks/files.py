@@ -64,6 +64,7 @@ CHUNK = 1 << 20             # bytes per piece sent to the host (one DATA frame)
 FETCH_CHUNK = 256 << 10     # bytes per item from the host: 64 items in flight = 16 MiB
 DIGEST_SIZE = 32            # SHA-256
 FLUSH_EVERY = 16 << 20      # fdatasync in the background this often (see _Flusher)
+READ_AHEAD = 4              # pieces a reading thread prepares ahead of the sender
 PROGRESS_THRESHOLD = 8 << 20  # smaller transfers never show a bar by themselves
 TEMP_MARK = '.chopsticks-'
 _SHA1 = True                # compute sha1sum (chopsticks 1.x) for single files
@@ -546,24 +547,57 @@ def remote_receive(stream, dest, spec):
 
 
 def _send_file(fd, chunk, want_sha1):
-    """Generator: the chunks of an open file, then a trailer dict with its hashes."""
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1() if want_sha1 else None
-    size = 0
-    read = os.read
-    while True:
-        data = read(fd, chunk)
-        if not data:
-            break
-        sha256.update(data)
-        if sha1 is not None:
-            sha1.update(data)
-        size += len(data)
-        yield data
-    trailer = {'size': size, 'sha256': sha256.hexdigest()}
-    if sha1 is not None:
-        trailer['sha1sum'] = sha1.hexdigest()
-    yield trailer
+    """Generator: the chunks of an open file, then a trailer dict with its hashes.
+
+    A helper thread reads and hashes up to READ_AHEAD chunks ahead, so the
+    pipe to the controller does not wait for the hashes.  The caller closes
+    ``fd`` only after this generator is finished or closed (the thread is
+    joined by then).
+    """
+    items = queue.Queue(READ_AHEAD)
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_and_hash, args=(fd, chunk, want_sha1, items, stop),
+                              name='chopsticks-read')
+    reader.daemon = True
+    reader.start()
+    try:
+        while True:
+            item = items.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, dict):
+                return
+    finally:
+        stop.set()
+        while reader.is_alive():  # it may be blocked on a full queue
+            try:
+                items.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        reader.join()
+
+
+def _read_and_hash(fd, chunk, want_sha1, items, stop):
+    try:
+        sha256 = hashlib.sha256()
+        sha1 = hashlib.sha1() if want_sha1 else None
+        size = 0
+        while not stop.is_set():
+            data = os.read(fd, chunk)
+            if not data:
+                trailer = {'size': size, 'sha256': sha256.hexdigest()}
+                if sha1 is not None:
+                    trailer['sha1sum'] = sha1.hexdigest()
+                items.put(trailer)
+                return
+            sha256.update(data)
+            if sha1 is not None:
+                sha1.update(data)
+            size += len(data)
+            items.put(data)
+    except BaseException as e:
+        items.put(e)
 
 
 def _open_regular_or_dir(path, flags):
@@ -790,9 +824,6 @@ def _bar_remove(task):
 
 
 # --- put -------------------------------------------------------------------------------
-
-READ_AHEAD = 4  # CHUNK buffers the reading thread may fill ahead of the sender
-
 
 class _Stopped(Exception):
     pass
