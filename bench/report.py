@@ -10,7 +10,7 @@ def fmt(value, unit):
             return '%.0f µs' % (value * 1e6)
         if value < 0.01:
             return '%.2f ms' % (value * 1e3)
-        if value < 1:
+        if value < 0.9995:
             return '%.0f ms' % (value * 1e3)
         return '%.2f s' % value
     if unit == 'MB/s':
