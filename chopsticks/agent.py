@@ -253,7 +253,7 @@ class ControllerFinder(importlib.abc.MetaPathFinder):
                 if reason:
                     raise ImportError(reason, name=fullname)
                 return None
-        kind, origin, source, package_dir, listing = entry
+        kind, origin, source, package_dir, listing = entry[:5]
         loader = ControllerLoader(self, fullname, entry)
         is_package = package_dir is not None
         spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin, is_package=is_package)
@@ -282,7 +282,8 @@ class ControllerLoader(importlib.abc.InspectLoader):
     def __init__(self, finder, fullname, entry):
         self.finder = finder
         self.name = fullname
-        self.kind, self.origin, self.source, self.package_dir, self.listing = entry
+        (self.kind, self.origin, self.source, self.package_dir, self.listing,
+         self.magic, self.code) = entry
 
     def create_module(self, spec):
         return None
@@ -297,6 +298,12 @@ class ControllerLoader(importlib.abc.InspectLoader):
         return self.source.decode('utf-8') if isinstance(self.source, bytes) else self.source
 
     def get_code(self, fullname):
+        if self.code and self.magic == importlib.util.MAGIC_NUMBER:
+            import marshal
+            try:
+                return marshal.loads(self.code)  # compiled by the controller: same version
+            except (EOFError, ValueError, TypeError):
+                pass
         filename = self.origin or '<namespace package %s>' % self.name
         return compile(self.source, filename, 'exec', dont_inherit=True)
 
@@ -717,6 +724,7 @@ def main():
         'version': tuple(sys.version_info[:3]),
         'platform': sys.platform,
         'hostname': os.uname().nodename,
+        'magic': importlib.util.MAGIC_NUMBER,
     })
     try:
         agent.read_frames()

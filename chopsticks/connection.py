@@ -550,6 +550,7 @@ class Connection(object):
             self.remote = codec.decode(payload)
             if not isinstance(self.remote, dict):
                 raise ValueError('bad HELLO')
+            self.modules.remote_magic = self.remote.get('magic')
             self.hello.set()
         elif op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT, wire.PONG):
             pass  # a reply to a request that timed out or was abandoned

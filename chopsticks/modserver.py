@@ -11,6 +11,8 @@ module *and* its static import closure (the modules its top-level code
 imports, found by reading the AST, recursively), compressed together.
 """
 import ast
+import importlib.util
+import marshal
 import os
 import re
 import sys
@@ -22,6 +24,7 @@ import importlib.machinery
 
 from . import codec
 
+MAGIC = importlib.util.MAGIC_NUMBER  # bytecode sent only to remotes with the same magic
 MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this much source
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
@@ -66,14 +69,48 @@ class ModuleInfo(object):
     """One servable module: its source and what its top-level code imports."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
-                 'imports', 'loader', 'mtime')
+                 'imports', 'loader', 'mtime', 'code')
 
-    def entry(self):
-        return (self.kind, self.origin, self.source, self.package_dir, self.listing)
+    def entry(self, with_code=False):
+        """What the remote gets.  ``with_code`` (a remote running our Python
+        version) adds the compiled module, so the remote skips compiling."""
+        code = self.bytecode() if with_code else None
+        return (self.kind, self.origin, self.source, self.package_dir, self.listing,
+                MAGIC, code)
+
+    def bytecode(self):
+        """The module compiled by this interpreter (marshal), made once: from
+        its up-to-date ``__pycache__`` file when there is one."""
+        if self.code is None and self.kind == 'source':
+            self.code = _cached_bytecode(self.origin, self.source)
+        if self.code is None and self.kind == 'source':
+            try:
+                self.code = marshal.dumps(compile(self.source, self.origin, 'exec',
+                                                  dont_inherit=True))
+            except (SyntaxError, ValueError):
+                self.code = b''  # let the remote report the error from the source
+        return self.code or None
 
 
 _cache = {}
 _cache_lock = threading.Lock()
+
+
+def _cached_bytecode(origin, source):
+    """The code in ``origin``'s .pyc if it was made from exactly ``source`` by us."""
+    try:
+        with open(importlib.util.cache_from_source(origin), 'rb') as f:
+            data = f.read()
+        flags = int.from_bytes(data[4:8], 'little')
+        mtime = int(os.stat(origin).st_mtime) & 0xFFFFFFFF
+    except (OSError, ValueError, NotImplementedError):
+        return None
+    if data[:4] != MAGIC or flags != 0 or len(data) < 16:
+        return None
+    if int.from_bytes(data[8:12], 'little') != mtime or \
+            int.from_bytes(data[12:16], 'little') != len(source) & 0xFFFFFFFF:
+        return None
+    return data[16:]
 
 
 def find_spec(fullname):
@@ -129,6 +166,7 @@ def _load_info(fullname, spec):
     info.imports = ()
     info.listing = None
     info.mtime = None
+    info.code = None
     locations = spec.submodule_search_locations
     if loader is None or type(loader).__name__ in ('NamespaceLoader', '_NamespaceLoader'):
         paths = [p for p in (locations or ()) if _inside(os.path.realpath(p), _search_roots())]
@@ -251,6 +289,7 @@ class ModuleServer(object):
         self.sent = set()
         self.package_dirs = {}  # real package dir -> loader, for data requests
         self.lock = threading.Lock()
+        self.remote_magic = None  # the remote's bytecode magic, from its HELLO
 
     def handle(self, query):
         """Answer an IMPORT request; the reply is compressed codec bytes."""
@@ -301,7 +340,7 @@ class ModuleServer(object):
                 if resend or name not in self.sent:
                     if total > CLOSURE_BYTES and name != root.name:
                         continue
-                    modules[name] = info.entry()
+                    modules[name] = info.entry(self.remote_magic == MAGIC)
                     self.sent.add(name)
                     total += len(info.source)
                     # Any directory on sys.path imports as a namespace package:
@@ -311,7 +350,7 @@ class ModuleServer(object):
                 queue.extend(n for n in info.imports if n not in seen)
         if fullname not in modules and fullname in self.sent:
             # Asked again (after invalidate_caches, or by a second finder): resend.
-            modules[fullname] = root.entry()
+            modules[fullname] = root.entry(self.remote_magic == MAGIC)
         return {'modules': modules, 'errors': errors}
 
     def serve_data(self, path):
@@ -346,6 +385,7 @@ class ForwardingModuleServer(object):
     def __init__(self, agent):
         self.agent = agent
         self.sent = set()
+        self.remote_magic = None
 
     def handle(self, query):
         try:

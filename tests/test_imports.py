@@ -187,3 +187,18 @@ def test_c_extension_is_refused_with_a_reason():
 def _has(name):
     import importlib.util
     return importlib.util.find_spec(name) is not None
+
+
+def test_same_version_remote_gets_compiled_modules(project, tunnel):
+    """A remote of the controller's version skips compiling; others get source only."""
+    _, modfuncs = project
+    tunnel.call(modfuncs.import_and_report)
+    has_code = tunnel.call(_served_with_code, 'servedpkg.sub.deeper')
+    same = tunnel.remote_info['version'][:2] == tuple(sys.version_info[:2])
+    assert has_code is same
+
+
+def _served_with_code(name):
+    import sys
+    entry = sys.modules['_chopsticks_agent'].agent.finder.modules[name]
+    return entry[6] is not None
