@@ -193,12 +193,7 @@ def test_same_version_remote_gets_compiled_modules(project, tunnel):
     """A remote of the controller's version skips compiling; others get source only."""
     _, modfuncs = project
     tunnel.call(modfuncs.import_and_report)
-    has_code = tunnel.call(_served_with_code, 'servedpkg.sub.deeper')
+    has_code = tunnel.call(lambda name: __import__('sys').modules['_chopsticks_agent']
+                           .agent.finder.modules[name][6] is not None, 'servedpkg.sub.deeper')
     same = tunnel.remote_info['version'][:2] == tuple(sys.version_info[:2])
     assert has_code is same
-
-
-def _served_with_code(name):
-    import sys
-    entry = sys.modules['_chopsticks_agent'].agent.finder.modules[name]
-    return entry[6] is not None
