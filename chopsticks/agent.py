@@ -13,16 +13,13 @@ Writes to the controller are serialised by one lock.
 """
 import builtins
 import collections
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import io
-import linecache
 import os
 import pickle
 import sys
 import threading
-import traceback
 import zlib
 
 codec = sys.modules['_chopsticks_codec']
@@ -161,6 +158,7 @@ class Workers(object):
             try:
                 job(*args)
             except BaseException:
+                import traceback
                 traceback.print_exc()
             job = args = None
 
@@ -181,6 +179,7 @@ def rebuild_function(source, name, filename, firstlineno, globals_, closure,
         # Pad so line numbers in remote tracebacks match the controller's file.
         code = compile('\n' * (firstlineno - 1) + source, filename, 'exec', dont_inherit=True)
         _compiled[key] = code
+        import linecache  # not at start-up: it costs milliseconds and most calls need none
         linecache.cache[filename] = (len(source), None, ('\n' * (firstlineno - 1) + source).splitlines(True), filename)
     if closure:
         namespace = dict(controller_main)
@@ -224,7 +223,7 @@ def load_call(payload):
 
 # --- the import hook ----------------------------------------------------------
 
-class ControllerFinder(importlib.abc.MetaPathFinder):
+class ControllerFinder(object):
     """Last on sys.meta_path: asks the controller for modules this host lacks.
 
     The controller answers with the module and the modules it imports (its
@@ -278,7 +277,7 @@ class ControllerFinder(importlib.abc.MetaPathFinder):
         self.missing.clear()
 
 
-class ControllerLoader(importlib.abc.InspectLoader):
+class ControllerLoader(object):
     def __init__(self, finder, fullname, entry):
         self.finder = finder
         self.name = fullname
@@ -421,6 +420,7 @@ class ControllerLogHandler(object):
         try:
             exc_text = None
             if record.exc_info:
+                import traceback
                 exc_text = ''.join(traceback.format_exception(*record.exc_info))
             self.channel.send_value(0, wire.LOG, {
                 'name': record.name, 'levelno': record.levelno, 'msg': record.getMessage(),
@@ -434,7 +434,7 @@ class ControllerLogHandler(object):
             self.local.busy = False
 
 
-class LoggingWatcher(importlib.abc.MetaPathFinder):
+class LoggingWatcher(object):
     """Installs the log handler when the remote first imports logging.
 
     Importing logging costs milliseconds; most calls never log, so the agent
@@ -609,6 +609,7 @@ class Agent(object):
             msg = str(exc)
         except Exception:
             msg = '<unprintable %s>' % etype.__name__
+        import traceback
         tb = ''.join(traceback.format_exception(etype, exc, exc.__traceback__))
         self.channel.send_value(rid, wire.ERROR, {'type': name, 'msg': msg, 'traceback': tb})
 

@@ -16,11 +16,8 @@ builtin containers and scalars (namedtuple, OrderedDict, IntEnum...) are
 sent as their builtin base.  Everything else raises ``EncodeError`` naming
 the type.
 """
-import datetime
-import decimal
-import pathlib
 import struct
-import uuid
+import sys
 
 __all__ = ['encode', 'decode', 'EncodeError', 'DecodeError']
 
@@ -188,19 +185,37 @@ _ENCODERS = {
     set: _enc_set,
     frozenset: _enc_frozenset,
     dict: _enc_dict,
-    datetime.datetime: _enc_datetime,
-    datetime.date: _enc_text(b'a'),
-    datetime.time: _enc_text(b'h'),
-    datetime.timedelta: _enc_timedelta,
-    decimal.Decimal: _enc_text(b'M'),
-    uuid.UUID: _enc_uuid,
 }
 
 # Subclasses travel as their first supported base, in this order (bool
 # before int: IntFlag members are ints, True is not a subclass instance).
-_BASES = (bool, int, float, complex, str, bytes, bytearray, dict, list,
-          tuple, frozenset, set, datetime.datetime, datetime.date,
-          datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID)
+_BASES = [bool, int, float, complex, str, bytes, bytearray, dict, list,
+          tuple, frozenset, set]
+
+# The stdlib value types, by the module that defines them.  They are not
+# imported here (pathlib, decimal and uuid cost the agent tens of milliseconds
+# at start): a value of one of these types can only exist once its module was
+# imported, so they are looked up in sys.modules when an unknown type shows up.
+_VALUE_TYPES = (
+    ('datetime', 'datetime', _enc_datetime),  # before date: a datetime is a date
+    ('datetime', 'date', _enc_text(b'a')),
+    ('datetime', 'time', _enc_text(b'h')),
+    ('datetime', 'timedelta', _enc_timedelta),
+    ('decimal', 'Decimal', _enc_text(b'M')),
+    ('uuid', 'UUID', _enc_uuid),
+)
+_value_types_seen = set()
+
+
+def _learn_value_types():
+    """Add the value types of newly imported modules to the encoders."""
+    for module_name, type_name, enc in _VALUE_TYPES:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, type_name, None)
+        if cls is not None and cls not in _value_types_seen:
+            _value_types_seen.add(cls)
+            _ENCODERS[cls] = enc
+            _BASES.append(cls)
 
 
 def _encode(v, out, depth):
@@ -213,7 +228,12 @@ def _encode(v, out, depth):
 
 
 def _encoder_for_subclass(v):
-    if isinstance(v, pathlib.PurePath):
+    _learn_value_types()
+    enc = _ENCODERS.get(type(v))
+    if enc is not None:
+        return enc
+    pathlib = sys.modules.get('pathlib')
+    if pathlib is not None and isinstance(v, pathlib.PurePath):
         tag = b'W' if isinstance(v, pathlib.PureWindowsPath) else b'P'
         return _enc_text(tag)
     for base in _BASES:
@@ -335,6 +355,11 @@ def _decode(r, depth):
 
 
 def _decode_value_type(tag, r):
+    # Imported here, not at the top: the remote agent never decodes these.
+    import datetime
+    import decimal
+    import pathlib
+    import uuid
     try:
         if tag == b'D':
             return _parse_datetime(_dec_text(r))
@@ -361,12 +386,14 @@ def _decode_value_type(tag, r):
 
 
 def _parse_datetime(text):
+    import datetime
     if hasattr(datetime.datetime, 'fromisoformat'):
         return datetime.datetime.fromisoformat(text)
     raise DecodeError('datetime decoding needs Python 3.7+')  # remote 3.6 never decodes these
 
 
 def _parse_time(text):
+    import datetime
     if hasattr(datetime.time, 'fromisoformat'):
         return datetime.time.fromisoformat(text)
     raise DecodeError('time decoding needs Python 3.7+')

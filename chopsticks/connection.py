@@ -469,7 +469,8 @@ class Connection(object):
     def start(self, timeout):
         self.transport.start(self)
         try:
-            self.transport.write([bootstrap.stdin_preamble(self.settings)])
+            self.transport.write([bootstrap.stdin_preamble(
+                self.settings, self.settings.get('compiled_agent', False))])
         except OSError:
             pass  # it died already; its stderr says why, below
         if not self.hello.wait(timeout):

@@ -5,6 +5,7 @@ and automatic again after the connection was closed or lost.
 """
 import asyncio
 import functools
+import os
 import shlex
 import sys
 import threading
@@ -138,6 +139,9 @@ class BaseTunnel(object):
     def __xor__(self, other):
         return self._group_op('__xor__', other)
 
+    def _connected(self, conn):
+        """Called once a new connection's agent said hello."""
+
     # --- calling
     def call(self, fn, *args, timeout=None, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the host and return its value.
@@ -238,11 +242,30 @@ class Local(SubprocessTunnel):
     """A python subprocess on this machine: the controller's own interpreter
     unless ``python=`` names another."""
 
+    # Interpreters on this machine whose version matches ours, learned from
+    # their agents' HELLO: they are sent the agent already compiled.
+    _same_version = {os.path.realpath(sys.executable): True}
+
     def __init__(self, name='localhost', python=None, **kwargs):
         super().__init__(name, python=python, **kwargs)
 
+    def _interpreter(self):
+        return os.path.realpath(self.python or sys.executable)
+
+    def _ship_compiled_agent(self):
+        return self._same_version.get(self._interpreter(), False)
+
     def python_args(self):
-        return bootstrap.python_argv(self.python or sys.executable)
+        return bootstrap.python_argv(self.python or sys.executable, self._ship_compiled_agent())
+
+    def settings(self):
+        settings = super().settings()
+        settings['compiled_agent'] = self._ship_compiled_agent()
+        return settings
+
+    def _connected(self, conn):
+        version = tuple(conn.remote.get('version', ()))[:2]
+        self._same_version[self._interpreter()] = version == tuple(sys.version_info[:2])
 
 
 class Sudo(SubprocessTunnel):
