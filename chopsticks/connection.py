@@ -253,19 +253,7 @@ class ProcessTransport(object):
             on_eof()
 
     def write(self, parts):
-        # Empty parts (a frame without payload) would make writev return 0 forever.
-        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
-        fd = self.stdin
-        while views:
-            n = os.writev(fd, views[:512])
-            while n:
-                first = views[0]
-                if n >= len(first):
-                    n -= len(first)
-                    views.pop(0)
-                else:
-                    views[0] = first[n:]
-                    n = 0
+        wire.write_all(self.stdin, parts)
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""
