@@ -25,7 +25,7 @@ from .rows import COLUMNS, ROWS, ROW_BY_ID, label, tasks_for
 from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
-INTERLEAVED = ('files', 'wan', 'many_hosts')
+NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
 
 
@@ -201,12 +201,14 @@ def measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdi
         task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
         columns = [c for c in COLUMNS if c.id in args.column_ids and not (
             c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
-        # Long tasks run one sample per subprocess, the columns taking turns, so
-        # that a change in the machine's load mid-run hits every column alike.
-        rounds = conf['heavy_repeat'] if task in INTERLEAVED else 1
+        # The columns take turns, a few samples each, so that a burst of load from
+        # elsewhere on the machine does not land on one column's samples only.
+        rounds = 1 if task in NOT_INTERLEAVED else conf['heavy_repeat']
         round_ctx = {}
         if rounds > 1:
-            round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1, 'repeat': -(-conf['repeat'] // rounds)}
+            round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1,
+                         'repeat': -(-conf['repeat'] // rounds),
+                         'local_repeat': -(-conf['local_repeat'] // rounds)}
         for _ in range(rounds):
             for column in columns:
                 if column.venv and peer_python is None:
@@ -266,10 +268,12 @@ def main(argv=None):
     print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('Medians of %d runs (%d for files, WAN and many hosts; those interleave the columns). '
+    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column. '
           '×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
           'one call to many hosts to the best peer. Every column runs %s on the remote.' % (
-              conf['repeat'], conf['heavy_repeat'], base_ctx['remote_python']))
+              conf['repeat'] if conf['heavy_repeat'] < 2 else
+              conf['heavy_repeat'] * -(-conf['repeat'] // conf['heavy_repeat']),
+              conf['heavy_repeat'], conf['heavy_repeat'], base_ctx['remote_python']))
     print()
     print(report.notes(results, conf))
     print('\nlogs: %s' % os.path.relpath(logdir))

@@ -78,6 +78,8 @@ def cell_text(row, cells, column_id):
     if row.id == 'memory':
         text += ', +%d threads' % extra.get('threads_added', 0)
     elif row.id == 'reconnect' and extra.get('cold (first tunnel)'):
+        # Only the first turn's is cold: its control master outlives the turn
+        # (ControlPersist) and serves the "cold" tunnel of the later turns.
         text += ' (cold %s)' % fmt(extra['cold (first tunnel)'][0], 's')
     elif column_id == 'floor' and extra:
         text += ' (%s)' % ', '.join('%s %s' % (k, fmt(_median(v), row.unit))
