@@ -65,6 +65,17 @@ def _search_roots():
     return [os.path.realpath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
 
 
+def _imported_package_roots(fullname):
+    """The directories of ``fullname``'s top-level package, if the controller
+    imported it from source through some finder: an editable install's finder
+    maps the name to a directory that is not itself on sys.path."""
+    top = sys.modules.get(fullname.partition('.')[0])
+    spec = getattr(top, '__spec__', None)
+    if spec is None or not (spec.origin or '').endswith('.py'):
+        return []
+    return [os.path.realpath(p) for p in (spec.submodule_search_locations or ())]
+
+
 class ModuleInfo(object):
     """One servable module: its source and what its top-level code imports."""
 
@@ -194,7 +205,7 @@ def _load_info(fullname, spec):
     elif origin and origin.endswith('.py') and os.path.isfile(origin):
         # SourceFileLoader, and look-alikes such as pytest's assertion rewriter
         real = os.path.realpath(origin)
-        if not _inside(real, _search_roots()):
+        if not _inside(real, _search_roots() + _imported_package_roots(fullname)):
             raise Refused('%s resolves to %s, outside sys.path' % (fullname, real))
         info.mtime = _mtime(origin)
         with open(origin, 'rb') as f:

@@ -197,3 +197,19 @@ def test_same_version_remote_gets_compiled_modules(project, tunnel):
                            .agent.finder.modules[name][6] is not None, 'servedpkg.sub.deeper')
     same = tunnel.remote_info['version'][:2] == tuple(sys.version_info[:2])
     assert has_code is same
+
+
+def test_package_from_an_editable_install_is_served(tmp_path, monkeypatch):
+    """An editable install's finder maps a name to a directory that is not on
+    sys.path; the package the controller imported from there is still served."""
+    import importlib.util
+    src = tmp_path / 'src_outside_sys_path' / 'editablepkg'
+    write(src / '__init__.py', 'from .impl import answer\n')
+    write(src / 'impl.py', 'def answer():\n    return 42\n')
+    spec = importlib.util.spec_from_file_location(
+        'editablepkg', str(src / '__init__.py'), submodule_search_locations=[str(src)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, 'editablepkg', module)
+    spec.loader.exec_module(module)
+    with Local() as t:
+        assert t.call(module.answer) == 42
