@@ -654,7 +654,7 @@ class Connection(object):
                 write_error = e
             else:
                 return
-        self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+        self._write_failed(write_error)
         raise self._closed_error()
 
     def flush(self):
@@ -685,7 +685,11 @@ class Connection(object):
         finally:
             self.write_lock.release()
         if write_error is not None:
-            self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+            self._write_failed(write_error)
+
+    def _write_failed(self, error):
+        """A write to the host failed: the connection is lost."""
+        self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, error)))
 
     def _flush_later(self):
         if self.flushing:
@@ -704,7 +708,7 @@ class Connection(object):
                 return
             except (OSError, ValueError) as e:
                 write_error = e
-        self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+        self._write_failed(write_error)
 
     # --- keepalive (on the keepalive thread, see KeepaliveWatch)
     def check_alive(self, now):
@@ -750,7 +754,7 @@ class Connection(object):
         finally:
             self.write_lock.release()
         if write_error is not None:
-            self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, write_error)))
+            self._write_failed(write_error)
 
     def _abort(self):
         # Killing the transport first unblocks any thread stuck writing to it.
