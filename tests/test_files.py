@@ -171,6 +171,14 @@ def _kill_after(tunnel, nbytes):
     return progress
 
 
+def _interrupt_after(nbytes):
+    """A progress callback that acts as Ctrl-C once ``nbytes`` have moved."""
+    def progress(done, total):
+        if done >= nbytes:
+            raise KeyboardInterrupt
+    return progress
+
+
 @pytest.mark.parametrize('kind', ['local', 'openssh'])
 def test_remote_killed_during_put_leaves_the_old_file(sshd, kind, big_file, tmp_path):
     src, _, _ = big_file
@@ -216,11 +224,8 @@ def test_interrupting_put_removes_the_remote_temp_file(local, big_file, tmp_path
     dest = tmp_path / 'dest'
     dest.write_bytes(b'precious')
 
-    def ctrl_c(done, total):
-        if done >= 4 << 20:
-            raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        local.put(src, str(dest), progress=ctrl_c)
+        local.put(src, str(dest), progress=_interrupt_after(4 << 20))
     # The host removes its temp file when it learns of the abort, just after.
     for _ in range(100):
         if not leftovers(tmp_path):
@@ -235,11 +240,8 @@ def test_interrupting_fetch_removes_the_local_temp_file(local, big_file, tmp_pat
     dest = tmp_path / 'dest'
     dest.write_bytes(b'precious')
 
-    def ctrl_c(done, total):
-        if done >= 4 << 20:
-            raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        local.fetch(src, str(dest), progress=ctrl_c)
+        local.fetch(src, str(dest), progress=_interrupt_after(4 << 20))
     assert leftovers(tmp_path) == [] and dest.read_bytes() == b'precious'
     assert local.fetch(src, str(dest))['size'] == BIG
 
