@@ -18,6 +18,7 @@ import glob
 import math
 import os
 import shutil
+import sys
 import threading
 
 from .connection import ProcessTransport
@@ -220,7 +221,13 @@ class ParamikoTransport(object):
         if self.channel is not None:
             get_broker().unregister(self.channel)
         if self.conn is not None:
-            threading.Thread(target=self.conn.close, daemon=True).start()
+            # Off this thread: closing waits for paramiko's.  At interpreter
+            # exit a new thread never starts (and start() would wait for it
+            # forever), so close here.
+            if sys.is_finalizing():
+                self.conn.close()
+            else:
+                threading.Thread(target=self.conn.close, daemon=True).start()
 
 
 def make_transport(tunnel):

@@ -1,6 +1,7 @@
 """Tunnels over a real OpenSSH server on loopback, with both transports."""
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +103,14 @@ def test_interpreter_discovery_message_when_none_exists():
     assert out.returncode == 127
     assert 'no python interpreter found' in out.stderr
     assert 'python3' in out.stderr and 'platform-python' in out.stderr
+
+
+def test_a_script_that_never_closes_its_tunnel_still_exits(sshd, transport):
+    # The tunnel is closed from its finalizer at interpreter exit, when no
+    # new thread can start: closing must not wait for one.
+    script = ('import os\nfrom chopsticks import Tunnel\n'
+              't = Tunnel("host1", transport=%r)\nprint(t.call(os.getpid))\n' % transport)
+    done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().isdigit()
