@@ -507,6 +507,7 @@ class Agent(object):
         self.workers = Workers()
         self.local = threading.local()  # .reading: this thread holds the reader role
         self.parser = wire.FrameParser(config.get('max_frame', 1 << 30))
+        self.read_buffer = bytearray(1 << 18)
         self.finder = ControllerFinder(self)
         self.requests = {}  # our request id -> [event, reply]
         self.next_request = 0
@@ -539,15 +540,18 @@ class Agent(object):
         self.local.reading = True
         parser = self.parser
         fd = self.rfd
+        # One buffer for whoever holds the reader role (the parser copies what
+        # it keeps): os.read(fd, 256 KiB) would allocate that much per read.
+        buf = self.read_buffer
         while True:
             try:
-                data = os.read(fd, 1 << 18)
+                n = os.readv(fd, [buf])
             except OSError:
-                data = b''
-            if not data:
+                n = 0
+            if not n:
                 os._exit(0)  # the controller hung up: leave, whatever calls still run
             try:
-                frames = parser.feed(data)
+                frames = parser.feed(memoryview(buf)[:n])
             except Exception as e:
                 reader_failed(e)
             last = len(frames) - 1

@@ -11,6 +11,11 @@ import threading
 
 log = logging.getLogger(__name__)
 
+# Selectors whose select() in progress notices a file registered meanwhile.
+_SEES_LATE_REGISTRATIONS = tuple(
+    getattr(selectors, name) for name in ('EpollSelector', 'KqueueSelector', 'DevpollSelector')
+    if hasattr(selectors, name))
+
 
 class Broker(object):
     def __init__(self):
@@ -19,16 +24,23 @@ class Broker(object):
         self.thread = None
         self.pid = None
         self.flushes = []  # callables to run on the broker thread soon
+        # Callbacks read into this (they run one at a time, on the broker thread).
+        self.read_buffer = bytearray(1 << 20)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
 
-    def register(self, fileobj, callback):
-        """Call ``callback()`` from the broker thread whenever ``fileobj`` is readable."""
+    def register(self, fileobj, callback, wake=True):
+        """Call ``callback()`` from the broker thread whenever ``fileobj`` is readable.
+
+        ``wake=False`` skips waking the broker thread: for a pipe given back
+        after a caller read it (epoll and kqueue see it without a wake-up).
+        """
         with self.lock:
             self.selector.register(fileobj, selectors.EVENT_READ, callback)
             self._ensure_thread()
-        self._wake()
+        if wake or not isinstance(self.selector, _SEES_LATE_REGISTRATIONS):
+            self._wake()
 
     def unregister(self, fileobj):
         with self.lock:

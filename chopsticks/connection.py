@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
 LOGGER_NAMES_MAX = 1000     # ...and how many names one connection may bring into being
 REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
 IMPORTS_IN_FLIGHT = 1000    # import requests one remote may have waiting for an answer
+DIRECT_READ_BUFFER = 256 << 10  # per caller thread that reads its own replies
+DIRECT_READ_SLICE = 0.5     # seconds such a caller waits before looking for a close()
 
 _import_pool = None
 _import_pool_lock = threading.Lock()
@@ -207,6 +210,12 @@ class ProcessTransport(object):
         self.env = env
         self.what = what or argv[0]
         self.proc = None
+        # Whoever reads stdout holds read_lock: the broker, or a caller waiting
+        # for its own reply (see wait_reading).  state_lock guards the handover.
+        self.read_lock = threading.Lock()
+        self.state_lock = threading.Lock()
+        self.direct_reader = None  # the thread reading stdout instead of the broker
+        self.closing = False
 
     def start(self, conn):
         try:
@@ -221,8 +230,71 @@ class ProcessTransport(object):
         os.set_blocking(self.stdout.fileno(), False)
         os.set_blocking(self.stderr.fileno(), False)
         broker = get_broker()
-        broker.register(self.stdout, lambda: self._pump(self.stdout, conn.feed, lambda: self._eof(conn)))
+        self._on_stdout = lambda: self._pump_stdout(conn)
+        broker.register(self.stdout, self._on_stdout)
         broker.register(self.stderr, lambda: self._pump(self.stderr, conn.feed_stderr, None))
+
+    def _pump_stdout(self, conn):
+        if not self.read_lock.acquire(blocking=False):
+            return  # a caller reads it now, and is taking it off the broker
+        try:
+            self._pump(self.stdout, conn.feed, lambda: self._eof(conn))
+        finally:
+            self.read_lock.release()
+
+    def wait_reading(self, conn, future, timeout):
+        """Wait for ``future`` by reading stdout on this thread; False if another does.
+
+        Handing each reply from the broker thread to the waiting caller costs
+        two thread wake-ups, about a third of a round trip on a small machine.
+        So a caller that is about to block reads the pipe itself, dispatching
+        every frame (other callers' replies too), and hands the pipe back to
+        the broker when its own reply is in or ``timeout`` runs out.
+        """
+        if not self.read_lock.acquire(blocking=False):
+            return False
+        with self.state_lock:
+            if self.closing:
+                self.read_lock.release()
+                return False
+            self.direct_reader = threading.get_ident()
+        broker = get_broker()
+        broker.unregister(self.stdout)
+        try:
+            fd = self.stdout.fileno()
+            buf = _reading_buffer()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not future.done() and not self.closing:
+                # In slices, so a close() from another thread is seen soon.
+                wait = DIRECT_READ_SLICE if deadline is None else \
+                    min(DIRECT_READ_SLICE, deadline - time.monotonic())
+                if wait < 0:
+                    break
+                if not poller.poll(wait * 1000.0):
+                    continue
+                try:
+                    n = os.readv(fd, [buf])
+                except BlockingIOError:
+                    continue
+                except (OSError, ValueError):
+                    n = 0
+                if not n:
+                    broker.unregister(self.stderr)
+                    self._eof(conn)
+                    break
+                conn.feed(memoryview(buf)[:n])
+        finally:
+            with self.state_lock:
+                self.direct_reader = None
+                closing = self.closing
+                self.read_lock.release()
+                if not closing:
+                    broker.register(self.stdout, self._on_stdout, wake=False)
+            if closing:
+                self._close_pipes()
+        return True
 
     def _eof(self, conn):
         # The process's last stderr lines say why it ended ("Connection refused"):
@@ -239,14 +311,18 @@ class ProcessTransport(object):
         conn.eof()
 
     def _pump(self, pipe, sink, on_eof):
+        # Into the broker's one buffer: os.read(fd, 1 MiB) would allocate (and
+        # fault in) a fresh megabyte for every 20-byte reply.  Sinks copy what
+        # they keep, so the buffer is free again once they return.
+        buf = get_broker().read_buffer
         try:
-            data = os.read(pipe.fileno(), 1 << 20)
+            n = os.readv(pipe.fileno(), [buf])
         except BlockingIOError:
             return
         except (OSError, ValueError):  # ValueError: closed meanwhile, by the stdout side
-            data = b''
-        if data:
-            sink(data)
+            n = 0
+        if n:
+            sink(memoryview(buf)[:n])
             return
         get_broker().unregister(pipe)
         if on_eof is not None:
@@ -288,21 +364,45 @@ class ProcessTransport(object):
         if proc is None:
             return
         broker = get_broker()
+        with self.state_lock:
+            self.closing = True
+            # A caller reading stdout closes it when it stops (it may be
+            # inside poll() on it now); unless that caller is this thread.
+            defer = self.direct_reader not in (None, threading.get_ident())
         for pipe in (proc.stdout, proc.stderr):
             broker.unregister(pipe)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        if not defer:
+            self._close_pipes()
         # The agent exits when its stdin closes; make sure, without waiting long.
         # (Not at interpreter exit: a thread started then never runs, and
         # Thread.start() would wait for it forever.)
         if proc.poll() is None and not sys.is_finalizing():
             threading.Thread(target=_reap, args=(proc,), daemon=True).start()
 
+    def _close_pipes(self):
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
     def pid(self):
         return self.proc.pid if self.proc else None
+
+
+_thread_state = threading.local()
+
+
+def _reading_buffer():
+    """This thread's buffer for reading replies (see wait_reading)."""
+    buf = getattr(_thread_state, 'buffer', None)
+    if buf is None:
+        buf = _thread_state.buffer = bytearray(DIRECT_READ_BUFFER)
+    return buf
 
 
 def _reap(proc):
@@ -811,8 +911,13 @@ class Connection(object):
         return self.wait(future, timeout, describe(fn))
 
     def wait(self, future, timeout, what):
+        left = timeout
+        wait_reading = getattr(self.transport, 'wait_reading', None)
+        if wait_reading is not None and not future.done():
+            if wait_reading(self, future, timeout):
+                left = 0  # it waited already
         try:
-            return future.result(timeout)
+            return future.result(left)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))

@@ -47,37 +47,59 @@ class FrameParser(object):
     """Incremental frame splitter: feed bytes, get complete frames back.
 
     ``max_payload`` bounds what a peer can make us buffer for one frame.
+    A payload that arrives whole inside one ``feed`` is copied once; one that
+    spans several is gathered in a bytearray that grows with what arrived
+    (never preallocated from the announced length).
     """
 
     def __init__(self, max_payload):
         self.max_payload = max_payload
-        self.buf = bytearray()
-        self.need = HEADER.size
+        self.buf = bytearray()  # the pending bytes of an incomplete frame
+        self.need = HEADER.size  # len(buf) at which the pending frame is complete
 
     def feed(self, data):
         buf = self.buf
-        buf += data
-        if len(buf) < self.need:
-            return ()
-        frames = []
-        pos = 0
-        end = len(buf)
         size = HEADER.size
+        frames = []
+        if buf:
+            # Complete the pending frame with as few bytes of data as it needs.
+            view = memoryview(data)
+            if len(buf) < size:
+                take = min(size - len(buf), len(view))
+                buf += view[:take]
+                view = view[take:]
+                if len(buf) < size:
+                    return frames
+                length, rid, op = HEADER.unpack_from(buf, 0)
+                if length > self.max_payload:
+                    raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
+                                     % (length, self.max_payload))
+                self.need = size + length
+            take = min(self.need - len(buf), len(view))
+            buf += view[:take]
+            data = view[take:]
+            if len(buf) < self.need:
+                return frames
+            length, rid, op = HEADER.unpack_from(buf, 0)
+            frames.append((rid, op, bytes(memoryview(buf)[size:])))
+            self.buf = buf = bytearray()
+            self.need = size
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
         while end - pos >= size:
-            length, rid, op = HEADER.unpack_from(buf, pos)
+            length, rid, op = HEADER.unpack_from(view, pos)
             if length > self.max_payload:
                 raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
                                  % (length, self.max_payload))
-            if end - pos - size < length:
+            start = pos + size
+            if end - start < length:
                 self.need = size + length
                 break
-            start = pos + size
-            frames.append((rid, op, bytes(buf[start:start + length])))
+            frames.append((rid, op, bytes(view[start:start + length])))
             pos = start + length
-        else:
-            self.need = size
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            buf += view[pos:]
         return frames
 
 

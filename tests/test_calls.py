@@ -98,6 +98,45 @@ def test_timeout_raises_and_tunnel_stays_usable(local):
     assert local.call(echo, 3) == 3
 
 
+def test_calls_from_other_threads_finish_while_one_waits_on_a_long_call(local):
+    # The waiting caller reads the tunnel itself: it must hand the others
+    # their replies, not only wait for its own.
+    local.connect()
+    waiter = threading.Thread(target=local.call, args=(time.sleep, 3))
+    waiter.start()
+    time.sleep(0.3)
+    results = []
+
+    def worker(n):
+        results.extend(local.call(echo, (n, i), timeout=10) for i in range(20))
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert sorted(results) == [(n, i) for n in range(4) for i in range(20)]
+    assert waiter.is_alive()  # the long call was still waiting all along
+    waiter.join()
+
+
+def test_close_from_another_thread_ends_a_waiting_call(local):
+    local.connect()
+    closer = threading.Timer(0.3, local.close)
+    closer.start()
+    with pytest.raises(TunnelClosed, match='localhost'):
+        local.call(time.sleep, 30, timeout=20)  # not CallTimeout: close() reached it
+    closer.join()
+    assert local.call(echo, 'back') == 'back'  # reconnects
+
+
+def test_remote_killed_fails_a_waiting_call(local):
+    local.connect()
+    threading.Timer(0.3, os.kill, args=(local.remote_info['pid'], 9)).start()
+    with pytest.raises(TunnelClosed, match='localhost'):
+        local.call(time.sleep, 30, timeout=20)
+
+
 def test_lazy_connect_close_and_reconnect(local):
     assert not local.connected
     first = local.call(os.getpid)
