@@ -28,6 +28,8 @@ wire = sys.modules['_chopsticks_wire']
 IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
 ITER_WINDOW = 64        # items a generator may run ahead of the controller
 WORKER_IDLE_EXIT = 30.0  # seconds an idle worker thread waits before exiting
+RELIEF_TICK = 0.002     # seconds between the relief thread's looks at a call run inline
+RELIEF_IDLE_TICKS = 25  # ticks without calls before the relief thread sleeps until the next
 
 agent = None  # the running Agent, for code that wants to know (relays, logging)
 
@@ -505,7 +507,14 @@ class Agent(object):
         self.channel = Channel(wfd)
         self.config = config
         self.workers = Workers()
-        self.local = threading.local()  # .reading: this thread holds the reader role
+        # The reader runs a call inline (see read_frames); the relief thread
+        # takes over reading if it lasts.  All guarded by ``role``.
+        self.local = threading.local()  # .reading: this thread reads and dispatches frames
+        self.role = threading.Condition(threading.Lock())
+        self.inline_thread = None  # ident of the reader while it runs a call inline
+        self.inline_calls = 0      # calls run inline so far: the relief thread's clock
+        self.relief_started = False
+        self.relief_parked = False
         self.parser = wire.FrameParser(config.get('max_frame', 1 << 30))
         self.read_buffer = bytearray(1 << 18)
         self.finder = ControllerFinder(self)
@@ -518,6 +527,7 @@ class Agent(object):
 
     # requests we make to the controller (imports)
     def request(self, query):
+        self.hand_off_reading()  # the answer needs a reader
         event = threading.Event()
         slot = [event, None]
         with self.request_lock:
@@ -533,16 +543,19 @@ class Agent(object):
     def read_frames(self):
         """Hold the reader role: read and dispatch frames.
 
-        Leader/follower: when a read ends with a call, this thread hands the
-        reader role to another thread and runs the call itself, so the call
-        does not wait for a second thread to wake up.
+        A call that ends a read runs right here on the reader thread: handing
+        it to another thread costs more thread switches than a small call
+        takes.  While it runs nobody reads, so the relief thread hands the
+        reader role to another thread when the call outlasts RELIEF_TICK, and
+        a call that waits for the controller (an import) hands it over at once.
+        This thread then joins the workers when its call ends.
         """
-        self.local.reading = True
         parser = self.parser
         fd = self.rfd
         # One buffer for whoever holds the reader role (the parser copies what
         # it keeps): os.read(fd, 256 KiB) would allocate that much per read.
         buf = self.read_buffer
+        self.local.reading = True
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -557,14 +570,75 @@ class Agent(object):
             last = len(frames) - 1
             for i, (rid, op, payload) in enumerate(frames):
                 if i == last and op == wire.CALL:
-                    self.local.reading = False
-                    self.workers.submit_first(self.read_frames)
-                    self.run_call(rid, payload)
-                    return
+                    if not self.run_inline(rid, payload):
+                        return  # another thread reads now
+                    continue
                 try:
                     self.dispatch(rid, op, payload)
                 except Exception as e:
                     reader_failed(e)
+
+    def run_inline(self, rid, payload):
+        """Run a call on the reader thread; False if the reader role moved meanwhile."""
+        me = threading.get_ident()
+        with self.role:
+            self.inline_calls += 1
+            self.inline_thread = me
+            if not self.relief_started:
+                self.relief_started = True
+                relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
+                relief.daemon = True
+                relief.start()
+            elif self.relief_parked:
+                self.relief_parked = False
+                self.role.notify()
+        self.local.reading = False  # the call may import: see ControllerFinder
+        self.run_call(rid, payload)
+        with self.role:
+            still_reader = self.inline_thread == me
+            if still_reader:
+                self.inline_thread = None  # (else it may be the new reader's own inline call)
+        self.local.reading = still_reader
+        return still_reader
+
+    def hand_off_reading(self):
+        """Called by a call about to wait on something: if it runs on the
+        reader thread, another thread takes the reader role now."""
+        if self.inline_thread != threading.get_ident():
+            return
+        with self.role:
+            if self.inline_thread != threading.get_ident():
+                return
+            self.inline_thread = None
+        self.workers.submit_first(self.read_frames)
+
+    def _relieve(self):
+        """Give the reader role to another thread when a call run inline lasts."""
+        import time
+        seen = None  # inline_calls when a call was seen running
+        idle = 0
+        while True:
+            with self.role:
+                if self.inline_thread is None and idle >= RELIEF_IDLE_TICKS:
+                    # Quiet: sleep until the next inline call rather than tick.
+                    self.relief_parked = True
+                    while self.relief_parked:
+                        self.role.wait()
+                    idle = 0
+            time.sleep(RELIEF_TICK)
+            with self.role:
+                if self.inline_thread is None:
+                    idle += 1
+                    seen = None
+                    continue
+                idle = 0
+                if self.inline_calls != seen:
+                    seen = self.inline_calls
+                    continue
+                # The same call ran for a whole tick: let another thread read.
+                self.inline_thread = None
+                seen = None
+            self.workers.submit_first(self.read_frames)
 
     def dispatch(self, rid, op, payload):
         if op == wire.CALL:

@@ -227,6 +227,7 @@ class ProcessTransport(object):
         self.stdin = self.proc.stdin.fileno()
         self.stdout = self.proc.stdout
         self.stderr = self.proc.stderr
+        os.set_blocking(self.stdin, False)
         os.set_blocking(self.stdout.fileno(), False)
         os.set_blocking(self.stderr.fileno(), False)
         broker = get_broker()
@@ -242,15 +243,13 @@ class ProcessTransport(object):
         finally:
             self.read_lock.release()
 
-    def wait_reading(self, conn, future, timeout):
-        """Wait for ``future`` by reading stdout on this thread; False if another does.
-
-        Handing each reply from the broker thread to the waiting caller costs
-        two thread wake-ups, about a third of a round trip on a small machine.
-        So a caller that is about to block reads the pipe itself, dispatching
-        every frame (other callers' replies too), and hands the pipe back to
-        the broker when its own reply is in or ``timeout`` runs out.
-        """
+    # A caller waiting for its own reply reads stdout itself: handing each
+    # reply over from the broker thread costs two thread wake-ups, a third of
+    # a round trip on a small machine.  It dispatches every frame it reads
+    # (other callers' replies too) and gives the pipe back to the broker
+    # when its reply is in.  See Connection.call.
+    def take_stdout(self):
+        """Take stdout from the broker for this thread; False if another thread has it."""
         if not self.read_lock.acquire(blocking=False):
             return False
         with self.state_lock:
@@ -258,43 +257,45 @@ class ProcessTransport(object):
                 self.read_lock.release()
                 return False
             self.direct_reader = threading.get_ident()
-        broker = get_broker()
-        broker.unregister(self.stdout)
-        try:
-            fd = self.stdout.fileno()
-            buf = _reading_buffer()
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not future.done() and not self.closing:
-                # In slices, so a close() from another thread is seen soon.
-                wait = DIRECT_READ_SLICE if deadline is None else \
-                    min(DIRECT_READ_SLICE, deadline - time.monotonic())
-                if wait < 0:
-                    break
-                if not poller.poll(wait * 1000.0):
-                    continue
-                try:
-                    n = os.readv(fd, [buf])
-                except BlockingIOError:
-                    continue
-                except (OSError, ValueError):
-                    n = 0
-                if not n:
-                    broker.unregister(self.stderr)
-                    self._eof(conn)
-                    break
-                conn.feed(memoryview(buf)[:n])
-        finally:
-            with self.state_lock:
-                self.direct_reader = None
-                closing = self.closing
-                self.read_lock.release()
-                if not closing:
-                    broker.register(self.stdout, self._on_stdout, wake=False)
-            if closing:
-                self._close_pipes()
+        get_broker().unregister(self.stdout)
         return True
+
+    def read_until(self, conn, future, timeout):
+        """Read and dispatch frames until ``future`` is done or ``timeout`` passes."""
+        fd = self.stdout.fileno()
+        buf = _reading_buffer()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done() and not self.closing:
+            # In slices, so a close() from another thread is seen soon.
+            wait = DIRECT_READ_SLICE if deadline is None else \
+                min(DIRECT_READ_SLICE, deadline - time.monotonic())
+            if wait < 0:
+                return
+            if not poller.poll(wait * 1000.0):
+                continue
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError):
+                n = 0
+            if not n:
+                get_broker().unregister(self.stderr)
+                self._eof(conn)
+                return
+            conn.feed(memoryview(buf)[:n])
+
+    def give_back_stdout(self):
+        with self.state_lock:
+            self.direct_reader = None
+            closing = self.closing
+            self.read_lock.release()
+            if not closing:
+                get_broker().register(self.stdout, self._on_stdout, wake=False)
+        if closing:
+            self._close_pipes()  # close() left them to us
 
     def _eof(self, conn):
         # The process's last stderr lines say why it ended ("Connection refused"):
@@ -329,29 +330,37 @@ class ProcessTransport(object):
             on_eof()
 
     def write(self, parts):
-        wire.write_all(self.stdin, parts)
+        """Write every buffer, waiting for the pipe as long as it takes."""
+        views = self.write_nowait(parts)
+        if views:
+            poller = select.poll()
+            poller.register(self.stdin, select.POLLOUT)
+            while views:
+                poller.poll()  # writable, or the reader is gone (writev then fails)
+                views = self._write_views(views)
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""
-        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+        return self._write_views([v for v in (memoryview(p).cast('B') for p in parts) if len(v)])
+
+    def _write_views(self, views):
+        # stdin is non-blocking (see start): a caller that reads its own
+        # replies must never block writing, or the host, blocked writing to
+        # us in turn, would never read again.
         fd = self.stdin
-        os.set_blocking(fd, False)
-        try:
-            while views:
-                try:
-                    n = os.writev(fd, views[:512])
-                except BlockingIOError:
-                    break
-                while n:
-                    first = views[0]
-                    if n >= len(first):
-                        n -= len(first)
-                        views.pop(0)
-                    else:
-                        views[0] = first[n:]
-                        n = 0
-        finally:
-            os.set_blocking(fd, True)
+        while views:
+            try:
+                n = os.writev(fd, views[:512])
+            except BlockingIOError:
+                break
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = first[n:]
+                    n = 0
         return views
 
     def kill(self):
@@ -749,7 +758,15 @@ class Connection(object):
                 frame = self.outbox + frame
                 self.outbox = []
             try:
-                self.transport.write(frame)
+                if getattr(self.transport, 'direct_reader', None) == threading.get_ident():
+                    # This thread reads the replies (see call): it must not
+                    # block here, so a helper thread sends what is left.
+                    rest = self.transport.write_nowait(frame)
+                    if rest:
+                        self.outbox = list(rest)
+                        self._flush_later()
+                else:
+                    self.transport.write(frame)
             except (OSError, ValueError) as e:
                 write_error = e
             else:
@@ -907,20 +924,41 @@ class Connection(object):
         return handler.future
 
     def call(self, fn, args, kwargs, timeout=None):
-        future = self.call_async(fn, args, kwargs)
-        return self.wait(future, timeout, describe(fn))
+        # The pipe is taken before the call goes out, so the broker thread
+        # never wakes for the reply.
+        reading = self._take_reading()
+        try:
+            future = self.call_async(fn, args, kwargs)
+        except BaseException:
+            if reading:
+                self.transport.give_back_stdout()
+            raise
+        return self.wait(future, timeout, describe(fn), reading)
 
-    def wait(self, future, timeout, what):
+    def wait(self, future, timeout, what, reading=None):
+        """The result of ``future``; ``reading``: this thread took the transport's output."""
+        if reading is None:
+            reading = not future.done() and self._take_reading()
         left = timeout
-        wait_reading = getattr(self.transport, 'wait_reading', None)
-        if wait_reading is not None and not future.done():
-            if wait_reading(self, future, timeout):
-                left = 0  # it waited already
+        if reading:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                self.transport.read_until(self, future, timeout)
+            finally:
+                self.transport.give_back_stdout()
+            # Still not done: the time is up, or the tunnel is closing (and
+            # is about to fail the future).
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
         try:
             return future.result(left)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
+
+    def _take_reading(self):
+        take = getattr(self.transport, 'take_stdout', None)
+        return take is not None and take()
 
     def pickle_call(self, fn, args, kwargs):
         try:

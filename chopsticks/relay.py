@@ -16,6 +16,7 @@ relay host runs the ``relay_*`` functions (served to it by the import hook),
 which is why everything else is imported lazily.
 """
 import concurrent.futures
+import sys
 import threading
 import uuid
 
@@ -47,7 +48,15 @@ def _failure(exc):
     return ('error', type(exc).__name__, str(exc))
 
 
+def _waiting_on_another_host():
+    """Let the relay's agent read our frames while this call waits (see Agent.hand_off_reading)."""
+    agent_module = sys.modules.get('_chopsticks_agent')
+    if agent_module is not None and agent_module.agent is not None:
+        agent_module.agent.hand_off_reading()
+
+
 def relay_connect(key, spec):
+    _waiting_on_another_host()
     try:
         return ('ok', dict(_relayed_tunnel(key, spec).remote_info))
     except Exception as e:
@@ -55,6 +64,7 @@ def relay_connect(key, spec):
 
 
 def relay_call(key, spec, payload, what, timeout):
+    _waiting_on_another_host()
     try:
         conn = _relayed_tunnel(key, spec)._connection()
         return ('ok', conn.wait(conn.call_async_payload(payload, what), timeout, what))

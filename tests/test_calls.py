@@ -120,6 +120,25 @@ def test_calls_from_other_threads_finish_while_one_waits_on_a_long_call(local):
     waiter.join()
 
 
+def test_calls_of_every_length_around_the_reader_handover(local):
+    # The agent runs a call on its reader thread and hands reading to another
+    # thread when the call lasts a couple of milliseconds: calls that end just
+    # as the handover happens must neither lose the reader nor their reply.
+    durations = [(n % 13) * 0.0005 for n in range(120)]
+
+    def worker(offset, out):
+        out.extend(local.call(sleep_then, d, (offset, i), timeout=30)
+                   for i, d in enumerate(durations))
+
+    results = [[] for _ in range(3)]
+    threads = [threading.Thread(target=worker, args=(n, results[n])) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[(n, i) for i in range(len(durations))] for n in range(3)]
+
+
 def test_close_from_another_thread_ends_a_waiting_call(local):
     local.connect()
     closer = threading.Timer(0.3, local.close)

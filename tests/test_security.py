@@ -325,7 +325,7 @@ def test_remote_that_stops_reading_and_misbehaves_cannot_stall_the_controller():
         writer.join(20)
         assert not writer.is_alive(), 'the stuck write was never released'
         error = outcome['error']
-        assert isinstance(error, TunnelClosed) and '[deaf]' in str(error)
+        assert isinstance(error, TunnelClosed) and '[deaf]' in str(error), repr(error)
         assert 'invalid data' in str(error)
         assert hostile.call(echo, 'reconnected') == 'reconnected'
     finally:
