@@ -26,6 +26,15 @@ from .errors import ConnectError
 from .broker import get_broker
 
 ENV_SSH_CONFIG = 'CHOPSTICKS_SSH_CONFIG'
+
+# Put at the head of OpenSSH's default ciphers, unless the user's ssh
+# configuration or options choose ciphers: AES-GCM runs on the CPU's AES
+# instructions and moves bulk data about a third faster than the default
+# chacha20-poly1305 (252 against 185 MB/s through ``ssh host cat`` here).
+PREFERRED_CIPHERS = '^aes128-gcm@openssh.com,aes256-gcm@openssh.com'
+CIPHER_HEAD_SINCE = (8, 2)  # the first OpenSSH that understands the '^' prefix
+USER_SSH_CONFIG = '~/.ssh/config'
+SYSTEM_SSH_CONFIG = '/etc/ssh/ssh_config'
 FABRIC_CONFIG_FILES = ('/etc/fabric.*', '~/.fabric.*')
 
 
@@ -116,6 +125,8 @@ class SSHSettings(object):
             argv += ['-i', os.path.expanduser(path)]
         if self.proxy_jump:
             argv += ['-J', self.proxy_jump]
+        if 'ciphers' not in given and _may_choose_ciphers(ssh, self.ssh_config):
+            argv += ['-o', 'Ciphers=' + PREFERRED_CIPHERS]
         if self.control_master:
             path = os.path.expanduser('~/.cache/chopsticks')
             os.makedirs(path, mode=0o700, exist_ok=True)
@@ -125,6 +136,87 @@ class SSHSettings(object):
         for key, value in self.options.items():
             argv += ['-o', '%s=%s' % (key, value)]
         return argv + ['--', self.host]
+
+
+def _may_choose_ciphers(ssh, ssh_config):
+    """True when no ssh_config file that ``ssh`` reads sets Ciphers (anywhere:
+    a crypto policy or a user's choice for any host is left alone) and this
+    ssh understands ``Ciphers=^...``."""
+    if ssh_config:
+        files = [ssh_config]  # ssh -F reads that file alone
+    else:
+        files = [os.path.expanduser(USER_SSH_CONFIG), SYSTEM_SSH_CONFIG]
+    if any(_config_sets(path, 'ciphers', path == SYSTEM_SSH_CONFIG) for path in files):
+        return False
+    version = _openssh_version(ssh)
+    return version is not None and version >= CIPHER_HEAD_SINCE
+
+
+_config_cache = {}  # (path, keyword) -> ((path, mtime) of every file read, answer)
+
+
+def _config_sets(path, keyword, system=False):
+    """Whether the ssh_config file ``path``, or a file it includes, has ``keyword``."""
+    key = (path, keyword)
+    cached = _config_cache.get(key)
+    if cached is not None and all(_mtime(p) == m for p, m in cached[0]):
+        return cached[1]
+    seen = []
+    # Relative Include paths are under ~/.ssh in a user's file, /etc/ssh in the system's.
+    base = os.path.dirname(SYSTEM_SSH_CONFIG) if system else os.path.expanduser('~/.ssh')
+    answer = _scan_config(path, keyword, base, 0, seen)
+    _config_cache[key] = (tuple(seen), answer)
+    return answer
+
+
+def _scan_config(path, keyword, base, depth, seen):
+    seen.append((path, _mtime(path)))
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        words = line.strip().replace('=', ' ', 1).split()
+        if not words or words[0].startswith('#'):
+            continue
+        word = words[0].lower()
+        if word == keyword:
+            return True
+        if word == 'include' and depth < 16:
+            for pattern in words[1:]:
+                pattern = os.path.expanduser(pattern)
+                if not os.path.isabs(pattern):
+                    pattern = os.path.join(base, pattern)
+                for included in sorted(glob.glob(pattern)):
+                    if _scan_config(included, keyword, base, depth + 1, seen):
+                        return True
+    return False
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+_versions = {}
+
+
+def _openssh_version(ssh):
+    """(major, minor) of the OpenSSH client ``ssh``, asked once per process; None if unknown."""
+    if ssh not in _versions:
+        import re
+        import subprocess
+        try:
+            banner = subprocess.run([ssh, '-V'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, timeout=10).stdout
+            match = re.search(rb'OpenSSH_(\d+)\.(\d+)', banner)
+            _versions[ssh] = (int(match.group(1)), int(match.group(2))) if match else None
+        except (OSError, subprocess.SubprocessError):
+            _versions[ssh] = None
+    return _versions[ssh]
 
 
 class ParamikoTransport(object):

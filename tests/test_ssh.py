@@ -1,5 +1,6 @@
 """Tunnels over a real OpenSSH server on loopback, with both transports."""
 import os
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,32 @@ def test_a_script_that_never_closes_its_tunnel_still_exits(sshd, transport):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().isdigit()
+
+
+def _negotiated_cipher(tunnel):
+    """The cipher in ssh -v's account of the key exchange (kept from before the agent started)."""
+    match = re.search(r'kex: client->server cipher: (\S+)', tunnel._conn.stderr_text())
+    return match.group(1) if match else None
+
+
+def test_openssh_prefers_aes_gcm_when_no_config_chooses_ciphers(sshd):
+    with Tunnel('host1', LogLevel='DEBUG1') as t:
+        assert t.call(echo, 1) == 1
+        assert _negotiated_cipher(t) == 'aes128-gcm@openssh.com'
+
+
+@pytest.mark.parametrize('where', ['ssh_config', 'included file', 'option'])
+def test_ciphers_the_user_chose_are_kept(sshd, tmp_path, where):
+    config = tmp_path / 'ssh_config'
+    options = {'LogLevel': 'DEBUG1'}
+    if where == 'ssh_config':
+        config.write_text('Ciphers aes256-ctr\nInclude %s\n' % sshd.ssh_config)
+    elif where == 'included file':
+        (tmp_path / 'ciphers.conf').write_text('  ciphers=aes256-ctr\n')
+        config.write_text('Include %s/*.conf\nInclude %s\n' % (tmp_path, sshd.ssh_config))
+    else:
+        config.write_text('Include %s\n' % sshd.ssh_config)
+        options['Ciphers'] = 'aes256-ctr'
+    with Tunnel('host1', ssh_config=str(config), **options) as t:
+        assert t.call(echo, 1) == 1
+        assert _negotiated_cipher(t) == 'aes256-ctr'
