@@ -13,17 +13,28 @@ Writes to the controller are serialised by one lock.
 """
 import builtins
 import collections
-import importlib.machinery
-import importlib.util
 import io
 import os
-import pickle
+try:
+    import _pickle as pickle  # the C unpickler alone: pickle.py imports re, ~7 ms at start-up
+except ImportError:
+    import pickle
 import sys
 import threading
 import zlib
 
 codec = sys.modules['_chopsticks_codec']
 wire = sys.modules['_chopsticks_wire']
+
+# The import system's own modules, loaded with the interpreter: importing
+# importlib.util and importlib.machinery for two names costs ~2 ms at start-up.
+_bootstrap = sys.modules.get('_frozen_importlib')
+_bootstrap_external = sys.modules.get('_frozen_importlib_external')
+if _bootstrap is None or _bootstrap_external is None:  # not CPython
+    import importlib.machinery as _bootstrap
+    import importlib.util as _bootstrap_external
+ModuleSpec = _bootstrap.ModuleSpec
+MAGIC_NUMBER = _bootstrap_external.MAGIC_NUMBER
 
 IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
 ITER_WINDOW = 64        # items a generator may run ahead of the controller
@@ -205,7 +216,8 @@ class CallUnpickler(pickle.Unpickler):
         if kind == 'fn':
             return rebuild_function(*pid[1:])
         if kind == 'mod':
-            return importlib.import_module(pid[1])
+            __import__(pid[1])
+            return sys.modules[pid[1]]
         if kind == 'code':
             import marshal
             import types
@@ -257,7 +269,7 @@ class ControllerFinder(object):
         kind, origin, source, package_dir, listing = entry[:5]
         loader = ControllerLoader(self, fullname, entry)
         is_package = package_dir is not None
-        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin, is_package=is_package)
+        spec = ModuleSpec(fullname, loader, origin=origin, is_package=is_package)
         if is_package:
             spec.submodule_search_locations = [package_dir]
         spec.has_location = origin is not None
@@ -299,7 +311,7 @@ class ControllerLoader(object):
         return self.source.decode('utf-8') if isinstance(self.source, bytes) else self.source
 
     def get_code(self, fullname):
-        if self.code and self.magic == importlib.util.MAGIC_NUMBER:
+        if self.code and self.magic == MAGIC_NUMBER:
             import marshal
             try:
                 return marshal.loads(self.code)  # compiled by the controller: same version
@@ -450,6 +462,7 @@ class LoggingWatcher(object):
         if fullname != 'logging':
             return None
         sys.meta_path.remove(self)
+        import importlib.util
         spec = importlib.util.find_spec('logging')
         original_exec = spec.loader.exec_module
         handler = self.handler
@@ -803,7 +816,7 @@ def main():
         'version': tuple(sys.version_info[:3]),
         'platform': sys.platform,
         'hostname': os.uname().nodename,
-        'magic': importlib.util.MAGIC_NUMBER,
+        'magic': MAGIC_NUMBER,
     })
     try:
         agent.read_frames()
