@@ -484,7 +484,10 @@ def test_permission_denied_on_put(sudo_user, where):
 # --- the controller interrupted ----------------------------------------------------------------
 
 CONTROLLER = '''
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C raises KeyboardInterrupt even when whatever started the test suite
+# left SIGINT ignored (a background job of a non-interactive shell does).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{repo!r}, {tests!r}]
 from chopsticks import Local, Tunnel
 from chopsticks.group import Group
