@@ -40,7 +40,7 @@ IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
 ITER_WINDOW = 64        # items a generator may run ahead of the controller
 WORKER_IDLE_EXIT = 30.0  # seconds an idle worker thread waits before exiting
 RELIEF_TICK = 0.002     # seconds between the relief thread's looks at a call run inline
-RELIEF_IDLE_TICKS = 25  # ticks without calls before the relief thread sleeps until the next
+RELIEF_IDLE_TICKS = 2   # ticks without calls before the relief thread sleeps until the next
 
 agent = None  # the running Agent, for code that wants to know (relays, logging)
 
@@ -629,19 +629,23 @@ class Agent(object):
         """Give the reader role to another thread when a call run inline lasts."""
         import time
         seen = None  # inline_calls when a call was seen running
-        idle = 0
+        counted = 0  # inline_calls at the last tick
+        idle = 0     # ticks in a row without a call
         while True:
             with self.role:
                 if self.inline_thread is None and idle >= RELIEF_IDLE_TICKS:
-                    # Quiet: sleep until the next inline call rather than tick.
+                    # Quiet: sleep until the next inline call rather than tick
+                    # (a host serving a call every few ms would otherwise
+                    # tick for nothing, 500 times a second).
                     self.relief_parked = True
                     while self.relief_parked:
                         self.role.wait()
                     idle = 0
             time.sleep(RELIEF_TICK)
             with self.role:
+                started, counted = self.inline_calls != counted, self.inline_calls
                 if self.inline_thread is None:
-                    idle += 1
+                    idle = 0 if started else idle + 1
                     seen = None
                     continue
                 idle = 0
