@@ -96,9 +96,9 @@ def python_argv(python, with_code=False):
     return [python, '-c', stub(with_code)]
 
 
-def discovery_script():
+def discovery_script(with_code=False):
     """A POSIX shell command that runs the first interpreter it finds."""
-    quoted = shlex.quote(stub())
+    quoted = shlex.quote(stub(with_code))
     names = ' '.join(shlex.quote(p) for p in PYTHON_CANDIDATES)
     return (
         'for p in %s; do command -v "$p" >/dev/null 2>&1 && exec "$p" -c %s; done; '
@@ -108,11 +108,11 @@ def discovery_script():
     )
 
 
-def remote_command(python):
+def remote_command(python, with_code=False):
     """The command line as one shell string (what ssh sends)."""
     if python:
-        return ' '.join(shlex.quote(a) for a in python_argv(python))
-    return discovery_script()
+        return ' '.join(shlex.quote(a) for a in python_argv(python, with_code))
+    return discovery_script(with_code)
 
 
 def stdin_preamble(settings, with_code=False):

@@ -326,7 +326,7 @@ def make_transport(tunnel):
     """The transport for an SSHTunnel."""
     settings = tunnel.ssh_settings
     from . import bootstrap
-    command = bootstrap.remote_command(tunnel.python)
+    command = bootstrap.remote_command(tunnel.python, tunnel._compiled_agent)
     if tunnel.transport_type == 'paramiko' or settings.needs_paramiko():
         return ParamikoTransport(settings, command, tunnel.host)
     if tunnel.transport_type != 'openssh':

@@ -144,3 +144,21 @@ def test_ciphers_the_user_chose_are_kept(sshd, tmp_path, where):
     with Tunnel('host1', ssh_config=str(config), **options) as t:
         assert t.call(echo, 1) == 1
         assert _negotiated_cipher(t) == 'aes256-ctr'
+
+
+def test_a_host_running_our_python_gets_the_agent_compiled_next_time(sshd, transport):
+    # It then skips compiling the agent (~16 ms of every connect).  The stub
+    # on the agent's command line says how long a payload it was sent.
+    def payload_length(tunnel):
+        with open('/proc/%d/cmdline' % tunnel.remote_info['pid'], 'rb') as f:
+            return int(re.search(rb'\nn = (\d+)\n', f.read()).group(1))
+
+    # A spelling of our interpreter that no other test uses: to this process,
+    # a host not seen yet.
+    dots = ['.'] * (1 + TRANSPORTS.index(transport))
+    python = os.path.join(os.path.dirname(sys.executable), *dots, os.path.basename(sys.executable))
+    with Tunnel('host2', transport=transport, python=python) as first:
+        assert payload_length(first) == len(bootstrap.payload(False))
+    with Tunnel('host2', transport=transport, python=python) as again:
+        assert again.call(echo, 'compiled') == 'compiled'
+        assert payload_length(again) == len(bootstrap.payload(True))
