@@ -341,7 +341,7 @@ class ProcessTransport(object):
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""
-        return self._write_views([v for v in (memoryview(p).cast('B') for p in parts) if len(v)])
+        return self._write_views(wire.byte_views(parts))
 
     def _write_views(self, views):
         # stdin is non-blocking (see start): a caller that reads its own
@@ -350,17 +350,9 @@ class ProcessTransport(object):
         fd = self.stdin
         while views:
             try:
-                n = os.writev(fd, views[:512])
+                wire.drop_written(views, os.writev(fd, views[:512]))
             except BlockingIOError:
                 break
-            while n:
-                first = views[0]
-                if n >= len(first):
-                    n -= len(first)
-                    views.pop(0)
-                else:
-                    views[0] = first[n:]
-                    n = 0
         return views
 
     def kill(self):

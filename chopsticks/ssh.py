@@ -21,6 +21,7 @@ import shutil
 import sys
 import threading
 
+from . import wire
 from .connection import ProcessTransport
 from .errors import ConnectError
 from .broker import get_broker
@@ -296,7 +297,7 @@ class ParamikoTransport(object):
 
     def write_nowait(self, parts):
         """Send what the channel's window takes now; return the views left unsent."""
-        views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+        views = wire.byte_views(parts)
         channel = self.channel
         while views and channel.send_ready():
             n = channel.send(views[0][:1 << 20])

@@ -113,20 +113,29 @@ def frame_parts(rid, op, parts):
     return [HEADER.pack(sum(len(p) for p in parts), rid, op)] + list(parts)
 
 
+def byte_views(parts):
+    """Byte views of ``parts`` for writev, leaving out empty ones (an empty
+    buffer would make writev return 0 forever)."""
+    return [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+
+
+def drop_written(views, n):
+    """Remove the first ``n`` bytes, which writev wrote, from ``views`` (in place)."""
+    while n:
+        first = views[0]
+        if n >= len(first):
+            n -= len(first)
+            views.pop(0)
+        else:
+            views[0] = first[n:]
+            n = 0
+
+
 def write_all(fd, parts):
     """Write every buffer in ``parts`` to a blocking fd, with as few syscalls as possible."""
-    # An empty buffer would make writev return 0 forever: leave them out.
-    views = [v for v in (memoryview(p).cast('B') for p in parts) if len(v)]
+    views = byte_views(parts)
     while views:
-        n = os.writev(fd, views[:1024])
-        while n:
-            first = views[0]
-            if n >= len(first):
-                n -= len(first)
-                views.pop(0)
-            else:
-                views[0] = first[n:]
-                n = 0
+        drop_written(views, os.writev(fd, views[:1024]))
 
 
 class CombiningWriter(object):
