@@ -109,10 +109,14 @@ class SSHSettings(object):
         argv = [ssh, '-T', '-o', 'BatchMode=yes']
         # ssh keeps the first value it sees: leave these to an option the caller gave.
         given = {key.lower() for key in self.options}
-        if 'serveraliveinterval' not in given:
+        # keepalive= asks for ServerAliveInterval; without it, our defaults
+        # only fill in what the user's ssh_config leaves unset.
+        if 'serveraliveinterval' not in given and (
+                self.keepalive or not _configured('serveraliveinterval', self.ssh_config)):
             interval = max(1, int(math.ceil(self.keepalive))) if self.keepalive else 15
             argv += ['-o', 'ServerAliveInterval=%d' % interval]
-        if 'serveralivecountmax' not in given:
+        if 'serveralivecountmax' not in given and \
+                not _configured('serveralivecountmax', self.ssh_config):
             argv += ['-o', 'ServerAliveCountMax=3']
         if self.ssh_config:
             argv += ['-F', self.ssh_config]
@@ -139,15 +143,19 @@ class SSHSettings(object):
         return argv + ['--', self.host]
 
 
-def _may_choose_ciphers(ssh, ssh_config):
-    """True when no ssh_config file that ``ssh`` reads sets Ciphers (anywhere:
-    a crypto policy or a user's choice for any host is left alone) and this
-    ssh understands ``Ciphers=^...``."""
+def _configured(keyword, ssh_config):
+    """Whether any ssh_config file that ``ssh`` reads sets ``keyword`` (for
+    any host: a user's or a crypto policy's choice is left alone)."""
     if ssh_config:
         files = [ssh_config]  # ssh -F reads that file alone
     else:
         files = [os.path.expanduser(USER_SSH_CONFIG), SYSTEM_SSH_CONFIG]
-    if any(_config_sets(path, 'ciphers', path == SYSTEM_SSH_CONFIG) for path in files):
+    return any(_config_sets(path, keyword, path == SYSTEM_SSH_CONFIG) for path in files)
+
+
+def _may_choose_ciphers(ssh, ssh_config):
+    """True when no ssh_config sets Ciphers and this ssh understands ``Ciphers=^...``."""
+    if _configured('ciphers', ssh_config):
         return False
     version = _openssh_version(ssh)
     return version is not None and version >= CIPHER_HEAD_SINCE

@@ -344,6 +344,23 @@ def test_openssh_gets_server_alive_from_keepalive(sshd):
     assert 'ServerAliveInterval=7' in argv and 'ServerAliveInterval=2' not in argv
 
 
+def test_server_alive_set_in_ssh_config_is_kept_without_keepalive(sshd, tmp_path):
+    # What ssh will use, as ssh -G resolves it from our command line.
+    config = tmp_path / 'ssh_config'
+    config.write_text('ServerAliveInterval 7\nServerAliveCountMax 9\nInclude %s\n' % sshd.ssh_config)
+
+    def effective(tunnel):
+        argv = tunnel.argv()
+        argv = argv[:argv.index('--')] + ['-G', 'host1']
+        lines = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
+        return dict(line.split(' ', 1) for line in lines if line.startswith('serveralive'))
+
+    assert effective(Tunnel('host1', ssh_config=str(config))) == \
+        {'serveraliveinterval': '7', 'serveralivecountmax': '9'}
+    assert effective(Tunnel('host1', ssh_config=str(config), keepalive=3))['serveraliveinterval'] == '3'
+    assert effective(Tunnel('host1')) == {'serveraliveinterval': '15', 'serveralivecountmax': '3'}
+
+
 # --- sshd restarted or down ------------------------------------------------------------------
 
 def test_idle_tunnels_survive_an_sshd_restart(sshd, ssh_transport):
