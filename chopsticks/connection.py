@@ -232,8 +232,9 @@ class ProcessTransport(object):
         os.set_blocking(self.stderr.fileno(), False)
         broker = get_broker()
         self._on_stdout = lambda: self._pump_stdout(conn)
-        broker.register(self.stdout, self._on_stdout)
+        # stderr first: stdout's EOF (ssh that failed at once) closes both pipes.
         broker.register(self.stderr, lambda: self._pump(self.stderr, conn.feed_stderr, None))
+        broker.register(self.stdout, self._on_stdout)
 
     def _pump_stdout(self, conn):
         if not self.read_lock.acquire(blocking=False):
