@@ -70,11 +70,21 @@ class BaseTunnel(object):
 
     _compiled_agent = False  # this connect sends the agent compiled (see _ship_compiled_agent)
 
+    # Interpreters, as _version_key() names them, whose agent reported our
+    # Python version (learned per process, in _connected).
+    _same_version = {}
+
+    def _version_key(self):
+        """What names the interpreter this tunnel starts, for _same_version;
+        None: the agent always travels as source."""
+        return None
+
     def _ship_compiled_agent(self):
         """Whether to send the agent compiled by this interpreter as well as
-        its source: for hosts known to run our Python version, which then
-        skip compiling it (~16 ms) at the price of a payload 4x larger."""
-        return False
+        its source: for interpreters known to run our Python version, which
+        then skip compiling it (~16 ms) at the price of a payload 4x larger."""
+        key = self._version_key()
+        return key is not None and self._same_version.get(key, False)
 
     # --- connection
     def connect(self):
@@ -155,6 +165,10 @@ class BaseTunnel(object):
 
     def _connected(self, conn):
         """Called once a new connection's agent said hello (``conn.remote``)."""
+        key = self._version_key()
+        if key is not None:
+            version = tuple(conn.remote.get('version', ()))[:2]
+            self._same_version[key] = version == tuple(sys.version_info[:2])
 
     # --- calling
     def call(self, fn, *args, timeout=None, **kwargs):
@@ -256,24 +270,17 @@ class Local(SubprocessTunnel):
     """A python subprocess on this machine: the controller's own interpreter
     unless ``python=`` names another."""
 
-    # Interpreters on this machine whose version matches ours, learned from
-    # their agents' HELLO: they are sent the agent already compiled.
+    # Our own interpreter is known before any agent says so.
     _same_version = {os.path.realpath(sys.executable): True}
 
     def __init__(self, name='localhost', python=None, **kwargs):
         super().__init__(name, python=python, **kwargs)
 
-    def _interpreter(self):
+    def _version_key(self):
         return os.path.realpath(self.python or sys.executable)
-
-    def _ship_compiled_agent(self):
-        return self._same_version.get(self._interpreter(), False)
 
     def python_args(self):
         return bootstrap.python_argv(self.python or sys.executable, self._compiled_agent)
-
-    def _connected(self, conn):
-        self._same_version[self._interpreter()] = _runs_our_python(conn)
 
 
 class Sudo(SubprocessTunnel):
@@ -330,19 +337,11 @@ class SSHTunnel(SubprocessTunnel):
         super().__init__(name, python=python, connect_timeout=connect_timeout, via=via,
                          keepalive=keepalive)
 
-    # Hosts whose agent reported our Python version, learned per process:
-    # their next connection gets the agent compiled.
-    _same_version = {}
+    _same_version = {}  # its own: keyed by SSH destination
 
     def _version_key(self):
         s = self.ssh_settings
         return (s.host, s.user, s.port, s.ssh_config, self.python)
-
-    def _ship_compiled_agent(self):
-        return self._same_version.get(self._version_key(), False)
-
-    def _connected(self, conn):
-        self._same_version[self._version_key()] = _runs_our_python(conn)
 
     def cmd_args(self):
         return self.ssh_settings.openssh_argv()
@@ -356,8 +355,3 @@ class SSHTunnel(SubprocessTunnel):
 
 
 Tunnel = SSHTunnel
-
-
-def _runs_our_python(conn):
-    """Whether a connection's agent runs this interpreter's Python version."""
-    return tuple(conn.remote.get('version', ()))[:2] == tuple(sys.version_info[:2])
