@@ -150,7 +150,7 @@ def _configured(keyword, ssh_config):
         files = [ssh_config]  # ssh -F reads that file alone
     else:
         files = [os.path.expanduser(USER_SSH_CONFIG), SYSTEM_SSH_CONFIG]
-    return any(_config_sets(path, keyword, path == SYSTEM_SSH_CONFIG) for path in files)
+    return any(keyword in _config_keywords(path, path == SYSTEM_SSH_CONFIG) for path in files)
 
 
 def _may_choose_ciphers(ssh, ssh_config):
@@ -161,46 +161,43 @@ def _may_choose_ciphers(ssh, ssh_config):
     return version is not None and version >= CIPHER_HEAD_SINCE
 
 
-_config_cache = {}  # (path, keyword) -> ((path, mtime) of every file read, answer)
+_config_cache = {}  # path -> ((path, mtime) of every file read, keywords used)
 
 
-def _config_sets(path, keyword, system=False):
-    """Whether the ssh_config file ``path``, or a file it includes, has ``keyword``."""
-    key = (path, keyword)
-    cached = _config_cache.get(key)
+def _config_keywords(path, system=False):
+    """The keywords (lower case) in the ssh_config file ``path`` and the files it includes."""
+    cached = _config_cache.get(path)
     if cached is not None and all(_mtime(p) == m for p, m in cached[0]):
         return cached[1]
     seen = []
+    keywords = set()
     # Relative Include paths are under ~/.ssh in a user's file, /etc/ssh in the system's.
     base = os.path.dirname(SYSTEM_SSH_CONFIG) if system else os.path.expanduser('~/.ssh')
-    answer = _scan_config(path, keyword, base, 0, seen)
-    _config_cache[key] = (tuple(seen), answer)
-    return answer
+    _scan_config(path, base, 0, seen, keywords)
+    _config_cache[path] = (tuple(seen), keywords)
+    return keywords
 
 
-def _scan_config(path, keyword, base, depth, seen):
+def _scan_config(path, base, depth, seen, keywords):
     seen.append((path, _mtime(path)))
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
             lines = f.read().splitlines()
     except OSError:
-        return False
+        return
     for line in lines:
         words = line.strip().replace('=', ' ', 1).split()
         if not words or words[0].startswith('#'):
             continue
         word = words[0].lower()
-        if word == keyword:
-            return True
+        keywords.add(word)
         if word == 'include' and depth < 16:
             for pattern in words[1:]:
                 pattern = os.path.expanduser(pattern)
                 if not os.path.isabs(pattern):
                     pattern = os.path.join(base, pattern)
                 for included in sorted(glob.glob(pattern)):
-                    if _scan_config(included, keyword, base, depth + 1, seen):
-                        return True
-    return False
+                    _scan_config(included, base, depth + 1, seen, keywords)
 
 
 def _mtime(path):
