@@ -211,7 +211,7 @@ class ProcessTransport(object):
         self.what = what or argv[0]
         self.proc = None
         # Whoever reads stdout holds read_lock: the broker, or a caller waiting
-        # for its own reply (see wait_reading).  state_lock guards the handover.
+        # for its own reply (see take_stdout).  state_lock guards the handover.
         self.read_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.direct_reader = None  # the thread reading stdout instead of the broker
@@ -283,7 +283,7 @@ class ProcessTransport(object):
             except (OSError, ValueError):
                 n = 0
             if not n:
-                get_broker().unregister(self.stderr)
+                get_broker().unregister(self.stderr)  # _eof drains it here, not the broker too
                 self._eof(conn)
                 return
             conn.feed(memoryview(buf)[:n])
@@ -400,7 +400,7 @@ _thread_state = threading.local()
 
 
 def _reading_buffer():
-    """This thread's buffer for reading replies (see wait_reading)."""
+    """This thread's buffer for reading replies (see ProcessTransport.read_until)."""
     buf = getattr(_thread_state, 'buffer', None)
     if buf is None:
         buf = _thread_state.buffer = bytearray(DIRECT_READ_BUFFER)

@@ -70,17 +70,13 @@ class FrameParser(object):
                 view = view[take:]
                 if len(buf) < size:
                     return frames
-                length, rid, op = HEADER.unpack_from(buf, 0)
-                if length > self.max_payload:
-                    raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
-                                     % (length, self.max_payload))
-                self.need = size + length
+                self.need = size + self._checked(HEADER.unpack_from(buf, 0)[0])
             take = min(self.need - len(buf), len(view))
             buf += view[:take]
             data = view[take:]
             if len(buf) < self.need:
                 return frames
-            length, rid, op = HEADER.unpack_from(buf, 0)
+            _, rid, op = HEADER.unpack_from(buf, 0)
             frames.append((rid, op, bytes(memoryview(buf)[size:])))
             self.buf = buf = bytearray()
             self.need = size
@@ -89,9 +85,7 @@ class FrameParser(object):
         end = len(view)
         while end - pos >= size:
             length, rid, op = HEADER.unpack_from(view, pos)
-            if length > self.max_payload:
-                raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
-                                 % (length, self.max_payload))
+            self._checked(length)
             start = pos + size
             if end - start < length:
                 self.need = size + length
@@ -101,6 +95,12 @@ class FrameParser(object):
         if pos < end:
             buf += view[pos:]
         return frames
+
+    def _checked(self, length):
+        if length > self.max_payload:
+            raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
+                             % (length, self.max_payload))
+        return length
 
 
 def frame(rid, op, payload=b''):
