@@ -53,7 +53,7 @@ class Channel(object):
     def __init__(self, fd):
         self.fd = fd
         self.writer = wire.CombiningWriter(self._write_parts)
-        self.lock = self.writer.cond  # held while nothing else may be written
+        self.lock = self.writer.lock  # held: no other thread starts writing
 
     def _write_parts(self, parts):
         wire.write_all(self.fd, parts)
@@ -232,7 +232,10 @@ class CallUnpickler(pickle.Unpickler):
 
 
 def load_call(payload):
-    return CallUnpickler(io.BytesIO(payload)).load()
+    try:
+        return pickle.loads(payload)  # a call by reference has no persistent ids: faster
+    except pickle.UnpicklingError:
+        return CallUnpickler(io.BytesIO(payload)).load()
 
 
 # --- the import hook ----------------------------------------------------------

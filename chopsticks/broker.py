@@ -8,8 +8,13 @@ import logging
 import os
 import selectors
 import threading
+import time
 
 log = logging.getLogger(__name__)
+
+# How long a pipe parked by a caller that read its own reply waits for the
+# next call before the broker reads it again (see Broker.park).
+PARK_TIME = 0.02
 
 # Selectors whose select() in progress notices a file registered meanwhile.
 _SEES_LATE_REGISTRATIONS = tuple(
@@ -24,6 +29,9 @@ class Broker(object):
         self.thread = None
         self.pid = None
         self.flushes = []  # callables to run on the broker thread soon
+        self.parked = {}  # fileobj -> (callback, when to register it): see park()
+        self.sleeping = False  # in a select() that waits for an event, without a timeout
+        self.last_park = 0.0
         # Callbacks read into this (they run one at a time, on the broker thread).
         self.read_buffer = bytearray(1 << 20)
         self._wake_r, self._wake_w = os.pipe()
@@ -37,17 +45,39 @@ class Broker(object):
         after a caller read it (epoll and kqueue see it without a wake-up).
         """
         with self.lock:
-            self.selector.register(fileobj, selectors.EVENT_READ, callback)
+            self.parked.pop(fileobj, None)
+            try:
+                self.selector.register(fileobj, selectors.EVENT_READ, callback)
+            except KeyError:
+                return  # was parked, and registered when its time came
             self._ensure_thread()
         if wake or not isinstance(self.selector, _SEES_LATE_REGISTRATIONS):
             self._wake()
 
     def unregister(self, fileobj):
         with self.lock:
+            if self.parked.pop(fileobj, None) is not None:
+                return  # parked pipes are not registered yet (see _register_parked)
             try:
                 self.selector.unregister(fileobj)
             except (KeyError, ValueError):
                 pass
+
+    def park(self, fileobj, callback):
+        """Register ``fileobj`` in PARK_TIME, unless it is registered or unregistered before.
+
+        For a pipe given back by a caller that read its own reply: a caller
+        making calls one after another takes it again within microseconds,
+        and an unregister and register per call would cost a fifth of a
+        round trip.  A pipe is parked only while no other reply is awaited,
+        so all it may hold is a log record or EOF, read a little later.
+        """
+        with self.lock:
+            self.last_park = now = time.monotonic()
+            self.parked[fileobj] = (callback, now + PARK_TIME)
+            wake, self.sleeping = self.sleeping, False
+        if wake:
+            self._wake()  # so its select() gets a timeout
 
     def request_flush(self, flush):
         """Run ``flush()`` on the broker thread as soon as it can."""
@@ -78,10 +108,32 @@ class Broker(object):
             self.thread = threading.Thread(target=self._run, name='chopsticks-broker', daemon=True)
             self.thread.start()
 
+    def _register_parked(self):
+        """Register the parked pipes whose time is up; return the seconds to the next."""
+        with self.lock:
+            now = time.monotonic()
+            if not self.parked:
+                # While a caller parks a pipe after every call, stay on a timer:
+                # waking this thread from park() would cost what parking saves.
+                if now - self.last_park < PARK_TIME:
+                    return PARK_TIME
+                self.sleeping = True
+                return None
+            due = [(f, callback) for f, (callback, when) in self.parked.items() if when <= now]
+            for fileobj, callback in due:
+                del self.parked[fileobj]
+                try:
+                    self.selector.register(fileobj, selectors.EVENT_READ, callback)
+                except (KeyError, ValueError):
+                    pass  # closed meanwhile
+            if not self.parked:
+                return PARK_TIME
+            return max(0.0, min(when for _, when in self.parked.values()) - now)
+
     def _run(self):
         select = self.selector.select
         while True:
-            for key, _ in select():
+            for key, _ in select(self._register_parked()):
                 callback = key.data
                 if callback is None:
                     try:

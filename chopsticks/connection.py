@@ -215,6 +215,8 @@ class ProcessTransport(object):
         self.read_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.direct_reader = None  # the thread reading stdout instead of the broker
+        self.parked = False  # given back to the broker for later (see give_back_stdout)
+        self.stdout_poller = None
         self.closing = False
 
     def start(self, conn):
@@ -258,6 +260,7 @@ class ProcessTransport(object):
                 self.read_lock.release()
                 return False
             self.direct_reader = threading.get_ident()
+            self.parked = False
         get_broker().unregister(self.stdout)
         return True
 
@@ -265,8 +268,10 @@ class ProcessTransport(object):
         """Read and dispatch frames until ``future`` is done or ``timeout`` passes."""
         fd = self.stdout.fileno()
         buf = _reading_buffer()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller = self.stdout_poller
+        if poller is None:
+            poller = self.stdout_poller = select.poll()  # only read_lock's holder uses it
+            poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not future.done() and not self.closing:
             # In slices, so a close() from another thread is seen soon.
@@ -288,15 +293,28 @@ class ProcessTransport(object):
                 return
             conn.feed(memoryview(buf)[:n])
 
-    def give_back_stdout(self):
+    def give_back_stdout(self, park=False):
+        """Give stdout back to the broker; ``park``: only if no caller takes it
+        within PARK_TIME (the caller then unparks it if a reply is awaited)."""
         with self.state_lock:
             self.direct_reader = None
             closing = self.closing
             self.read_lock.release()
             if not closing:
-                get_broker().register(self.stdout, self._on_stdout, wake=False)
+                if park:
+                    self.parked = True
+                    get_broker().park(self.stdout, self._on_stdout)
+                else:
+                    get_broker().register(self.stdout, self._on_stdout, wake=False)
         if closing:
             self._close_pipes()  # close() left them to us
+
+    def unpark(self):
+        """The broker reads stdout from now on: a reply is awaited."""
+        with self.state_lock:
+            if self.parked and not self.closing:
+                self.parked = False
+                get_broker().register(self.stdout, self._on_stdout)
 
     def _eof(self, conn):
         # The process's last stderr lines say why it ended ("Connection refused"):
@@ -342,6 +360,12 @@ class ProcessTransport(object):
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""
+        if len(parts) == 1:  # one small frame, as most calls are
+            try:
+                written = os.write(self.stdin, parts[0])
+            except BlockingIOError:
+                written = 0
+            return wire.byte_views([memoryview(parts[0])[written:]]) if written < len(parts[0]) else []
         return self._write_views(wire.byte_views(parts))
 
     def _write_views(self, views):
@@ -450,6 +474,50 @@ class CallHandler(object):
 
     def fail(self, exc):
         _settle(self.future, None, exc)
+
+
+class ReplyHandler(object):
+    """The one reply a synchronous call waits for (see Connection.call).
+
+    Lighter than a Future: a call that reads its own reply sets it on its own
+    thread, so only a lost connection settles it from another one.
+    """
+    __slots__ = ('conn', 'what', 'outcome', 'settled')
+
+    def __init__(self, conn, what):
+        self.conn = conn
+        self.what = what
+        self.outcome = None  # (value, exception) once settled
+        self.settled = threading.Lock()
+        self.settled.acquire()
+
+    def done(self):
+        return self.outcome is not None
+
+    def frame(self, op, payload):
+        if op == wire.RESULT:
+            self._settle((codec.decode(payload), None))
+        elif op == wire.ERROR:
+            self._settle((None, self.conn.remote_exception(payload)))
+        else:
+            return False
+        return True
+
+    def fail(self, exc):
+        self._settle((None, exc))
+
+    def _settle(self, outcome):
+        if self.outcome is None:
+            self.outcome = outcome
+            try:
+                self.settled.release()
+            except RuntimeError:
+                pass  # settled at the same moment from another thread
+
+    def wait(self, timeout):
+        """True once settled; False if ``timeout`` seconds (None: forever) pass first."""
+        return self.outcome is not None or \
+            self.settled.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
 def _settle(future, result, exc):
@@ -897,6 +965,8 @@ class Connection(object):
                              % (self.host, len(payload), self.parser.max_payload))
         rid = next(self.ids)
         self.pending[rid] = handler
+        if getattr(self.transport, 'parked', False):
+            self.transport.unpark()  # the broker reads this reply (after pending: see call)
         try:
             self.send(rid, op, payload)
         except TunnelClosed:
@@ -918,15 +988,39 @@ class Connection(object):
 
     def call(self, fn, args, kwargs, timeout=None):
         # The pipe is taken before the call goes out, so the broker thread
-        # never wakes for the reply.
+        # never wakes for the reply: this thread reads it.
         reading = self._take_reading()
+        reply = ReplyHandler(self, fn)
         try:
-            future = self.call_async(fn, args, kwargs)
+            rid = self.request(wire.CALL, reply, fn, args, kwargs)
         except BaseException:
             if reading:
                 self.transport.give_back_stdout()
             raise
-        return self.wait(future, timeout, describe(fn), reading)
+        left = timeout
+        if reading:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                self.transport.read_until(self, reply, timeout)
+            finally:
+                # Parked, so a next call takes it back cheaply; but if another
+                # thread's request went out meanwhile, the broker reads its
+                # reply.  (parked is set before pending is looked at, and
+                # request_payload does the reverse: one of us sees the other.)
+                self.transport.give_back_stdout(park=True)
+                if self.pending:
+                    self.transport.unpark()
+            # Still not settled: the time is up, or the tunnel is closing (and
+            # is about to fail the call).
+            if deadline is not None:
+                left = deadline - time.monotonic()
+        if not reply.wait(left):
+            self.pending.pop(rid, None)
+            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, describe(fn), timeout))
+        value, error = reply.outcome
+        if error is not None:
+            raise error
+        return value
 
     def wait(self, future, timeout, what, reading=None):
         """The result of ``future``; ``reading``: this thread took the transport's output."""

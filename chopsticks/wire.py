@@ -133,6 +133,11 @@ def drop_written(views, n):
 
 def write_all(fd, parts):
     """Write every buffer in ``parts`` to a blocking fd, with as few syscalls as possible."""
+    if len(parts) == 1:  # one small frame, as most replies are
+        written = os.write(fd, parts[0])
+        if written == len(parts[0]):
+            return
+        parts = [memoryview(parts[0])[written:]]
     views = byte_views(parts)
     while views:
         drop_written(views, os.writev(fd, views[:1024]))
@@ -151,40 +156,49 @@ class CombiningWriter(object):
     def __init__(self, write_parts, limit=16 << 20):
         self.write_parts = write_parts
         self.limit = limit
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)  # for threads waiting on a full queue
+        self.waiters = 0
         self.queue = []
         self.queued = 0
         self.writing = False
         self.error = None
 
     def write(self, parts):
-        with self.cond:
+        with self.lock:
             if self.error is not None:
                 raise self.error
-            while self.writing and self.queued > self.limit:
-                self.cond.wait()
-                if self.error is not None:
-                    raise self.error
-            self.queue.extend(parts)
-            self.queued += sum(len(p) for p in parts)
             if self.writing:
-                return
+                while self.writing and self.queued > self.limit:
+                    self.waiters += 1
+                    self.room.wait()
+                    self.waiters -= 1
+                    if self.error is not None:
+                        raise self.error
+                if self.writing:
+                    self.queue.extend(parts)
+                    self.queued += sum(len(p) for p in parts)
+                    return
             self.writing = True
+        batch = parts
         try:
             while True:
-                with self.cond:
-                    batch = self.queue
-                    if not batch:
-                        self.writing = False
-                        return
-                    self.queue = []
-                    self.queued = 0
-                    self.cond.notify_all()
                 self.write_parts(batch)
+                with self.lock:
+                    batch = self.queue
+                    if batch:
+                        self.queue = []
+                        self.queued = 0
+                    else:
+                        self.writing = False
+                    if self.waiters:
+                        self.room.notify_all()
+                    if not batch:
+                        return
         except BaseException as e:
-            with self.cond:
+            with self.lock:
                 self.error = e if isinstance(e, (OSError, ValueError)) else OSError(str(e))
                 self.writing = False
                 self.queue = []
-                self.cond.notify_all()
+                self.room.notify_all()
             raise
