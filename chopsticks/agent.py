@@ -40,7 +40,6 @@ IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
 ITER_WINDOW = 64        # items a generator may run ahead of the controller
 WORKER_IDLE_EXIT = 30.0  # seconds an idle worker thread waits before exiting
 RELIEF_TICK = 0.002     # seconds between the relief thread's looks at a call run inline
-RELIEF_IDLE_TICKS = 2   # ticks without calls before the relief thread sleeps until the next
 
 agent = None  # the running Agent, for code that wants to know (relays, logging)
 
@@ -629,29 +628,28 @@ class Agent(object):
         self.workers.submit_first(self.read_frames)
 
     def _relieve(self):
-        """Give the reader role to another thread when a call run inline lasts."""
+        """Give the reader role to another thread when a call run inline lasts.
+
+        It looks every RELIEF_TICK while calls run inline, and sleeps until
+        the next one (run_inline wakes it) after a tick in which none started
+        nor ran: a host serving calls back to back costs it one wake-up per
+        tick, one serving a call now and then two per call.
+        """
         import time
-        seen = None  # inline_calls when a call was seen running
-        counted = 0  # inline_calls at the last tick
-        idle = 0     # ticks in a row without a call
+        seen = None     # inline_calls when the running call was first seen
+        counted = None  # inline_calls at the previous look
         while True:
             with self.role:
-                if self.inline_thread is None and idle >= RELIEF_IDLE_TICKS:
-                    # Quiet: sleep until the next inline call rather than tick
-                    # (a host serving a call every few ms would otherwise
-                    # tick for nothing, 500 times a second).
+                if self.inline_thread is None and self.inline_calls == counted:
                     self.relief_parked = True
                     while self.relief_parked:
                         self.role.wait()
-                    idle = 0
+                counted = self.inline_calls
             time.sleep(RELIEF_TICK)
             with self.role:
-                started, counted = self.inline_calls != counted, self.inline_calls
                 if self.inline_thread is None:
-                    idle = 0 if started else idle + 1
                     seen = None
                     continue
-                idle = 0
                 if self.inline_calls != seen:
                     seen = self.inline_calls
                     continue

@@ -279,19 +279,24 @@ class ProcessTransport(object):
                 min(DIRECT_READ_SLICE, deadline - time.monotonic())
             if wait < 0:
                 return
-            if not poller.poll(wait * 1000.0):
-                continue
-            try:
-                n = os.readv(fd, [buf])
-            except BlockingIOError:
-                continue
-            except (OSError, ValueError):
-                n = 0
-            if not n:
-                get_broker().unregister(self.stderr)  # _eof drains it here, not the broker too
-                self._eof(conn)
+            if poller.poll(wait * 1000.0) and not self.read_once(conn, buf):
                 return
-            conn.feed(memoryview(buf)[:n])
+
+    def read_once(self, conn, buf):
+        """Read what stdout holds into ``buf`` and dispatch it; False at EOF.
+        Only for the thread that took stdout (take_stdout)."""
+        try:
+            n = os.readv(self.stdout.fileno(), [buf])
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            n = 0
+        if not n:
+            get_broker().unregister(self.stderr)  # _eof drains it here, not the broker too
+            self._eof(conn)
+            return False
+        conn.feed(memoryview(buf)[:n])
+        return True
 
     def give_back_stdout(self, park=False):
         """Give stdout back to the broker; ``park``: only if no caller takes it
@@ -418,6 +423,74 @@ class ProcessTransport(object):
 
     def pid(self):
         return self.proc.pid if self.proc else None
+
+
+class ReplyReader(object):
+    """A thread that reads, itself, the replies to calls it made on many connections.
+
+    The group dispatcher uses it (see Connection.call for one connection):
+    replies settle their futures on the waiting thread instead of the
+    broker's, so no reply costs a thread switch, nor two threads contending
+    for the GIL.  Connections whose transport cannot be taken (paramiko,
+    relays) stay with the broker; ``wake()`` lets any other thread interrupt
+    ``wait()``.
+    """
+
+    def __init__(self):
+        self.poller = select.poll()
+        self.taken = {}  # stdout fd -> connection
+        self.fds = {}    # connection -> stdout fd
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poller.register(self.wake_r, select.POLLIN)
+
+    def take(self, conn):
+        """Read ``conn``'s replies on this thread from now on, if it can be done."""
+        if conn in self.fds:
+            return True
+        take = getattr(conn, 'take_reading', None)  # not a relayed connection's
+        if take is None or not take():
+            return False
+        fd = conn.transport.stdout.fileno()
+        self.taken[fd] = conn
+        self.fds[conn] = fd
+        self.poller.register(fd, select.POLLIN)
+        return True
+
+    def give_back(self, conn):
+        fd = self.fds.pop(conn, None)
+        if fd is not None:
+            del self.taken[fd]
+            self.poller.unregister(fd)
+            conn.give_back_reading()
+
+    def wait(self, timeout):
+        """Read and dispatch what arrives within ``timeout`` seconds, or until woken."""
+        ready = self.poller.poll(None if timeout is None else timeout * 1000.0)
+        buf = _reading_buffer()
+        for fd, _ in ready:
+            if fd == self.wake_r:
+                try:
+                    os.read(fd, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            conn = self.taken.get(fd)
+            if conn is not None and not conn.transport.read_once(conn, buf):
+                self.give_back(conn)  # EOF: the connection is lost
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b'.')
+        except BlockingIOError:
+            pass  # already awake
+
+    def close(self):
+        for conn in list(self.fds):
+            self.give_back(conn)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
 
 _thread_state = threading.local()
@@ -989,7 +1062,7 @@ class Connection(object):
     def call(self, fn, args, kwargs, timeout=None):
         # The pipe is taken before the call goes out, so the broker thread
         # never wakes for the reply: this thread reads it.
-        reading = self._take_reading()
+        reading = self.take_reading()
         reply = ReplyHandler(self, fn)
         try:
             rid = self.request(wire.CALL, reply, fn, args, kwargs)
@@ -1003,13 +1076,7 @@ class Connection(object):
             try:
                 self.transport.read_until(self, reply, timeout)
             finally:
-                # Parked, so a next call takes it back cheaply; but if another
-                # thread's request went out meanwhile, the broker reads its
-                # reply.  (parked is set before pending is looked at, and
-                # request_payload does the reverse: one of us sees the other.)
-                self.transport.give_back_stdout(park=True)
-                if self.pending:
-                    self.transport.unpark()
+                self.give_back_reading()
             # Still not settled: the time is up, or the tunnel is closing (and
             # is about to fail the call).
             if deadline is not None:
@@ -1025,7 +1092,7 @@ class Connection(object):
     def wait(self, future, timeout, what, reading=None):
         """The result of ``future``; ``reading``: this thread took the transport's output."""
         if reading is None:
-            reading = not future.done() and self._take_reading()
+            reading = not future.done() and self.take_reading()
         left = timeout
         if reading:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -1043,9 +1110,20 @@ class Connection(object):
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
 
-    def _take_reading(self):
+    def take_reading(self):
+        """This thread reads the replies from now on, if the transport allows it."""
         take = getattr(self.transport, 'take_stdout', None)
         return take is not None and take()
+
+    def give_back_reading(self):
+        """The broker reads the replies again (after ``take_reading``)."""
+        # Parked, so a next call takes it back cheaply; but if another thread's
+        # request went out meanwhile, the broker reads its reply.  (parked is
+        # set before pending is looked at, and request_payload does the
+        # reverse: one of us sees the other.)
+        self.transport.give_back_stdout(park=True)
+        if self.pending:
+            self.transport.unpark()
 
     def pickle_call(self, fn, args, kwargs):
         try:

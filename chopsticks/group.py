@@ -44,7 +44,6 @@ import inspect
 import itertools
 import logging
 import os
-import queue
 import random
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from typing import (
     Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple,
 )
 
+from .connection import ReplyReader
 from .errors import CallTimeout, ChopsticksError, RemoteException, TunnelClosed
 from .serialize import describe, dumps_call
 
@@ -308,10 +308,11 @@ class _Job(object):
 class _Lane(object):
     """The jobs for one tunnel, run one after the other."""
 
-    __slots__ = ('tunnel', 'jobs', 'scheduled', 'attempts')
+    __slots__ = ('tunnel', 'jobs', 'scheduled', 'attempts', 'reading')
 
     def __init__(self, tunnel):
         self.tunnel = tunnel
+        self.reading = None  # the connection whose replies the dispatcher's thread reads
         self.jobs: Deque[_Job] = collections.deque()
         self.scheduled = False  # waiting for a slot, or holding one
         self.attempts = 0       # connects dropped at the handshake, in a row
@@ -351,6 +352,7 @@ class _Dispatcher(object):
         self._notify: Optional[Callable[[tuple], None]] = None
         self._progress: Optional[_Progress] = None
         self._callback_errors: List[BaseException] = []
+        self._reader: Optional[ReplyReader] = None  # while run() runs
 
     # --- feeding
     def add(self, tunnel: Tunnel, op: _Operation, settle: Callable[[Any, Optional[BaseException]], None],
@@ -377,26 +379,37 @@ class _Dispatcher(object):
     # --- driving
     def run(self) -> None:
         """Run until every job has settled."""
-        events = queue.Queue()
-        self._begin(events.put)
+        # This thread reads the replies to its calls itself (ReplyReader):
+        # their futures complete here and post their events without a
+        # thread switch.  Other threads (connects, transfers, the broker for
+        # transports that cannot be taken) post theirs and wake the reader.
+        events: Deque[tuple] = collections.deque()
+        reader = self._reader = ReplyReader()
+        runner = threading.get_ident()
+
+        def post(event):
+            events.append(event)
+            if threading.get_ident() != runner:
+                reader.wake()
+
+        self._begin(post)
         try:
             while True:
                 wait = self._step()
                 if wait is None:
                     break
-                try:
-                    event = events.get(timeout=wait)
-                except queue.Empty:
-                    continue
+                if not events:
+                    reader.wait(wait)
                 with self.lock:
-                    self._handle(event)
-                    while not events.empty():
-                        self._handle(events.get_nowait())
+                    while events:
+                        self._handle(events.popleft())
         except BaseException:
             self._abandon()
             raise
         finally:
             self._end()
+            self._reader = None
+            reader.close()
         self._raise_callback_errors()
 
     async def arun(self) -> None:
@@ -473,6 +486,11 @@ class _Dispatcher(object):
                     job.settled = True
                     if job.future is not None:
                         job.future.cancel()
+            if self._reader is not None:
+                for lane in self._lanes.values():
+                    if lane.reading is not None:
+                        self._reader.give_back(lane.reading)
+                        lane.reading = None
             self._lanes.clear()
             self._ready.clear()
             self._connect_wait.clear()
@@ -514,6 +532,9 @@ class _Dispatcher(object):
         lane.scheduled = False
         self._busy -= 1
         del self._lanes[id(tunnel)]  # an idle tunnel costs the dispatcher nothing
+        if lane.reading is not None:
+            self._reader.give_back(lane.reading)
+            lane.reading = None
 
     def _start(self, job: _Job):
         tunnel = job.lane.tunnel
@@ -522,6 +543,11 @@ class _Dispatcher(object):
             if job.op.blocking:
                 future = self._executor().submit(job.op.work, tunnel, report)
             else:
+                if self._reader is not None and job.lane.reading is None:
+                    # Taken before the call goes out: the broker never sees the reply.
+                    conn = getattr(tunnel, '_conn', None)
+                    if conn is not None and not conn.closed and self._reader.take(conn):
+                        job.lane.reading = conn
                 future = job.op.work(tunnel, report)
         except Exception as e:
             future = concurrent.futures.Future()

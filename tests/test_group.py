@@ -177,6 +177,53 @@ def test_no_threads_for_calls_on_connected_tunnels(locals4):
     assert set(threading.enumerate()) <= before
 
 
+def test_calls_from_other_threads_finish_during_a_group_call(locals4):
+    """The thread running a group call reads its tunnels' replies itself:
+    replies to another thread's calls on those tunnels must reach it too."""
+    group = Group(locals4)
+    group.connect()
+    results = []
+
+    def caller():
+        for i in range(50):
+            results.append(locals4[0].call(echo, i))
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    slow = group.call(lambda: time.sleep(0.5) or 'slow')
+    thread.join(10)
+    assert not thread.is_alive()
+    assert results == list(range(50))
+    assert slow == {t.host: 'slow' for t in locals4}
+
+
+def test_async_calls_are_answered_after_a_group_call(locals4):
+    """After a group call, the broker reads the tunnels again."""
+    group = Group(locals4)
+    group.call(echo, 1)
+    futures = [t.call_async(echo, t.host) for t in locals4]
+    assert [f.result(10) for f in futures] == [t.host for t in locals4]
+
+
+def test_a_host_lost_during_a_group_call_fails_alone(locals4):
+    group = Group(locals4)
+    group.connect()
+    victim = locals4[1]
+    pid = victim.call(os.getpid)
+
+    def die_on_victim(victim_pid):
+        if os.getpid() == victim_pid:
+            os.kill(os.getpid(), 9)
+        time.sleep(0.3)
+        return 'alive'
+
+    started = time.monotonic()
+    result = group.call(die_on_victim, pid, timeout=30)
+    assert time.monotonic() - started < 10
+    assert dict(result.successful()) == {t.host: 'alive' for t in locals4 if t is not victim}
+    assert 'connection lost' in result[victim.host].msg
+
+
 def test_empty_group():
     group = Group([])
     assert group.call(os.getpid) == {}
