@@ -399,8 +399,13 @@ def _parse_time(text):
     raise DecodeError('time decoding needs Python 3.7+')
 
 
+_ONE_BYTE_VALUES = {b'N': None, b'T': True, b'F': False}
+
+
 def decode(data):
     """Decode one value that must fill ``data`` exactly."""
+    if len(data) == 1 and type(data) is bytes and data in _ONE_BYTE_VALUES:
+        return _ONE_BYTE_VALUES[data]  # the commonest results, without a reader
     r = _Reader(data)
     try:
         value = _decode(r, 0)

@@ -528,25 +528,55 @@ def _kill(proc):
 
 # --- pending requests --------------------------------------------------------------
 
-class CallHandler(object):
-    __slots__ = ('conn', 'future', 'what')
+class CallFuture(concurrent.futures.Future):
+    """The future of a call, and the handler of its reply.
+
+    A thread waiting for the result reads the reply itself, as
+    Connection.call does, rather than being woken for it.
+    """
 
     def __init__(self, conn, what):
-        self.conn = conn
-        self.what = what
-        self.future = concurrent.futures.Future()
+        super().__init__()
+        self._conn = conn
+        self._what = what  # the function, described only if an error needs it
 
     def frame(self, op, payload):
         if op == wire.RESULT:
-            _settle(self.future, codec.decode(payload), None)
+            _settle(self, codec.decode(payload), None)
         elif op == wire.ERROR:
-            _settle(self.future, None, self.conn.remote_exception(payload))
+            _settle(self, None, self._conn.remote_exception(payload))
         else:
             return False
         return True
 
     def fail(self, exc):
-        _settle(self.future, None, exc)
+        _settle(self, None, exc)
+
+    def result(self, timeout=None):
+        if not self.done():
+            timeout = self._conn.read_for(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        if not self.done():
+            timeout = self._conn.read_for(self, timeout)
+        return super().exception(timeout)
+
+
+class CallHandler(object):
+    """A call's reply, for handlers that do more than settle its future."""
+    __slots__ = ('conn', 'future', 'what')
+
+    def __init__(self, conn, what):
+        self.conn = conn
+        self.what = what
+        self.future = CallFuture(conn, what)
+
+    def frame(self, op, payload):
+        return self.future.frame(op, payload)
+
+    def fail(self, exc):
+        self.future.fail(exc)
 
 
 class ReplyHandler(object):
@@ -1048,16 +1078,16 @@ class Connection(object):
         return rid
 
     def call_async(self, fn, args, kwargs):
-        handler = CallHandler(self, fn)  # described only if an error needs it
-        self.request(wire.CALL, handler, fn, args, kwargs)
-        return handler.future
+        future = CallFuture(self, fn)
+        self.request(wire.CALL, future, fn, args, kwargs)
+        return future
 
     def call_async_payload(self, payload, what):
         """Like ``call_async`` for a call pickled once by ``dumps_call(..., remote_version=None)``
         and sent to many connections (``what`` names it in errors)."""
-        handler = CallHandler(self, what)
-        self.request_payload(wire.CALL, handler, payload)
-        return handler.future
+        future = CallFuture(self, what)
+        self.request_payload(wire.CALL, future, payload)
+        return future
 
     def call(self, fn, args, kwargs, timeout=None):
         # The pipe is taken before the call goes out, so the broker thread
@@ -1109,6 +1139,21 @@ class Connection(object):
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
+
+    def read_for(self, future, timeout):
+        """Read replies on this thread until ``future`` is done, if the
+        transport lets this thread read (else whoever reads settles it).
+        Returns what is left of ``timeout``."""
+        if not self.take_reading():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            if self.outbox:
+                self.flush()  # what is corked goes out now: we are about to wait for it
+            self.transport.read_until(self, future, timeout)
+        finally:
+            self.give_back_reading()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def take_reading(self):
         """This thread reads the replies from now on, if the transport allows it."""

@@ -95,7 +95,8 @@ class CallPickler(pickle.Pickler):
 
 # Values that cannot hide a function or class: the C pickler alone is right for them.
 _PLAIN_TYPES = frozenset([type(None), bool, int, float, complex, str, bytes, bytearray])
-_importable_cache = {}
+# fn -> the call fn() pickled (by reference), or None when fn travels as source.
+_by_reference = {}
 
 
 def _plain(args, kwargs):
@@ -112,14 +113,17 @@ def dumps_call(fn, args, kwargs, remote_version=None):
     """Pickle a call; functions without an import path travel as source."""
     if _plain(args, kwargs):
         try:
-            by_reference = _importable_cache[fn]
+            bare_call = _by_reference[fn]
         except (KeyError, TypeError):
-            by_reference = importable(fn) and type(fn) is not type
+            bare_call = pickle.dumps((fn, (), {}), PROTOCOL) \
+                if importable(fn) and type(fn) is not type else None
             try:
-                _importable_cache[fn] = by_reference
+                _by_reference[fn] = bare_call
             except TypeError:
                 pass  # unhashable callable: just don't cache
-        if by_reference:
+        if bare_call is not None:
+            if not args and not kwargs:
+                return bare_call
             return pickle.dumps((fn, args, kwargs), PROTOCOL)
     buf = io.BytesIO()
     CallPickler(buf, remote_version).dump((fn, args, kwargs))

@@ -1,4 +1,5 @@
 """Calling functions over Local tunnels: values, errors, concurrency, timeouts, output."""
+import concurrent.futures
 import logging
 import os
 import subprocess
@@ -89,6 +90,24 @@ def test_remote_runs_calls_concurrently(local):
     assert [f.result(timeout=30) for f in futures] == list(range(5))
     # concurrency, not speed: the five sleeps overlapped
     assert time.monotonic() - start < 4.0
+
+
+def test_async_result_timeout_is_honoured_and_the_call_still_answers(local):
+    future = local.call_async(sleep_then, 1.0, 'late')
+    start = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        future.result(timeout=0.3)
+    assert time.monotonic() - start < 0.9  # the timeout, not twice it, nor the call
+    assert future.exception(timeout=30) is None
+    assert future.result() == 'late'
+
+
+def test_futures_awaited_from_many_threads_all_settle(local):
+    futures = [local.call_async(sleep_then, 0.05 * (n % 4), n) for n in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda f: f.result(timeout=30), futures))
+    assert results == list(range(40))
+    assert concurrent.futures.wait(futures, timeout=0).not_done == set()
 
 
 def test_timeout_raises_and_tunnel_stays_usable(local):
