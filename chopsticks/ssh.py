@@ -225,6 +225,25 @@ def _openssh_version(ssh):
     return _versions[ssh]
 
 
+PARAMIKO_PACKET = 32768  # the channel's max_packet_size, below
+
+
+def _next_piece(views):
+    """What to send next from ``views``: small frames joined up to a packet,
+    since each send costs paramiko a packet (and its encryption) of its own;
+    a large buffer in slices, since paramiko's sendall is quadratic on a
+    small window."""
+    first = views[0]
+    if len(first) >= PARAMIKO_PACKET or len(views) == 1:
+        return first[:1 << 20]
+    piece = bytearray(first)
+    for view in views[1:]:
+        if len(piece) + len(view) > PARAMIKO_PACKET:
+            break
+        piece += view
+    return piece
+
+
 class ParamikoTransport(object):
     """The agent behind a paramiko session channel of a Fabric connection."""
 
@@ -261,7 +280,7 @@ class ParamikoTransport(object):
                 import socket
                 # Small frames must not wait for Nagle's algorithm (40 ms round trips).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel = ssh_transport.open_session(window_size=8 << 20, max_packet_size=32768)
+            channel = ssh_transport.open_session(window_size=8 << 20, max_packet_size=PARAMIKO_PACKET)
             channel.exec_command(self.command)
         except Exception as e:
             raise ConnectError(self.host, 'ssh (paramiko) to %s failed: %s: %s'
@@ -287,11 +306,11 @@ class ParamikoTransport(object):
             conn.eof()
 
     def write(self, parts):
-        for part in parts:
-            view = memoryview(part).cast('B')
-            # paramiko's sendall is quadratic on a small window: send in pieces.
-            for start in range(0, len(view), 1 << 20):
-                self.channel.sendall(view[start:start + (1 << 20)])
+        views = wire.byte_views(parts)
+        while views:
+            piece = _next_piece(views)
+            self.channel.sendall(piece)
+            wire.drop_written(views, len(piece))
 
     def kill(self):
         """Drop the connection now (it is dead): a blocked send fails."""
@@ -305,11 +324,7 @@ class ParamikoTransport(object):
         views = wire.byte_views(parts)
         channel = self.channel
         while views and channel.send_ready():
-            n = channel.send(views[0][:1 << 20])
-            if n >= len(views[0]):
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
+            wire.drop_written(views, channel.send(_next_piece(views)))
         return views
 
     def close(self):
