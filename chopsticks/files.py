@@ -829,9 +829,10 @@ class _Stopped(Exception):
     pass
 
 
-def _file_chunks(files, progress, host):
+def _file_chunks(files, progress, host, sha1sums=None):
     """The bytes of ``files`` [(path, size)], each followed by its SHA-256
-    digest, packed into CHUNK-sized pieces.
+    digest, packed into CHUNK-sized pieces.  With a list as ``sha1sums``,
+    each file's SHA-1 hex digest is appended to it once the file is read.
 
     A helper thread reads and hashes up to READ_AHEAD pieces ahead, so the
     pipe to the host never waits for the hash.  The pieces are views of a few
@@ -842,7 +843,7 @@ def _file_chunks(files, progress, host):
     ready = queue.Queue()
     for _ in range(READ_AHEAD):
         free.put(bytearray(CHUNK))
-    reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready),
+    reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready, sha1sums),
                               name='chopsticks-read', daemon=True)
     reader.start()
     sent = None
@@ -865,7 +866,7 @@ def _file_chunks(files, progress, host):
         reader.join()
 
 
-def _read_ahead(files, host, free, ready):
+def _read_ahead(files, host, free, ready, sha1sums):
     """The reading thread of _file_chunks: fills buffers from ``free`` into ``ready``."""
     def take():
         buf = free.get()
@@ -878,6 +879,7 @@ def _read_ahead(files, host, free, ready):
         pos = data = 0
         for path, size in files:
             sha256 = hashlib.sha256()
+            sha1 = hashlib.sha1() if sha1sums is not None else None
             with open(path, 'rb', buffering=0) as f:
                 remaining = size
                 while remaining:
@@ -890,9 +892,13 @@ def _read_ahead(files, host, free, ready):
                         raise TransferError('[%s] put %s failed: the file shrank while it was '
                                             'being sent' % (host, path), host, 'put')
                     sha256.update(view[pos:pos + n])
+                    if sha1 is not None:
+                        sha1.update(view[pos:pos + n])
                     pos += n
                     data += n
                     remaining -= n
+            if sha1 is not None:
+                sha1sums.append(sha1.hexdigest())
             digest = sha256.digest()
             while digest:
                 if pos == CHUNK:
@@ -949,12 +955,19 @@ def put(tunnel, local_path, remote_path=None, mode=0o644, progress=None, durable
             raise ValueError('mode must be an int like 0o644, not %r' % (mode,))
         size = st.st_size
         name = os.path.basename(local.rstrip('/'))
+        # The SHA-1 (chopsticks 1.x's sha1sum) is computed here, off the host:
+        # the host checks the SHA-256 of the same bytes, and it is the
+        # busiest stage of the pipe.
         spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)], 'durable': durable,
-                'sha1': _SHA1}
+                'sha1': False}
+        sha1sums = [] if _SHA1 else None
         bar = _Progress(progress, '[%s] put %s' % (tunnel.host, name), size)
-        chunks = _file_chunks([(local, size)], bar, tunnel.host)
+        chunks = _file_chunks([(local, size)], bar, tunnel.host, sha1sums)
         try:
-            return tunnel.call_stream(remote_receive, chunks, remote_path, spec)
+            result = tunnel.call_stream(remote_receive, chunks, remote_path, spec)
+            if sha1sums:
+                result['sha1sum'] = sha1sums[0]
+            return result
         finally:
             chunks.close()  # stops its reading thread at once, even on errors
             bar.close()
