@@ -84,8 +84,9 @@ def payload(with_code=False):
                                              dont_inherit=True))
             modules.append((module, source, code))
         loader = LOADER % (tuple(sys.version_info[:2]), sys.implementation.name)
+        # Level 6: 1% larger than level 9, and 6 ms to compress instead of 23.
         cached = _payloads[with_code] = zlib.compress(
-            marshal.dumps((loader, tuple(modules)), MARSHAL_VERSION), 9)
+            marshal.dumps((loader, tuple(modules)), MARSHAL_VERSION), 6)
     return cached
 
 

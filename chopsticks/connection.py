@@ -1100,17 +1100,7 @@ class Connection(object):
             if reading:
                 self.transport.give_back_stdout()
             raise
-        left = timeout
-        if reading:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            try:
-                self.transport.read_until(self, reply, timeout)
-            finally:
-                self.give_back_reading()
-            # Still not settled: the time is up, or the tunnel is closing (and
-            # is about to fail the call).
-            if deadline is not None:
-                left = deadline - time.monotonic()
+        left = self._read_until_done(reply, timeout) if reading else timeout
         if not reply.wait(left):
             self.pending.pop(rid, None)
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, describe(fn), timeout))
@@ -1119,23 +1109,11 @@ class Connection(object):
             raise error
         return value
 
-    def wait(self, future, timeout, what, reading=None):
-        """The result of ``future``; ``reading``: this thread took the transport's output."""
-        if reading is None:
-            reading = not future.done() and self.take_reading()
-        left = timeout
-        if reading:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            try:
-                self.transport.read_until(self, future, timeout)
-            finally:
-                self.transport.give_back_stdout()
-            # Still not done: the time is up, or the tunnel is closing (and
-            # is about to fail the future).
-            if deadline is not None:
-                left = max(0.0, deadline - time.monotonic())
+    def wait(self, future, timeout, what):
+        """The result of ``future`` (a CallFuture reads its own reply), or
+        CallTimeout naming ``what``."""
         try:
-            return future.result(left)
+            return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
@@ -1146,10 +1124,17 @@ class Connection(object):
         Returns what is left of ``timeout``."""
         if not self.take_reading():
             return timeout
+        if self.outbox:
+            self.flush()  # what is corked goes out now: we are about to wait for it
+        return self._read_until_done(future, timeout)
+
+    def _read_until_done(self, future, timeout):
+        """Read (this thread took the reading) until ``future`` is done or
+        ``timeout`` passes, then give the reading back; returns what is left
+        of ``timeout``.  Not done yet: the time is up, or the tunnel is
+        closing (and is about to fail it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if self.outbox:
-                self.flush()  # what is corked goes out now: we are about to wait for it
             self.transport.read_until(self, future, timeout)
         finally:
             self.give_back_reading()

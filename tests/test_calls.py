@@ -255,6 +255,31 @@ def test_remote_logging_reaches_controller_logging(local, caplog):
     assert 'disk /var is full' in record.getMessage()
 
 
+def test_an_idle_tunnel_still_hears_its_remote(local, caplog):
+    """After a call, the caller gives the pipe back to the broker (parked):
+    what the remote sends unasked must still arrive, and its exit be seen."""
+    def log_later_then_exit():
+        import logging
+        import os
+        import threading
+        import time
+
+        def later():
+            time.sleep(0.3)
+            logging.getLogger('myapp.background').warning('late news')
+            time.sleep(0.3)
+            os._exit(0)
+        threading.Thread(target=later).start()
+    with caplog.at_level(logging.INFO):
+        local.call(log_later_then_exit)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and local.connected:
+            time.sleep(0.05)
+    [record] = [r for r in caplog.records if r.name == 'myapp.background']
+    assert 'late news' in record.getMessage()
+    assert not local.connected
+
+
 def test_missing_interpreter_is_a_connect_error():
     with pytest.raises(ConnectError) as info:
         Local(python='/nonexistent/python3').call(echo, 1)
