@@ -729,11 +729,16 @@ class Connection(object):
     # --- lifecycle
     def start(self, timeout):
         self.transport.start(self)
-        try:
-            self.transport.write([bootstrap.stdin_preamble(
-                self.settings, self.settings.get('compiled_agent', False))])
-        except OSError:
-            pass  # it died already; its stderr says why, below
+        # Under write_lock, like every write: a remote that exits at once is
+        # declared lost (on the broker thread), and its pipe closed, only
+        # once this write is over, so it never goes to a closed or reused fd.
+        with self.write_lock:
+            if not self.closed:
+                try:
+                    self.transport.write([bootstrap.stdin_preamble(
+                        self.settings, self.settings.get('compiled_agent', False))])
+                except (OSError, ValueError):
+                    pass  # it died already; its stderr says why, below
         if not self.hello.wait(timeout):
             self.close()
             raise ConnectError(self.host, 'no answer from the remote python within %ss' % timeout,
