@@ -42,6 +42,7 @@ REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
 IMPORTS_IN_FLIGHT = 1000    # import requests one remote may have waiting for an answer
 DIRECT_READ_BUFFER = 256 << 10  # per caller thread that reads its own replies
 DIRECT_READ_SLICE = 0.5     # seconds such a caller waits before looking for a close()
+ALREADY_READING = 'already reading'  # see ProcessTransport.take_stdout
 
 _import_pool = None
 _import_pool_lock = threading.Lock()
@@ -216,6 +217,7 @@ class ProcessTransport(object):
         self.state_lock = threading.Lock()
         self.direct_reader = None  # the thread reading stdout instead of the broker
         self.parked = False  # given back to the broker for later (see give_back_stdout)
+        self.pumping = None  # the broker thread, while it reads stdout
         self.stdout_poller = None
         self.closing = False
 
@@ -241,9 +243,11 @@ class ProcessTransport(object):
     def _pump_stdout(self, conn):
         if not self.read_lock.acquire(blocking=False):
             return  # a caller reads it now, and is taking it off the broker
+        self.pumping = threading.get_ident()
         try:
             self._pump(self.stdout, conn.feed, lambda: self._eof(conn))
         finally:
+            self.pumping = None
             self.read_lock.release()
 
     # A caller waiting for its own reply reads stdout itself: handing each
@@ -252,7 +256,13 @@ class ProcessTransport(object):
     # (other callers' replies too) and gives the pipe back to the broker
     # when its reply is in.  See Connection.call.
     def take_stdout(self):
-        """Take stdout from the broker for this thread; False if another thread has it."""
+        """Take stdout from the broker for this thread: True; False if another
+        thread has it; ALREADY_READING if this thread has it already (a
+        callback of the group dispatcher that reads it makes a call), in
+        which case it must not give it back."""
+        me = threading.get_ident()
+        if self.direct_reader == me or self.pumping == me:
+            return ALREADY_READING
         if not self.read_lock.acquire(blocking=False):
             return False
         with self.state_lock:
@@ -440,6 +450,7 @@ class ReplyReader(object):
         self.poller = select.poll()
         self.taken = {}  # stdout fd -> connection
         self.fds = {}    # connection -> stdout fd
+        self.borrowed = set()  # connections this thread already read for another reader
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -450,8 +461,11 @@ class ReplyReader(object):
         if conn in self.fds:
             return True
         take = getattr(conn, 'take_reading', None)  # not a relayed connection's
-        if take is None or not take():
+        taken = take is not None and take()
+        if not taken:
             return False
+        if taken is not True:
+            self.borrowed.add(conn)  # an outer reader on this thread gives it back
         fd = conn.transport.stdout.fileno()
         self.taken[fd] = conn
         self.fds[conn] = fd
@@ -463,7 +477,10 @@ class ReplyReader(object):
         if fd is not None:
             del self.taken[fd]
             self.poller.unregister(fd)
-            conn.give_back_reading()
+            if conn in self.borrowed:
+                self.borrowed.discard(conn)
+            else:
+                conn.give_back_reading()
 
     def wait(self, timeout):
         """Read and dispatch what arrives within ``timeout`` seconds, or until woken."""
@@ -710,6 +727,7 @@ class Connection(object):
         self.settings.setdefault('host', host)
         self.settings.setdefault('log_level', logging.getLogger().getEffectiveLevel())
         self.parser = wire.FrameParser(self.settings.get('max_frame', MAX_FRAME))
+        self.backlog = collections.deque()  # frames read, not yet dispatched (see feed)
         self.pending = {}
         self.ids = itertools.count(1)
         self.write_lock = threading.Lock()
@@ -791,11 +809,18 @@ class Connection(object):
     # --- incoming (broker thread)
     def feed(self, data):
         self.last_rx = time.monotonic()
+        # Frames go through one queue: a future's done-callback may make a
+        # call on this tunnel and read its reply on this same thread, inside
+        # this loop; it dispatches what it reads after what is queued here,
+        # so the frames of a generator, say, keep their order.
+        backlog = self.backlog
         try:
-            frames = self.parser.feed(data)
-            for rid, op, payload in frames:
+            backlog.extend(self.parser.feed(data))
+            while backlog:
+                rid, op, payload = backlog.popleft()
                 self.dispatch(rid, op, payload)
         except (wire.FrameError, codec.DecodeError, KeyError, TypeError, ValueError) as e:
+            backlog.clear()
             self.lost(ProtocolError('[%s] the remote sent invalid data (%s: %s); '
                                     'the tunnel was closed' % (self.host, type(e).__name__, e)))
 
@@ -1102,10 +1127,10 @@ class Connection(object):
         try:
             rid = self.request(wire.CALL, reply, fn, args, kwargs)
         except BaseException:
-            if reading:
+            if reading is True:
                 self.transport.give_back_stdout()
             raise
-        left = self._read_until_done(reply, timeout) if reading else timeout
+        left = self._read_until_done(reply, timeout, reading is True) if reading else timeout
         if not reply.wait(left):
             self.pending.pop(rid, None)
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, describe(fn), timeout))
@@ -1127,26 +1152,31 @@ class Connection(object):
         """Read replies on this thread until ``future`` is done, if the
         transport lets this thread read (else whoever reads settles it).
         Returns what is left of ``timeout``."""
-        if not self.take_reading():
+        reading = self.take_reading()
+        if not reading:
             return timeout
-        if self.outbox:
-            self.flush()  # what is corked goes out now: we are about to wait for it
-        return self._read_until_done(future, timeout)
+        return self._read_until_done(future, timeout, reading is True)
 
-    def _read_until_done(self, future, timeout):
-        """Read (this thread took the reading) until ``future`` is done or
-        ``timeout`` passes, then give the reading back; returns what is left
-        of ``timeout``.  Not done yet: the time is up, or the tunnel is
-        closing (and is about to fail it)."""
+    def _read_until_done(self, future, timeout, give_back=True):
+        """Read (this thread has the reading) until ``future`` is done or
+        ``timeout`` passes, then give the reading back if this call took it;
+        returns what is left of ``timeout``.  Not done yet: the time is up,
+        or the tunnel is closing (and is about to fail it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            if self.outbox:
+                # What is corked goes out now, not when the broker gets to it:
+                # we are about to wait for it (and may be the broker thread).
+                self.flush()
             self.transport.read_until(self, future, timeout)
         finally:
-            self.give_back_reading()
+            if give_back:
+                self.give_back_reading()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def take_reading(self):
-        """This thread reads the replies from now on, if the transport allows it."""
+        """This thread reads the replies from now on, if the transport allows
+        it: see ProcessTransport.take_stdout for what it returns."""
         take = getattr(self.transport, 'take_stdout', None)
         return take is not None and take()
 

@@ -110,6 +110,24 @@ def test_futures_awaited_from_many_threads_all_settle(local):
     assert concurrent.futures.wait(futures, timeout=0).not_done == set()
 
 
+def test_a_done_callback_may_call_the_same_tunnel(local):
+    """A future's callback runs on the thread that read its reply (the
+    broker's, or a caller's): a call it makes there must not wait for that
+    thread, and what streams meanwhile keeps its order."""
+    items = local.call_iter(generate_and_record, 300)
+    seen = []
+    done = threading.Event()
+
+    def callback(future):
+        seen.append((future.result(), local.call(echo, 'from the callback')))
+        done.set()
+
+    local.call_async(echo, 'first').add_done_callback(callback)
+    assert list(items) == list(range(300))
+    assert done.wait(30)
+    assert seen == [('first', 'from the callback')]
+
+
 def test_timeout_raises_and_tunnel_stays_usable(local):
     with pytest.raises(CallTimeout) as info:
         local.call(time.sleep, 5, timeout=0.3)

@@ -172,6 +172,7 @@ def test_unpicklable_call_raises_before_contacting_anyone(locals4):
 def test_no_threads_for_calls_on_connected_tunnels(locals4):
     group = Group(locals4)
     group.connect()
+    group.call(echo, 0)  # the hosts import echo's module: the import pool's threads start
     before = set(threading.enumerate())
     group.call(echo, 1)
     assert set(threading.enumerate()) <= before

@@ -29,6 +29,18 @@ def test_value_before_run_is_not_completed(a_b):
         result.value
 
 
+def test_a_callback_may_call_a_tunnel_the_queue_is_using(a_b):
+    """Callbacks run on the thread that runs the queue, which reads the
+    replies of the tunnels in use: a call from a callback must not wait for it."""
+    a, b = a_b
+    queue = Queue()
+    checked = []
+    queue.call(a, os.getpid).with_callback(lambda pid: checked.append(a.call(os.getpid) == pid))
+    queue.call(b, span, 0.5)  # b stays busy meanwhile
+    queue.run()
+    assert checked == [True]
+
+
 def test_operations_run_in_order_per_tunnel_and_in_parallel_across(a_b):
     a, b = a_b
     queue = Queue()
