@@ -16,11 +16,6 @@ log = logging.getLogger(__name__)
 # next call before the broker reads it again (see Broker.park).
 PARK_TIME = 0.02
 
-# Selectors whose select() in progress notices a file registered meanwhile.
-_SEES_LATE_REGISTRATIONS = tuple(
-    getattr(selectors, name) for name in ('EpollSelector', 'KqueueSelector', 'DevpollSelector')
-    if hasattr(selectors, name))
-
 
 class Broker(object):
     def __init__(self):
@@ -38,12 +33,8 @@ class Broker(object):
         os.set_blocking(self._wake_r, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
 
-    def register(self, fileobj, callback, wake=True):
-        """Call ``callback()`` from the broker thread whenever ``fileobj`` is readable.
-
-        ``wake=False`` skips waking the broker thread: for a pipe given back
-        after a caller read it (epoll and kqueue see it without a wake-up).
-        """
+    def register(self, fileobj, callback):
+        """Call ``callback()`` from the broker thread whenever ``fileobj`` is readable."""
         with self.lock:
             self.parked.pop(fileobj, None)
             try:
@@ -51,8 +42,7 @@ class Broker(object):
             except KeyError:
                 return  # was parked, and registered when its time came
             self._ensure_thread()
-        if wake or not isinstance(self.selector, _SEES_LATE_REGISTRATIONS):
-            self._wake()
+        self._wake()
 
     def unregister(self, fileobj):
         with self.lock:

@@ -257,9 +257,9 @@ class ProcessTransport(object):
     # when its reply is in.  See Connection.call.
     def take_stdout(self):
         """Take stdout from the broker for this thread: True; False if another
-        thread has it; ALREADY_READING if this thread has it already (a
-        callback of the group dispatcher that reads it makes a call), in
-        which case it must not give it back."""
+        thread has it; ALREADY_READING if this thread reads it already (a
+        callback run by the thread that reads it makes a call), in which
+        case it must not give it back."""
         me = threading.get_ident()
         if self.direct_reader == me or self.pumping == me:
             return ALREADY_READING
@@ -308,19 +308,16 @@ class ProcessTransport(object):
         conn.feed(memoryview(buf)[:n])
         return True
 
-    def give_back_stdout(self, park=False):
-        """Give stdout back to the broker; ``park``: only if no caller takes it
-        within PARK_TIME (the caller then unparks it if a reply is awaited)."""
+    def give_back_stdout(self):
+        """Give stdout back to the broker, parked: it reads it only if no
+        caller takes it within PARK_TIME (unpark() when a reply is awaited)."""
         with self.state_lock:
             self.direct_reader = None
             closing = self.closing
             self.read_lock.release()
             if not closing:
-                if park:
-                    self.parked = True
-                    get_broker().park(self.stdout, self._on_stdout)
-                else:
-                    get_broker().register(self.stdout, self._on_stdout, wake=False)
+                self.parked = True
+                get_broker().park(self.stdout, self._on_stdout)
         if closing:
             self._close_pipes()  # close() left them to us
 
@@ -545,7 +542,25 @@ def _kill(proc):
 
 # --- pending requests --------------------------------------------------------------
 
-class CallFuture(concurrent.futures.Future):
+class _OneReply(object):
+    """Handling of a call's one reply, RESULT or ERROR: ``frame`` and ``fail``
+    settle it through ``settle(value, exc)``; ``conn`` names the host in errors."""
+    __slots__ = ()
+
+    def frame(self, op, payload):
+        if op == wire.RESULT:
+            self.settle(codec.decode(payload), None)
+        elif op == wire.ERROR:
+            self.settle(None, self.conn.remote_exception(payload))
+        else:
+            return False
+        return True
+
+    def fail(self, exc):
+        self.settle(None, exc)
+
+
+class CallFuture(_OneReply, concurrent.futures.Future):
     """The future of a call, and the handler of its reply.
 
     A thread waiting for the result reads the reply itself, as
@@ -554,29 +569,20 @@ class CallFuture(concurrent.futures.Future):
 
     def __init__(self, conn, what):
         super().__init__()
-        self._conn = conn
-        self._what = what  # the function, described only if an error needs it
+        self.conn = conn
+        self.what = what  # the function, described only if an error needs it
 
-    def frame(self, op, payload):
-        if op == wire.RESULT:
-            _settle(self, codec.decode(payload), None)
-        elif op == wire.ERROR:
-            _settle(self, None, self._conn.remote_exception(payload))
-        else:
-            return False
-        return True
-
-    def fail(self, exc):
-        _settle(self, None, exc)
+    def settle(self, value, exc):
+        _settle(self, value, exc)
 
     def result(self, timeout=None):
         if not self.done():
-            timeout = self._conn.read_for(self, timeout)
+            timeout = self.conn.read_for(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout=None):
         if not self.done():
-            timeout = self._conn.read_for(self, timeout)
+            timeout = self.conn.read_for(self, timeout)
         return super().exception(timeout)
 
 
@@ -596,7 +602,7 @@ class CallHandler(object):
         self.future.fail(exc)
 
 
-class ReplyHandler(object):
+class ReplyHandler(_OneReply):
     """The one reply a synchronous call waits for (see Connection.call).
 
     Lighter than a Future: a call that reads its own reply sets it on its own
@@ -614,21 +620,9 @@ class ReplyHandler(object):
     def done(self):
         return self.outcome is not None
 
-    def frame(self, op, payload):
-        if op == wire.RESULT:
-            self._settle((codec.decode(payload), None))
-        elif op == wire.ERROR:
-            self._settle((None, self.conn.remote_exception(payload)))
-        else:
-            return False
-        return True
-
-    def fail(self, exc):
-        self._settle((None, exc))
-
-    def _settle(self, outcome):
+    def settle(self, value, exc):
         if self.outcome is None:
-            self.outcome = outcome
+            self.outcome = (value, exc)
             try:
                 self.settled.release()
             except RuntimeError:
@@ -1128,7 +1122,7 @@ class Connection(object):
             rid = self.request(wire.CALL, reply, fn, args, kwargs)
         except BaseException:
             if reading is True:
-                self.transport.give_back_stdout()
+                self.give_back_reading()
             raise
         left = self._read_until_done(reply, timeout, reading is True) if reading else timeout
         if not reply.wait(left):
@@ -1186,7 +1180,7 @@ class Connection(object):
         # request went out meanwhile, the broker reads its reply.  (parked is
         # set before pending is looked at, and request_payload does the
         # reverse: one of us sees the other.)
-        self.transport.give_back_stdout(park=True)
+        self.transport.give_back_stdout()
         if self.pending:
             self.transport.unpark()
 

@@ -486,12 +486,7 @@ class _Dispatcher(object):
                     job.settled = True
                     if job.future is not None:
                         job.future.cancel()
-            if self._reader is not None:
-                for lane in self._lanes.values():
-                    if lane.reading is not None:
-                        self._reader.give_back(lane.reading)
-                        lane.reading = None
-            self._lanes.clear()
+            self._lanes.clear()  # (the pipes lanes were reading go back when run() closes its reader)
             self._ready.clear()
             self._connect_wait.clear()
             self._busy = self._connecting = self._unsettled = 0
