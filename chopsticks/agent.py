@@ -540,6 +540,11 @@ class Agent(object):
         self.cancelled = set()
         self.streams = {}  # rid -> InputStream
 
+    def wide_pipe(self, direction):
+        """Widen stdin (``'receive'``) or stdout (``'send'``) for a bulk
+        transfer: ``with agent.wide_pipe('receive'): ...`` (see wire.WidePipe)."""
+        return wire.WidePipe(self.rfd if direction == 'receive' else self.channel.fd)
+
     # requests we make to the controller (imports)
     def request(self, query):
         self.hand_off_reading()  # the answer needs a reader
@@ -720,7 +725,8 @@ class Agent(object):
     def run_stream(self, rid, payload, stream):
         try:
             fn, args, kwargs = load_call(payload)
-            result = fn(stream, *args, **kwargs)
+            with self.wide_pipe('receive'):  # the controller widens its end too
+                result = fn(stream, *args, **kwargs)
             self.channel.send_value(rid, wire.RESULT, result)
         except BaseException as e:
             self.send_error(rid, e)

@@ -392,6 +392,14 @@ class ProcessTransport(object):
                 break
         return views
 
+    def wide_pipe(self, direction):
+        """Widen stdin (``'send'``) or stdout (``'receive'``) for a bulk transfer."""
+        try:
+            fd = (self.proc.stdin if direction == 'send' else self.stdout).fileno()
+        except ValueError:
+            fd = None  # closed: the transfer fails anyway
+        return wire.WidePipe(fd)
+
     def kill(self):
         """End the process now (the connection is dead); a blocked write fails."""
         if self.proc is not None:
@@ -1230,24 +1238,31 @@ class Connection(object):
         return self.call_stream_payload(self.pickle_call(fn, args, kwargs), chunks,
                                         describe(fn), timeout)
 
+    def wide_pipe(self, direction):
+        """A context manager for a bulk transfer: ``'send'`` or ``'receive'``
+        (see wire.WidePipe).  Transports without pipes change nothing."""
+        widen = getattr(self.transport, 'wide_pipe', None)
+        return widen(direction) if widen is not None else wire.WidePipe(None)
+
     def call_stream_payload(self, payload, chunks, what, timeout=None):
         handler = StreamHandler(self, what)
         rid = self.request_payload(wire.CALL_STREAM, handler, payload)
         error = None
         try:
-            for chunk in chunks:
-                view = memoryview(chunk).cast('B')
-                for start in range(0, len(view), STREAM_CHUNK):
-                    piece = view[start:start + STREAM_CHUNK]
-                    with handler.cond:
-                        handler.cond.wait_for(
-                            lambda: handler.in_flight < STREAM_WINDOW or handler.future.done())
-                        if handler.future.done():
-                            break
-                        handler.in_flight += len(piece)
-                    self.send_parts(rid, wire.DATA, [piece])
-                if handler.future.done():
-                    break
+            with self.wide_pipe('send'):
+                for chunk in chunks:
+                    view = memoryview(chunk).cast('B')
+                    for start in range(0, len(view), STREAM_CHUNK):
+                        piece = view[start:start + STREAM_CHUNK]
+                        with handler.cond:
+                            handler.cond.wait_for(
+                                lambda: handler.in_flight < STREAM_WINDOW or handler.future.done())
+                            if handler.future.done():
+                                break
+                            handler.in_flight += len(piece)
+                        self.send_parts(rid, wire.DATA, [piece])
+                    if handler.future.done():
+                        break
         except BaseException as e:
             error = '%s: %s' % (type(e).__name__, e)
             raise

@@ -459,6 +459,21 @@ def _receive_file(incoming, target, size, want_sha1, durable=True, sweep=False):
     return fd, temp, sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
 
 
+class _Unchanged(object):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
+def _wide_agent_pipe(direction):
+    """On the host: the agent's pipe, widened while a transfer runs through it
+    (streams into the host have it widened by the agent itself)."""
+    agent = getattr(sys.modules.get('_chopsticks_agent'), 'agent', None)
+    return agent.wide_pipe(direction) if agent is not None else _Unchanged()
+
+
 def remote_receive(stream, dest, spec):
     """Receive what ``put`` sends; runs on the host.
 
@@ -615,6 +630,11 @@ def remote_send(path, chunk=FETCH_CHUNK, sha1=True):
     dict (kind='tree', path, mode, dirs, files, links, skipped), then for each
     file of ``files`` in order its chunks and a trailer.
     """
+    with _wide_agent_pipe('send'):
+        yield from _send(path, chunk, sha1)
+
+
+def _send(path, chunk, sha1):
     path = remote_path(path)
     fd = _open_regular_or_dir(path, 0)
     try:
@@ -1086,7 +1106,7 @@ def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durabl
     """
     remote = os.fspath(remote_path)
     what = '%s -> %s' % (remote, local_path if local_path is not None else '(temporary file)')
-    with _Guard(tunnel, 'fetch', what):
+    with _Guard(tunnel, 'fetch', what), tunnel._connection().wide_pipe('receive'):
         items = _Items(tunnel.call_iter(remote_send, remote, FETCH_CHUNK, _SHA1), tunnel.host)
         try:
             header = items.next(dict)

@@ -204,6 +204,10 @@ class RelayConnection(object):
         return self._unwrap(self.via.call_stream(relay_stream, chunks, self.key, self.spec,
                                                  payload, str(what), timeout))
 
+    def wide_pipe(self, direction):
+        """The data runs through the via tunnel's pipes: widen those."""
+        return self.via._connection().wide_pipe(direction)
+
     def call_stream(self, fn, chunks, args, kwargs, timeout=None):
         from .serialize import describe
         return self.call_stream_payload(self.pickle_call(fn, args, kwargs), chunks,

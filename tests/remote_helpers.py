@@ -37,3 +37,13 @@ def generate_and_record(n):
 
 def produced_so_far():
     return len(PRODUCED)
+
+
+def agent_pipe_sizes(stream=None):
+    """The capacity of the agent's stdin and stdout pipes (after reading ``stream``)."""
+    import fcntl
+    import sys
+    for _ in stream or ():
+        pass
+    agent = sys.modules['_chopsticks_agent'].agent
+    return fcntl.fcntl(agent.rfd, 1032), fcntl.fcntl(agent.channel.fd, 1032)

@@ -507,3 +507,49 @@ def test_asyncio_put_and_fetch(local, tmp_path):
         return put, got
     put, got = asyncio.run(main())
     assert put['size'] == got['size'] == 11 and (tmp_path / 'l').read_bytes() == b'async bytes'
+
+
+@pytest.mark.parametrize('kind', ['local', 'openssh'])
+def test_pipes_are_wide_only_while_a_transfer_runs(sshd, kind, big_file, tmp_path):
+    """Bulk transfers widen the tunnel's pipes (fewer system calls and wake-ups
+    per MiB), and give the capacity back after: Linux counts it against a
+    per-user limit past which every new pipe of that user shrinks."""
+    import fcntl
+    from chopsticks import wire
+    from remote_helpers import agent_pipe_sizes
+    with _tunnel(kind) as t:
+        usual = t.call(agent_pipe_sizes)
+        assert usual[0] < wire.BULK_PIPE_SIZE and usual[1] < wire.BULK_PIPE_SIZE
+        if kind == 'openssh':  # (Local shares the pipe with us: we narrow it once we have sent)
+            during = t.call_stream(agent_pipe_sizes, [b'x' * 1000])
+            assert during[0] == wire.BULK_PIPE_SIZE  # stdin, for the stream
+
+        t.put(big_file[0], str(tmp_path / 'copy'))
+        t.fetch(str(tmp_path / 'copy'), str(tmp_path / 'back'))
+        assert sha256_of(str(tmp_path / 'back')) == big_file[1]
+        assert t.call(agent_pipe_sizes) == usual
+        transport = t._connection().transport
+        assert fcntl.fcntl(transport.stdin, wire.F_GETPIPE_SZ) == usual[0]
+        assert fcntl.fcntl(transport.stdout.fileno(), wire.F_GETPIPE_SZ) == usual[1]
+        assert wire.WidePipe.widened == 0
+
+
+def test_wide_pipe_is_bounded_and_restored(monkeypatch):
+    import fcntl
+    from chopsticks import wire
+    r, w = os.pipe()
+    try:
+        usual = fcntl.fcntl(w, wire.F_GETPIPE_SZ)
+        with wire.WidePipe(w):
+            assert fcntl.fcntl(r, wire.F_GETPIPE_SZ) == wire.BULK_PIPE_SIZE
+            with wire.WidePipe(r):  # already wide: the outer one restores it
+                pass
+            assert fcntl.fcntl(r, wire.F_GETPIPE_SZ) == wire.BULK_PIPE_SIZE
+        assert fcntl.fcntl(r, wire.F_GETPIPE_SZ) == usual
+        monkeypatch.setattr(wire, 'BULK_PIPES_MAX', 0)
+        with wire.WidePipe(w):
+            assert fcntl.fcntl(w, wire.F_GETPIPE_SZ) == usual
+        assert wire.WidePipe.widened == 0
+    finally:
+        os.close(r)
+        os.close(w)
