@@ -387,7 +387,10 @@ class _Incoming(object):
     """Reads exact byte counts from the chunks of an input stream without copying."""
 
     def __init__(self, chunks):
+        # The agent's stream hands out chunks as they arrived (next_buffer),
+        # without the copy into bytes that iterating it makes.
         self.chunks = iter(chunks)
+        self.next_chunk = getattr(chunks, 'next_buffer', None) or self.chunks.__next__
         self.view = memoryview(b'')
 
     def piece(self, limit):
@@ -395,7 +398,7 @@ class _Incoming(object):
         view = self.view
         if not view:
             try:
-                view = memoryview(next(self.chunks)).cast('B')
+                view = memoryview(self.next_chunk()).cast('B')
             except StopIteration:
                 raise EOFError('the transfer ended early')
         if len(view) > limit:

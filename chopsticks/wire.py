@@ -44,27 +44,64 @@ class FrameError(Exception):
     """The byte stream is not valid framing."""
 
 
+DIRECT_READ_MIN = 64 << 10  # a trusted frame this large is read straight into place
+
+
 class FrameParser(object):
     """Incremental frame splitter: feed bytes, get complete frames back.
 
     ``max_payload`` bounds what a peer can make us buffer for one frame.
-    A payload that arrives whole inside one ``feed`` is copied once; one that
-    spans several is gathered in a bytearray that grows with what arrived
-    (never preallocated from the announced length).
+    A payload that arrives whole inside one ``feed`` is copied once (bytes).
+    One that spans several is gathered in a bytearray that grows with what
+    arrived, never preallocated from the announced length, and handed on as
+    a memoryview of it (no second copy).
+
+    ``trusted`` (the agent, which runs what its controller sends anyway):
+    a frame of DIRECT_READ_MIN or more gets a buffer of its announced size,
+    and ``room()``/``filled()`` let the reader read the rest of it straight
+    into place, so a megabyte of a put is copied by the kernel only.
     """
 
-    def __init__(self, max_payload):
+    def __init__(self, max_payload, trusted=False):
         self.max_payload = max_payload
+        self.trusted = trusted
         self.buf = bytearray()  # the pending bytes of an incomplete frame
         self.need = HEADER.size  # len(buf) at which the pending frame is complete
+        self.have = None  # bytes of buf filled, when buf was allocated at full size
+
+    def room(self):
+        """A writable view where the next read should go, or None: read into
+        your own buffer and ``feed`` it."""
+        if self.have is None:
+            return None
+        return memoryview(self.buf)[self.have:]
+
+    def filled(self, n):
+        """``n`` bytes were read into ``room()``: the frames now complete."""
+        self.have += n
+        return [self._complete()] if self.have == self.need else []
+
+    def _complete(self):
+        buf = self.buf
+        _, rid, op = HEADER.unpack_from(buf, 0)
+        self.buf = bytearray()
+        self.need = HEADER.size
+        self.have = None
+        return rid, op, memoryview(buf)[HEADER.size:]
+
+    def _preallocate(self, pending):
+        """Continue the frame begun with ``pending`` in a buffer of its full size."""
+        buf = self.buf = bytearray(self.need)
+        buf[:len(pending)] = pending
+        self.have = len(pending)
 
     def feed(self, data):
-        buf = self.buf
         size = HEADER.size
         frames = []
-        if buf:
+        view = memoryview(data)
+        if self.have is None and self.buf:
             # Complete the pending frame with as few bytes of data as it needs.
-            view = memoryview(data)
+            buf = self.buf
             if len(buf) < size:
                 take = min(size - len(buf), len(view))
                 buf += view[:take]
@@ -72,16 +109,22 @@ class FrameParser(object):
                 if len(buf) < size:
                     return frames
                 self.need = size + self._checked(HEADER.unpack_from(buf, 0)[0])
-            take = min(self.need - len(buf), len(view))
-            buf += view[:take]
-            data = view[take:]
-            if len(buf) < self.need:
+                if self.trusted and self.need - size >= DIRECT_READ_MIN:
+                    self._preallocate(buf)
+            if self.have is None:
+                take = min(self.need - len(buf), len(view))
+                buf += view[:take]
+                view = view[take:]
+                if len(buf) < self.need:
+                    return frames
+                frames.append(self._complete())
+        if self.have is not None:
+            take = min(self.need - self.have, len(view))
+            self.buf[self.have:self.have + take] = view[:take]
+            view = view[take:]
+            frames.extend(self.filled(take))
+            if self.have is not None:
                 return frames
-            _, rid, op = HEADER.unpack_from(buf, 0)
-            frames.append((rid, op, bytes(memoryview(buf)[size:])))
-            self.buf = buf = bytearray()
-            self.need = size
-        view = memoryview(data)
         pos = 0
         end = len(view)
         while end - pos >= size:
@@ -94,7 +137,10 @@ class FrameParser(object):
             frames.append((rid, op, bytes(view[start:start + length])))
             pos = start + length
         if pos < end:
-            buf += view[pos:]
+            if self.trusted and self.need - size >= DIRECT_READ_MIN:
+                self._preallocate(view[pos:])
+            else:
+                self.buf += view[pos:]
         return frames
 
     def _checked(self, length):

@@ -161,6 +161,47 @@ def test_frames_survive_any_chunking(frames, draw):
 
 
 @FUZZ
+@given(frames_strategy(), st.data())
+def test_a_trusted_parser_reads_big_frames_in_place(frames, draw):
+    """The agent's reader: a big frame is read straight into the buffer
+    ``room()`` offers, in reads of any size, mixed with fed ones."""
+    stream = b''.join(wire.frame(rid, op, payload) for rid, op, payload in frames)
+    direct_read_min = wire.DIRECT_READ_MIN
+    wire.DIRECT_READ_MIN = 40  # so that small fuzzed frames take that path too
+    try:
+        parser = wire.FrameParser(1 << 16, trusted=True)
+        got = []
+        pos = 0
+        while pos < len(stream):
+            n = min(draw.draw(st.integers(1, 400)), len(stream) - pos)
+            room = parser.room()
+            if room is None:
+                got.extend(parser.feed(stream[pos:pos + n]))
+            else:
+                n = min(n, len(room))
+                room[:n] = stream[pos:pos + n]
+                got.extend(parser.filled(n))
+            pos += n
+    finally:
+        wire.DIRECT_READ_MIN = direct_read_min
+    assert got == frames and parser.room() is None
+
+
+def test_a_big_frame_is_read_into_its_own_buffer():
+    payload = bytes(range(256)) * 1024
+    stream = wire.frame(7, wire.DATA, payload)
+    parser = wire.FrameParser(1 << 20, trusted=True)
+    assert parser.feed(stream[:1000]) == []
+    room = parser.room()
+    assert len(room) == len(stream) - 1000
+    room[:] = stream[1000:]
+    assert parser.filled(len(room)) == [(7, wire.DATA, payload)]
+    untrusted = wire.FrameParser(1 << 20)  # a host's announced length is not allocated
+    untrusted.feed(stream[:1000])
+    assert untrusted.room() is None and len(untrusted.buf) == 1000
+
+
+@FUZZ
 @given(st.binary(max_size=3000), st.data())
 def test_random_streams_frame_or_refuse(stream, draw):
     parser = wire.FrameParser(1024)
