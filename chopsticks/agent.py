@@ -537,7 +537,8 @@ class Agent(object):
         self.inline_calls = 0      # calls run inline so far: the relief thread's clock
         self.relief_started = False
         self.relief_parked = False
-        self.parser = wire.FrameParser(config.get('max_frame', 1 << 30), trusted=True)
+        max_frame = config.get('max_frame', 1 << 30)
+        self.parser = wire.FrameParser(max_frame, preallocate=max_frame)  # see its docstring
         self.read_buffer = bytearray(1 << 18)
         self.finder = ControllerFinder(self)
         self.requests = {}  # our request id -> [event, reply]

@@ -44,7 +44,7 @@ class FrameError(Exception):
     """The byte stream is not valid framing."""
 
 
-DIRECT_READ_MIN = 64 << 10  # a trusted frame this large is read straight into place
+DIRECT_READ_MIN = 64 << 10  # a frame this large may be read straight into place
 
 
 class FrameParser(object):
@@ -52,19 +52,21 @@ class FrameParser(object):
 
     ``max_payload`` bounds what a peer can make us buffer for one frame.
     A payload that arrives whole inside one ``feed`` is copied once (bytes).
-    One that spans several is gathered in a bytearray that grows with what
-    arrived, never preallocated from the announced length, and handed on as
-    a memoryview of it (no second copy).
+    One that spans several is handed on as a memoryview of the bytearray
+    that gathered it (no second copy).
 
-    ``trusted`` (the agent, which runs what its controller sends anyway):
-    a frame of DIRECT_READ_MIN or more gets a buffer of its announced size,
-    and ``room()``/``filled()`` let the reader read the rest of it straight
-    into place, so a megabyte of a put is copied by the kernel only.
+    That bytearray grows with what arrived, unless the payload is between
+    DIRECT_READ_MIN and ``preallocate`` bytes: then it is allocated at the
+    announced size, and ``room()``/``filled()`` let the reader read the rest
+    straight into place, so a fetched or put megabyte is copied by the
+    kernel only.  ``preallocate`` is what a peer may make us allocate before
+    it sends the bytes: the agent trusts its controller with everything; the
+    controller trusts a host with a megabyte.
     """
 
-    def __init__(self, max_payload, trusted=False):
+    def __init__(self, max_payload, preallocate=0):
         self.max_payload = max_payload
-        self.trusted = trusted
+        self.preallocate = preallocate
         self.buf = bytearray()  # the pending bytes of an incomplete frame
         self.need = HEADER.size  # len(buf) at which the pending frame is complete
         self.have = None  # bytes of buf filled, when buf was allocated at full size
@@ -109,7 +111,7 @@ class FrameParser(object):
                 if len(buf) < size:
                     return frames
                 self.need = size + self._checked(HEADER.unpack_from(buf, 0)[0])
-                if self.trusted and self.need - size >= DIRECT_READ_MIN:
+                if DIRECT_READ_MIN <= self.need - size <= self.preallocate:
                     self._preallocate(buf)
             if self.have is None:
                 take = min(self.need - len(buf), len(view))
@@ -137,7 +139,7 @@ class FrameParser(object):
             frames.append((rid, op, bytes(view[start:start + length])))
             pos = start + length
         if pos < end:
-            if self.trusted and self.need - size >= DIRECT_READ_MIN:
+            if DIRECT_READ_MIN <= self.need - size <= self.preallocate:
                 self._preallocate(view[pos:])
             else:
                 self.buf += view[pos:]

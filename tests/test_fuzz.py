@@ -162,14 +162,14 @@ def test_frames_survive_any_chunking(frames, draw):
 
 @FUZZ
 @given(frames_strategy(), st.data())
-def test_a_trusted_parser_reads_big_frames_in_place(frames, draw):
+def test_a_parser_reads_big_frames_in_place(frames, draw):
     """The agent's reader: a big frame is read straight into the buffer
     ``room()`` offers, in reads of any size, mixed with fed ones."""
     stream = b''.join(wire.frame(rid, op, payload) for rid, op, payload in frames)
     direct_read_min = wire.DIRECT_READ_MIN
     wire.DIRECT_READ_MIN = 40  # so that small fuzzed frames take that path too
     try:
-        parser = wire.FrameParser(1 << 16, trusted=True)
+        parser = wire.FrameParser(1 << 16, preallocate=1 << 16)
         got = []
         pos = 0
         while pos < len(stream):
@@ -190,15 +190,15 @@ def test_a_trusted_parser_reads_big_frames_in_place(frames, draw):
 def test_a_big_frame_is_read_into_its_own_buffer():
     payload = bytes(range(256)) * 1024
     stream = wire.frame(7, wire.DATA, payload)
-    parser = wire.FrameParser(1 << 20, trusted=True)
+    parser = wire.FrameParser(1 << 20, preallocate=1 << 20)
     assert parser.feed(stream[:1000]) == []
     room = parser.room()
     assert len(room) == len(stream) - 1000
     room[:] = stream[1000:]
     assert parser.filled(len(room)) == [(7, wire.DATA, payload)]
-    untrusted = wire.FrameParser(1 << 20)  # a host's announced length is not allocated
-    untrusted.feed(stream[:1000])
-    assert untrusted.room() is None and len(untrusted.buf) == 1000
+    wary = wire.FrameParser(1 << 20, preallocate=len(payload) - 1)  # too big to allocate ahead
+    wary.feed(stream[:1000])
+    assert wary.room() is None and len(wary.buf) == 1000
 
 
 @FUZZ
