@@ -61,7 +61,8 @@ class FrameParser(object):
     straight into place, so a fetched or put megabyte is copied by the
     kernel only.  ``preallocate`` is what a peer may make us allocate before
     it sends the bytes: the agent trusts its controller with everything; the
-    controller trusts a host with a megabyte.
+    controller trusts a host with nothing (there, most frames of a fetch
+    arrive whole in one read anyway).
     """
 
     def __init__(self, max_payload, preallocate=0):
