@@ -7,7 +7,6 @@ from .errors import (
     CallTimeout, ChopsticksError, ConnectError, DepthLimitExceeded, ProtocolError,
     RemoteException, TunnelClosed,
 )
-from .tunnel import BaseTunnel, Docker, Local, SSHTunnel, SubprocessTunnel, Sudo, Tunnel
 
 __version__ = '2.0.0.dev0'
 
@@ -18,9 +17,14 @@ __all__ = [
     'Group', 'GroupResult', 'ErrorResult', 'Queue', 'AsyncResult',
 ]
 
-# Imported on first use: ``import chopsticks`` (which remotes do too, for
-# chopsticks.files) stays light.
+# Imported on first use.  Hosts import this package too (for chopsticks.files,
+# say), and the import hook sends a module with everything its top level
+# imports: the tunnels here would bring the controller's whole core with
+# them, 150 ms before a first put could start.  (A Python 3.6 host, which
+# has no module __getattr__, imports them from chopsticks.tunnel.)
 _LAZY = {
+    'Tunnel': 'tunnel', 'SSHTunnel': 'tunnel', 'Local': 'tunnel', 'Sudo': 'tunnel',
+    'Docker': 'tunnel', 'SubprocessTunnel': 'tunnel', 'BaseTunnel': 'tunnel',
     'Group': 'group', 'GroupResult': 'group', 'ErrorResult': 'group',
     'Queue': 'queue', 'AsyncResult': 'queue',
     'hookimpl': 'hookspecs',  # pluggy: not something a remote (maybe Python 3.6) should import

@@ -553,3 +553,21 @@ def test_wide_pipe_is_bounded_and_restored(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_first_put_sends_the_host_only_what_it_needs(tmp_path, monkeypatch):
+    """chopsticks.files on the host imports the chopsticks package: that must
+    not bring the controller's core along (it cost 150 ms before a first put)."""
+    import sys
+    others = [p for p in available_pythons()
+              if os.path.realpath(p) != os.path.realpath(sys.executable)]
+    if not others:
+        pytest.skip('no Python here but the one chopsticks is installed in')
+    src = tmp_path / 'src'
+    src.write_bytes(b'x')
+    monkeypatch.chdir(tmp_path)  # python -c would find chopsticks in this checkout
+    with Local(python=others[-1]) as t:
+        t.put(str(src), str(tmp_path / 'copy'))
+        sent = t._connection().modules.sent
+    assert {'chopsticks', 'chopsticks.errors'} <= sent  # (files itself: read from this checkout)
+    assert not sent & {'chopsticks.tunnel', 'chopsticks.connection', 'chopsticks.group'}
