@@ -206,7 +206,7 @@ class WidePipe(object):
     the usual 64 KiB while a bulk transfer runs through it.
 
     Each side then moves four times more per system call and wake-up: on
-    loopback a fetch ran 15-25% faster and a put about 10%.  The old size
+    loopback put and fetch ran 15-20% faster over OpenSSH.  The old size
     comes back afterwards, and one process widens at most BULK_PIPES_MAX
     pipes at once, because Linux counts pipe capacity against a per-user
     limit (pipe-user-pages-soft, 64 MiB) past which every new pipe of that

@@ -47,3 +47,9 @@ def agent_pipe_sizes(stream=None):
         pass
     agent = sys.modules['_chopsticks_agent'].agent
     return fcntl.fcntl(agent.rfd, 1032), fcntl.fcntl(agent.channel.fd, 1032)
+
+
+def joined(stream):
+    """The types of a stream's chunks and their bytes joined."""
+    chunks = list(stream)
+    return sorted(set(type(c).__name__ for c in chunks)), b''.join(chunks)

@@ -15,7 +15,7 @@ from chopsticks.codec import EncodeError  # noqa: F401  (the type named in error
 
 from test_codec import VALUES
 from remote_helpers import (
-    echo, fail, generate_and_record, produced_so_far, return_unsendable, sleep_then,
+    echo, fail, generate_and_record, joined, produced_so_far, return_unsendable, sleep_then,
 )
 
 
@@ -323,6 +323,12 @@ def test_every_available_interpreter_works(remote_python):
         assert tunnel.call(lambda x: x + 1, 41) == 42
         with pytest.raises(RemoteException, match='ZeroDivisionError'):
             tunnel.call(divmod, 1, 0)
+        # Frames this big are read straight into a buffer of their own (a
+        # memoryview of it is what the agent unpickles) ...
+        big = os.urandom(3 << 20)
+        assert tunnel.call(echo, big) == big
+        # ... and a stream still hands its function bytes.
+        assert tunnel.call_stream(joined, [big, b'end']) == (['bytes'], big + b'end')
 
 
 SCRIPT = '''
