@@ -269,7 +269,7 @@ class ProcessTransport(object):
             if self.closing:
                 self.read_lock.release()
                 return False
-            self.direct_reader = threading.get_ident()
+            self.direct_reader = me
             self.parked = False
         get_broker().unregister(self.stdout)
         return True
