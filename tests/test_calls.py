@@ -135,10 +135,22 @@ def test_timeout_raises_and_tunnel_stays_usable(local):
     assert local.call(echo, 3) == 3
 
 
-def test_calls_from_other_threads_finish_while_one_waits_on_a_long_call(local):
+@pytest.mark.parametrize('before', ['fresh', 'after_calls', 'after_idling'])
+def test_calls_from_other_threads_finish_while_one_waits_on_a_long_call(local, before):
     # The waiting caller reads the tunnel itself: it must hand the others
-    # their replies, not only wait for its own.
+    # their replies, not only wait for its own.  And the agent runs the long
+    # call on its reader thread, so its relief thread must hand reading on,
+    # whether it has never run ('fresh'), looks now and then because calls
+    # came ('after_calls') or has parked after a second without any
+    # ('after_idling', agent.RELIEF_PARK_AFTER).
     local.connect()
+    if before == 'after_calls':
+        for _ in range(20):
+            local.call(echo, None)
+            time.sleep(0.01)
+    elif before == 'after_idling':
+        local.call(echo, None)
+        time.sleep(1.5)
     waiter = threading.Thread(target=local.call, args=(time.sleep, 3))
     waiter.start()
     time.sleep(0.3)
