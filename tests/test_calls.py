@@ -110,6 +110,43 @@ def test_futures_awaited_from_many_threads_all_settle(local):
     assert concurrent.futures.wait(futures, timeout=0).not_done == set()
 
 
+def test_call_futures_are_whole_futures(local):
+    # A tunnel's futures share one Condition (see CallFuture); everything
+    # else a Future has, they must have on this Python, for the standard
+    # library's helpers.
+    future = local.call_async(echo, 1)
+    assert set(vars(concurrent.futures.Future())) <= set(vars(future))
+    futures = [future] + [local.call_async(sleep_then, 0.01 * n, n) for n in range(2, 6)]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=30)) == [1, 2, 3, 4, 5]
+    done, not_done = concurrent.futures.wait(futures, timeout=30)
+    assert done == set(futures) and not not_done
+
+    async def awaited():
+        import asyncio
+        return await asyncio.wrap_future(local.call_async(echo, 'awaited'))
+    import asyncio
+    assert asyncio.run(awaited()) == 'awaited'
+
+
+def test_a_waiter_woken_by_another_reply_keeps_waiting(local):
+    # While another thread reads the tunnel, result() waits on the
+    # Condition the tunnel's futures share: every reply wakes it, and it
+    # must wait on, not time out at the first one.
+    local.connect()
+    reader = threading.Thread(target=local.call, args=(time.sleep, 1.5))
+    reader.start()
+    time.sleep(0.2)  # the reader holds the pipe now
+    slow = local.call_async(sleep_then, 1.0, 'slow')
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(slow.result(timeout=20)))
+    waiter.start()
+    time.sleep(0.1)
+    assert [local.call_async(echo, n).result(timeout=20) for n in range(10)] == list(range(10))
+    waiter.join()
+    reader.join()
+    assert outcome == ['slow']
+
+
 def test_a_done_callback_may_call_the_same_tunnel(local):
     """A future's callback runs on the thread that read its reply (the
     broker's, or a caller's): a call it makes there must not wait for that
