@@ -538,6 +538,7 @@ class Agent(object):
         self.local = threading.local()  # .reading: this thread reads and dispatches frames
         self.role = threading.Condition(threading.Lock())
         self.inline_thread = None  # ident of the reader while it runs a call inline
+        self.inline_queue = collections.deque()  # (rid, payload) of calls read, to run inline
         self.inline_started = 0.0  # time.monotonic() when that call started
         self.inline_calls = 0      # calls run inline so far
         self.relief_started = False
@@ -576,12 +577,14 @@ class Agent(object):
     def read_frames(self):
         """Hold the reader role: read and dispatch frames.
 
-        A call that ends a read runs right here on the reader thread: handing
-        it to another thread costs more thread switches than a small call
-        takes.  While it runs nobody reads, so the relief thread hands the
-        reader role to another thread when the call outlasts RELIEF_TICK, and
-        a call that waits for the controller (an import) hands it over at once.
-        This thread then joins the workers when its call ends.
+        The calls a read brings run right here on the reader thread, one
+        after the other: handing them to other threads costs more thread
+        switches (and fights for the GIL) than small calls take.  While one
+        runs nobody reads, so the relief thread hands the reader role to
+        another thread when a call lasts (see _relieve), and a call that waits
+        for the controller (an import) hands it over at once; the calls still
+        queued then go to the workers.  This thread joins the workers when
+        its call ends.
         """
         parser = self.parser
         fd = self.rfd
@@ -601,40 +604,70 @@ class Agent(object):
                 frames = parser.feed(memoryview(buf)[:n]) if room is None else parser.filled(n)
             except Exception as e:
                 reader_failed(e)
-            last = len(frames) - 1
-            for i, (rid, op, payload) in enumerate(frames):
-                if i == last and op == wire.CALL:
-                    if not self.run_inline(rid, payload):
-                        return  # another thread reads now
+            calls = self.inline_queue
+            for rid, op, payload in frames:
+                if op == wire.CALL:
+                    calls.append((rid, payload))
                     continue
                 try:
                     self.dispatch(rid, op, payload)
                 except Exception as e:
                     reader_failed(e)
+            if calls and not self.run_inline(calls):
+                return  # another thread reads now
 
-    def run_inline(self, rid, payload):
-        """Run a call on the reader thread; False if the reader role moved meanwhile."""
+    def run_inline(self, calls):
+        """Run the queued ``calls`` on the reader thread, in order; False if
+        the reader role moved meanwhile (the rest went to the workers)."""
         me = threading.get_ident()
-        with self.role:
-            self.inline_calls += 1
-            self.inline_thread = me
-            self.inline_started = time.monotonic()
-            if not self.relief_started:
-                self.relief_started = True
-                relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
-                relief.daemon = True
-                relief.start()
-            elif self.relief_parked:
-                self.relief_parked = False
-                self.role.notify()
-        self.local.reading = False  # the call may import: see ControllerFinder
-        self.run_call(rid, payload)
-        with self.role:
-            still_reader = self.inline_thread == me
-            if still_reader:
-                self.inline_thread = None  # (else it may be the new reader's own inline call)
-        self.local.reading = still_reader
-        return still_reader
+        writer = self.channel.writer
+        while True:
+            with self.role:
+                if not calls:
+                    return True
+                rid, payload = calls.popleft()
+                last = not calls
+                # Replies wait while more calls are queued: one write for all
+                # but the last.  Corked under ``role`` only, so never after
+                # another thread took the role (and uncorked: _start_new_reader).
+                if not last:
+                    writer.cork()
+                self.inline_calls += 1
+                self.inline_thread = me
+                self.inline_started = time.monotonic()
+                if not self.relief_started:
+                    self.relief_started = True
+                    relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
+                    relief.daemon = True
+                    relief.start()
+                elif self.relief_parked:
+                    self.relief_parked = False
+                    self.role.notify()
+            if last:
+                writer.uncork()
+            self.local.reading = False  # the call may import: see ControllerFinder
+            self.run_call(rid, payload)
+            with self.role:
+                still_reader = self.inline_thread == me
+                if still_reader:
+                    self.inline_thread = None  # (else it may be the new reader's own inline call)
+            self.local.reading = still_reader
+            if not still_reader:
+                return False
+
+    def _take_reader_role(self):
+        """(Under ``role``.)  Take the reader role from the call running
+        inline; returns the calls queued behind it."""
+        self.inline_thread = None
+        queued = list(self.inline_queue)
+        self.inline_queue.clear()
+        return queued
+
+    def _start_new_reader(self, queued):
+        self.channel.writer.uncork()  # the replies held for the batch go now
+        for rid, payload in queued:
+            self.workers.submit(self.run_call, rid, payload)
+        self.workers.submit_first(self.read_frames)
 
     def hand_off_reading(self):
         """Called by a call about to wait on something: if it runs on the
@@ -644,8 +677,8 @@ class Agent(object):
         with self.role:
             if self.inline_thread != threading.get_ident():
                 return
-            self.inline_thread = None
-        self.workers.submit_first(self.read_frames)
+            queued = self._take_reader_role()
+        self._start_new_reader(queued)
 
     def _relieve(self):
         """Give the reader role to another thread when a call run inline lasts.
@@ -664,14 +697,13 @@ class Agent(object):
         counted = None   # inline_calls at the previous look
         quiet_since = time.monotonic()
         while True:
-            hand_off = False
+            hand_off = None
             with self.role:
                 now = time.monotonic()
                 if self.inline_thread is not None:
                     ran = now - self.inline_started
                     if ran >= RELIEF_TICK:
-                        self.inline_thread = None  # the call keeps running, unwatched
-                        hand_off = True
+                        hand_off = self._take_reader_role()  # the call runs on, unwatched
                         nap = RELIEF_TICK
                     else:
                         nap = RELIEF_TICK - ran
@@ -687,8 +719,8 @@ class Agent(object):
                         nap = 0.0  # a call has just started: look after RELIEF_TICK * 2
                     nap = min(max(nap, RELIEF_TICK) * 2, RELIEF_NAP_MAX)
                 counted = self.inline_calls
-            if hand_off:
-                self.workers.submit_first(self.read_frames)
+            if hand_off is not None:
+                self._start_new_reader(hand_off)
             else:
                 time.sleep(nap)
 

@@ -278,6 +278,10 @@ class CombiningWriter(object):
     with one writev.  Under load, many small frames cost one syscall (and one
     wake-up of the peer) instead of one each.  Queued bytes are bounded: past
     ``limit``, arriving threads wait for the writer to catch up.
+
+    ``cork()`` holds what is written until ``uncork()`` (or until ``limit``
+    bytes wait), for a thread about to run several calls in a row: their
+    replies go out in one write too.
     """
 
     def __init__(self, write_parts, limit=16 << 20):
@@ -289,38 +293,63 @@ class CombiningWriter(object):
         self.queue = []
         self.queued = 0
         self.writing = False
+        self.corked = False
         self.error = None
 
     def write(self, parts):
         with self.lock:
             if self.error is not None:
                 raise self.error
-            if self.writing:
-                while self.writing and self.queued > self.limit:
-                    self.waiters += 1
-                    self.room.wait()
-                    self.waiters -= 1
-                    if self.error is not None:
-                        raise self.error
-                if self.writing:
-                    self.queue.extend(parts)
-                    self.queued += sum(len(p) for p in parts)
-                    return
+            while self.writing and self.queued > self.limit:
+                self.waiters += 1
+                self.room.wait()
+                self.waiters -= 1
+                if self.error is not None:
+                    raise self.error
+            if self.writing or (self.corked and self.queued <= self.limit):
+                self.queue.extend(parts)
+                self.queued += sum(len(p) for p in parts)
+                return
             self.writing = True
-        batch = parts
+            batch = parts
+            if self.queue:  # held by cork() and now past the limit: all of it goes, in order
+                batch = self.queue + list(parts)
+                self.queue = []
+                self.queued = 0
+        self._send(batch)
+
+    def cork(self):
+        with self.lock:
+            self.corked = True
+
+    def uncork(self):
+        """Stop holding; what was held goes now (unless a writer is at work: it sends it)."""
+        with self.lock:
+            self.corked = False
+            if self.writing or not self.queue or self.error is not None:
+                return
+            self.writing = True
+            batch = self.queue
+            self.queue = []
+            self.queued = 0
+        self._send(batch)
+
+    def _send(self, batch):
+        """Write ``batch``, then what queued up meanwhile (this thread has ``writing``)."""
         try:
             while True:
                 self.write_parts(batch)
                 with self.lock:
                     batch = self.queue
-                    if batch:
+                    if batch and (not self.corked or self.queued > self.limit):
                         self.queue = []
                         self.queued = 0
                     else:
+                        batch = None
                         self.writing = False
                     if self.waiters:
                         self.room.notify_all()
-                    if not batch:
+                    if batch is None:
                         return
         except BaseException as e:
             with self.lock:

@@ -3,9 +3,11 @@
 Kept apart from the test modules so that serving them to a remote does not
 drag pytest along: this file is stdlib-only and runs on Python 3.6.
 """
+import threading
 import time
 
 PRODUCED = []
+FLAGS = {}  # name -> threading.Event, shared by the calls of one agent
 
 
 class Unsendable(object):
@@ -37,6 +39,20 @@ def generate_and_record(n):
 
 def produced_so_far():
     return len(PRODUCED)
+
+
+def _flag(name):
+    return FLAGS.setdefault(name, threading.Event())
+
+
+def wait_for_flag(name, timeout):
+    """True once another call raised ``name``; False after ``timeout`` seconds."""
+    return _flag(name).wait(timeout)
+
+
+def raise_flag(name):
+    _flag(name).set()
+    return name
 
 
 def agent_pipe_sizes(stream=None):

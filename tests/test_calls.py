@@ -15,7 +15,8 @@ from chopsticks.codec import EncodeError  # noqa: F401  (the type named in error
 
 from test_codec import VALUES
 from remote_helpers import (
-    echo, fail, generate_and_record, joined, produced_so_far, return_unsendable, sleep_then,
+    echo, fail, generate_and_record, joined, produced_so_far, raise_flag, return_unsendable,
+    sleep_then, wait_for_flag,
 )
 
 
@@ -223,6 +224,24 @@ def test_calls_of_every_length_around_the_reader_handover(local):
     for t in threads:
         t.join()
     assert results == [[(n, i) for i in range(len(durations))] for n in range(3)]
+
+
+def test_a_call_may_wait_for_one_sent_after_it(local):
+    # Calls in flight together reach the agent in one read, and it runs them
+    # one after the other on its reader thread: the one that blocks must
+    # not hold back those behind it, nor their replies.
+    local.call(echo, 'the helpers are imported')
+    for round_ in range(5):
+        name = 'flag %d' % round_
+        # The first call goes out alone; the others queue behind it and go
+        # in one write, so the waiting call is not the last of its read.
+        before = [local.call_async(echo, n) for n in range(20)]
+        waiting = local.call_async(wait_for_flag, name, 10)
+        between = [local.call_async(echo, n) for n in range(20)]
+        raising = local.call_async(raise_flag, name)  # the last: no read comes after it
+        assert waiting.result(timeout=30) is True  # not False: raised within its 10 s
+        assert raising.result(timeout=30) == name
+        assert [f.result(timeout=30) for f in before + between] == list(range(20)) * 2
 
 
 def test_close_from_another_thread_ends_a_waiting_call(local):

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from chopsticks import ConnectError, Local, ProtocolError, SubprocessTunnel, TunnelClosed
+from chopsticks import ConnectError, Local, ProtocolError, SubprocessTunnel, TunnelClosed, wire
 from remote_helpers import echo
 
 
@@ -53,3 +53,28 @@ def test_noise_instead_of_an_agent_is_a_connect_error():
         NotAnAgent('noisy', connect_timeout=10).call(echo, 1)
     assert 'noisy' in str(info.value)
     assert 'invalid' in str(info.value) or 'exceeds' in str(info.value)
+
+
+def test_a_corked_writer_holds_frames_in_order_until_uncorked_or_past_its_limit():
+    # The agent corks its writer while it runs a batch of calls, so that
+    # their replies leave in one write; nothing may be lost or reordered.
+    written = []
+    writer = wire.CombiningWriter(lambda parts: written.append(b''.join(parts)), limit=10)
+    writer.write([b'a'])
+    writer.cork()
+    writer.write([b'b'])
+    writer.write([b'c', b'd'])
+    assert written == [b'a']
+    writer.uncork()
+    assert written == [b'a', b'bcd']
+    writer.uncork()  # nothing held: nothing written
+    writer.write([b'e'])
+    assert written == [b'a', b'bcd', b'e']
+    writer.cork()
+    for part in (b'12345', b'67890', b'xy'):
+        writer.write([part])
+    assert written == [b'a', b'bcd', b'e']
+    writer.write([b'z'])  # more than the limit held: all of it goes
+    assert written == [b'a', b'bcd', b'e', b'1234567890xyz']
+    writer.uncork()
+    assert len(written) == 4
