@@ -183,11 +183,15 @@ class GroupFailures(RemoteException):
 # --- operations: what to do to one tunnel ---------------------------------------------
 
 class _Operation(NamedTuple):
-    """``work(tunnel, report)`` returns a Future (``blocking=False``: it must
-    not block) or is a blocking function run on the dispatcher's pool.
-    ``report`` is what a transfer passes as ``progress=`` to chopsticks.files:
-    a callable ``report(bytes_done, bytes_total)`` feeding the operation's
-    progress bar, False (progress turned off) or None (no bar: not a terminal)."""
+    """With ``blocking=False``, ``work(tunnel, report, settle)`` must not
+    block: it arranges for ``settle(value, exc)`` to be called with the
+    outcome, on any thread, and returns a handle with ``done()`` and
+    ``cancel()`` (a Future will do).  With ``blocking=True``,
+    ``work(tunnel, report)`` is a blocking function run on the dispatcher's
+    pool.  ``report`` is what a transfer passes as ``progress=`` to
+    chopsticks.files: a callable ``report(bytes_done, bytes_total)`` feeding
+    the operation's progress bar, False (progress turned off) or None (no
+    bar: not a terminal)."""
     what: str
     work: Callable[[Tunnel], Any]
     blocking: bool
@@ -197,15 +201,31 @@ def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
     what = describe(fn)
     payload = _pickle_once(fn, args, kwargs)
 
-    def work(tunnel, report):
+    def work(tunnel, report, settle):
         conn = getattr(tunnel, '_conn', None)
-        if payload is None or not hasattr(conn, 'call_async_payload'):
-            return tunnel.call_async(fn, *args, **kwargs)
+        if payload is None or not hasattr(conn, 'call_payload_then'):  # a relayed tunnel
+            return _settle_when_done(tunnel.call_async(fn, *args, **kwargs), settle)
         if conn.closed:  # lost since it connected; never reconnect on the dispatcher's thread
             raise TunnelClosed('[%s] connection lost before %s was sent' % (tunnel.host, what))
-        return conn.call_async_payload(payload, what)
+        # No Future: the reply goes straight to the dispatcher.
+        return conn.call_payload_then(payload, what, settle)
 
     return _Operation('call ' + what, work, False)
+
+
+def _settle_when_done(future: concurrent.futures.Future,
+                      settle: Callable[[Any, Optional[BaseException]], None]) -> concurrent.futures.Future:
+    """Pass ``future``'s outcome to ``settle(value, exc)`` once it has one
+    (a cancelled future's is a CancelledError)."""
+    def done(f):
+        if f.cancelled():
+            settle(None, concurrent.futures.CancelledError())
+        elif f.exception() is not None:
+            settle(None, f.exception())
+        else:
+            settle(f.result(), None)
+    future.add_done_callback(done)
+    return future
 
 
 def _pickle_once(fn: Callable, args: tuple, kwargs: dict) -> Optional[bytes]:
@@ -269,10 +289,10 @@ def _with_progress(function: Optional[Callable], kwargs: dict) -> Callable[[Any]
 
 
 def _connect_op() -> _Operation:
-    def work(tunnel, report):
+    def work(tunnel, report, settle):
         future = concurrent.futures.Future()
         future.set_result(getattr(tunnel, 'remote_info', True))
-        return future
+        return _settle_when_done(future, settle)
 
     return _Operation('connect', work, False)
 
@@ -534,24 +554,28 @@ class _Dispatcher(object):
     def _start(self, job: _Job):
         tunnel = job.lane.tunnel
         report = self._progress.reporter(tunnel.host) if self._progress is not None else None
+        notify = self._notify
+
+        def settle(value, exc):
+            notify(('settled', job, value, exc))
+
         try:
             if job.op.blocking:
-                future = self._executor().submit(job.op.work, tunnel, report)
+                future = _settle_when_done(self._executor().submit(job.op.work, tunnel, report), settle)
             else:
                 if self._reader is not None and job.lane.reading is None:
                     # Taken before the call goes out: the broker never sees the reply.
                     conn = getattr(tunnel, '_conn', None)
                     if conn is not None and not conn.closed and self._reader.take(conn):
                         job.lane.reading = conn
-                future = job.op.work(tunnel, report)
+                future = job.op.work(tunnel, report, settle)
         except Exception as e:
             future = concurrent.futures.Future()
             future.set_exception(e)
+            settle(None, e)
         job.future = future
         if job.timeout is not None:
             heapq.heappush(self._timers, (time.monotonic() + job.timeout, next(self._seq), 'deadline', job))
-        notify = self._notify
-        future.add_done_callback(lambda _, job=job: notify(('done', job)))
 
     def _start_connect(self, lane: _Lane):
         self._connecting += 1
@@ -568,19 +592,15 @@ class _Dispatcher(object):
 
     def _handle(self, event: tuple):
         kind = event[0]
-        if kind == 'done':
-            job = event[1]
+        if kind == 'settled':
+            _, job, value, exc = event
             if job.settled:
                 return  # it timed out earlier
-            future = job.future
             lane = job.lane
             lane.jobs.popleft()
-            if future.cancelled():
-                self._settle(job, None, TunnelClosed('[%s] %s was cancelled' % (lane.tunnel.host, job.op.what)))
-            elif future.exception() is not None:
-                self._settle(job, None, future.exception())
-            else:
-                self._settle(job, future.result(), None)
+            if isinstance(exc, concurrent.futures.CancelledError):
+                exc = TunnelClosed('[%s] %s was cancelled' % (lane.tunnel.host, job.op.what))
+            self._settle(job, value, exc)
             self._next(lane)
         elif kind == 'connected':
             self._connected(event[1], event[2])
