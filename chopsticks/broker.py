@@ -10,6 +10,8 @@ import selectors
 import threading
 import time
 
+from . import wire
+
 log = logging.getLogger(__name__)
 
 # How long a pipe parked by a caller that read its own reply waits for the
@@ -28,7 +30,7 @@ class Broker(object):
         self.sleeping = False  # in a select() that waits for an event, without a timeout
         self.last_park = 0.0
         # Callbacks read into this (they run one at a time, on the broker thread).
-        self.read_buffer = bytearray(1 << 20)
+        self.read_buffer = wire.aligned_buffer(1 << 20)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)

