@@ -621,20 +621,25 @@ class Agent(object):
         the reader role moved meanwhile (the rest went to the workers)."""
         me = threading.get_ident()
         writer = self.channel.writer
+        corked_at = None
         while True:
             with self.role:
                 if not calls:
                     return True
                 rid, payload = calls.popleft()
-                last = not calls
-                # Replies wait while more calls are queued: one write for all
-                # but the last.  Corked under ``role`` only, so never after
-                # another thread took the role (and uncorked: _start_new_reader).
-                if not last:
+                now = time.monotonic()
+                # Replies wait while more calls are queued, to go in one
+                # write, but never longer than RELIEF_TICK: other threads'
+                # frames (keepalive answers, import requests) wait with them.
+                # Corked under ``role`` only, so never after another thread
+                # took the role (and uncorked: _start_new_reader).
+                uncork = not calls or (corked_at is not None and now - corked_at >= RELIEF_TICK)
+                if not uncork and corked_at is None:
                     writer.cork()
+                    corked_at = now
                 self.inline_calls += 1
                 self.inline_thread = me
-                self.inline_started = time.monotonic()
+                self.inline_started = now
                 if not self.relief_started:
                     self.relief_started = True
                     relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
@@ -643,8 +648,9 @@ class Agent(object):
                 elif self.relief_parked:
                     self.relief_parked = False
                     self.role.notify()
-            if last:
+            if uncork:
                 writer.uncork()
+                corked_at = None
             self.local.reading = False  # the call may import: see ControllerFinder
             self.run_call(rid, payload)
             with self.role:

@@ -55,6 +55,13 @@ def raise_flag(name):
     return name
 
 
+def note_then_sleep(path, seconds):
+    """Append a line to ``path`` (a log of calls started), then sleep."""
+    with open(path, 'a') as f:
+        f.write('.\n')
+    time.sleep(seconds)
+
+
 def agent_pipe_sizes(stream=None):
     """The capacity of the agent's stdin and stdout pipes (after reading ``stream``)."""
     import fcntl

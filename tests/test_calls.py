@@ -2,6 +2,7 @@
 import concurrent.futures
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,8 @@ from chopsticks.codec import EncodeError  # noqa: F401  (the type named in error
 
 from test_codec import VALUES
 from remote_helpers import (
-    echo, fail, generate_and_record, joined, produced_so_far, raise_flag, return_unsendable,
-    sleep_then, wait_for_flag,
+    echo, fail, generate_and_record, joined, note_then_sleep, produced_so_far, raise_flag,
+    return_unsendable, sleep_then, wait_for_flag,
 )
 
 
@@ -242,6 +243,32 @@ def test_a_call_may_wait_for_one_sent_after_it(local):
         assert waiting.result(timeout=30) is True  # not False: raised within its 10 s
         assert raising.result(timeout=30) == name
         assert [f.result(timeout=30) for f in before + between] == list(range(20)) * 2
+
+
+def _process_state(pid):
+    with open('/proc/%d/stat' % pid) as f:
+        return f.read().rsplit(')', 1)[1].split()[0]
+
+
+def test_replies_to_a_long_batch_of_calls_are_not_held_to_its_end(local, tmp_path):
+    # The agent runs the calls of one read in a row and holds their replies
+    # to send them together, but only for a moment: answers (a keepalive's
+    # too) must not wait for a whole batch.  The agent is stopped while the
+    # calls queue up, so that they arrive in one read.
+    started = tmp_path / 'started'
+    local.call(note_then_sleep, str(tmp_path / 'warm'), 0)  # imported now, not in the batch
+    agent_pid = local.call(os.getpid)
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        while _process_state(agent_pid) != 'T':  # stopped (kill only sends the signal)
+            time.sleep(0.01)
+        futures = [local.call_async(note_then_sleep, str(started), 0) for _ in range(500)]
+        time.sleep(0.3)  # all written to the pipe (42 kB)
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+    futures[0].result(timeout=30)
+    assert len(started.read_text()) < 2 * 250  # the first answer came before half had started
+    assert [f.result(timeout=60) for f in futures] == [None] * 500
 
 
 def test_close_from_another_thread_ends_a_waiting_call(local):
