@@ -536,7 +536,8 @@ class Agent(object):
         # The reader runs a call inline (see read_frames); the relief thread
         # takes over reading if it lasts.  All guarded by ``role``.
         self.local = threading.local()  # .reading: this thread reads and dispatches frames
-        self.role = threading.Condition(threading.Lock())
+        self.role_lock = threading.Lock()  # ``with`` on it directly: a Condition's __enter__ is Python
+        self.role = threading.Condition(self.role_lock)
         self.inline_thread = None  # ident of the reader while it runs a call inline
         self.inline_queue = collections.deque()  # (rid, payload) of calls read, to run inline
         self.inline_started = 0.0  # time.monotonic() when that call started
@@ -623,7 +624,7 @@ class Agent(object):
         writer = self.channel.writer
         corked_at = None
         while True:
-            with self.role:
+            with self.role_lock:
                 if not calls:
                     return True
                 rid, payload = calls.popleft()
@@ -648,12 +649,12 @@ class Agent(object):
                 elif self.relief_parked:
                     self.relief_parked = False
                     self.role.notify()
-            if uncork:
+            if uncork and corked_at is not None:
                 writer.uncork()
                 corked_at = None
             self.local.reading = False  # the call may import: see ControllerFinder
             self.run_call(rid, payload)
-            with self.role:
+            with self.role_lock:
                 still_reader = self.inline_thread == me
                 if still_reader:
                     self.inline_thread = None  # (else it may be the new reader's own inline call)
@@ -680,7 +681,7 @@ class Agent(object):
         reader thread, another thread takes the reader role now."""
         if self.inline_thread != threading.get_ident():
             return
-        with self.role:
+        with self.role_lock:
             if self.inline_thread != threading.get_ident():
                 return
             queued = self._take_reader_role()
@@ -704,7 +705,7 @@ class Agent(object):
         quiet_since = time.monotonic()
         while True:
             hand_off = None
-            with self.role:
+            with self.role_lock:
                 now = time.monotonic()
                 if self.inline_thread is not None:
                     ran = now - self.inline_started

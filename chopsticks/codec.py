@@ -245,6 +245,8 @@ def _encoder_for_subclass(v):
 
 def encode_parts(value):
     """Encode ``value`` as a list of buffers (large bytes are not copied)."""
+    if value is None:
+        return [b'N']  # the commonest result, without an encoder
     out = _Out()
     _encode(value, out, 0)
     return out.finish()
