@@ -732,9 +732,8 @@ class Agent(object):
                 time.sleep(nap)
 
     def dispatch(self, rid, op, payload):
-        if op == wire.CALL:
-            self.workers.submit(self.run_call, rid, payload)
-        elif op == wire.DATA:
+        """Handle a frame other than CALL (read_frames queues those to run inline)."""
+        if op == wire.DATA:
             stream = self.streams.get(rid)
             if stream is not None:
                 stream.feed(payload)
