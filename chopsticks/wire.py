@@ -92,6 +92,10 @@ class FrameParser(object):
         self.have = None
         return rid, op, memoryview(buf)[HEADER.size:]
 
+    def _read_in_place(self):
+        """Whether the pending frame (its length known) gets a buffer of its full size."""
+        return DIRECT_READ_MIN <= self.need - HEADER.size <= self.preallocate
+
     def _preallocate(self, pending):
         """Continue the frame begun with ``pending`` in a buffer of its full size."""
         buf = self.buf = bytearray(self.need)
@@ -112,7 +116,7 @@ class FrameParser(object):
                 if len(buf) < size:
                     return frames
                 self.need = size + self._checked(HEADER.unpack_from(buf, 0)[0])
-                if DIRECT_READ_MIN <= self.need - size <= self.preallocate:
+                if self._read_in_place():
                     self._preallocate(buf)
             if self.have is None:
                 take = min(self.need - len(buf), len(view))
@@ -140,7 +144,7 @@ class FrameParser(object):
             frames.append((rid, op, bytes(view[start:start + length])))
             pos = start + length
         if pos < end:
-            if DIRECT_READ_MIN <= self.need - size <= self.preallocate:
+            if self._read_in_place():
                 self._preallocate(view[pos:])
             else:
                 self.buf += view[pos:]
