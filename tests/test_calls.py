@@ -1,4 +1,5 @@
 """Calling functions over Local tunnels: values, errors, concurrency, timeouts, output."""
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -124,9 +125,7 @@ def test_call_futures_are_whole_futures(local):
     assert done == set(futures) and not not_done
 
     async def awaited():
-        import asyncio
         return await asyncio.wrap_future(local.call_async(echo, 'awaited'))
-    import asyncio
     assert asyncio.run(awaited()) == 'awaited'
 
 
