@@ -865,7 +865,7 @@ def _file_chunks(files, progress, host, sha1sums=None):
     free = queue.Queue()
     ready = queue.Queue()
     for _ in range(READ_AHEAD):
-        free.put(bytearray(CHUNK))
+        free.put(_read_ahead_buffer())
     reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready, sha1sums),
                               name='chopsticks-read', daemon=True)
     reader.start()
@@ -887,6 +887,21 @@ def _file_chunks(files, progress, host, sha1sums=None):
     finally:
         free.put(None)  # stops the reader if it is still running
         reader.join()
+
+
+def _read_ahead_buffer():
+    """A CHUNK-sized buffer for _read_ahead, 64 bytes into an mmap.
+
+    32-byte aligned, because the kernel copies a file into an unaligned
+    address two to three times slower (see wire.aligned_buffer; a
+    bytearray's data is 16 bytes into its block, and a fresh process's big
+    blocks are fresh mappings); but not at the page's start, because
+    writing from there to the pipe, behind the frame's 9-byte header, was
+    slow.  Measured here, a tunnel's first 256 MiB put: controller CPU 0.82-0.89
+    to 0.74-0.77 s; later puts unchanged.
+    """
+    import mmap  # the controller's side only: this module also runs on hosts
+    return memoryview(mmap.mmap(-1, CHUNK + 64))[64:]
 
 
 def _read_ahead(files, host, free, ready, sha1sums):
