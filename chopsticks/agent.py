@@ -742,6 +742,8 @@ class Agent(object):
             if slot is not None:
                 slot[1] = codec.decode(zlib.decompress(payload))
                 slot[0].set()
+        elif op == wire.MODULES:
+            self.finder.add(codec.decode(zlib.decompress(payload)))
         elif op == wire.CALL_ITER:
             self.iter_credits[rid] = threading.Semaphore(ITER_WINDOW)
             self.workers.submit(self.run_iter, rid, payload)

@@ -207,6 +207,7 @@ def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
             return _settle_when_done(tunnel.call_async(fn, *args, **kwargs), settle)
         if conn.closed:  # lost since it connected; never reconnect on the dispatcher's thread
             raise TunnelClosed('[%s] connection lost before %s was sent' % (tunnel.host, what))
+        conn.send_modules_for(fn)
         # No Future: the reply goes straight to the dispatcher.
         return conn.call_payload_then(payload, what, settle)
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 from urllib.parse import parse_qsl, unquote
 
 import pluggy
@@ -170,6 +170,12 @@ class PluginManager(pluggy.PluginManager):
         self._lock = threading.RLock()  # namespaces may be first used from several threads
 
     # -- loading -----------------------------------------------------------
+
+    def plugin_packages(self) -> Set[str]:
+        """Top-level packages of the plugins loaded so far: installed on the
+        controller only, their code reaches hosts through the import hook."""
+        return {info.module.partition(".")[0] for info in list(self._infos.values())
+                if info.module and info.status == "ok" and not info.builtin}
 
     def load(self) -> None:
         """Register the built-in plugin and the entry-point plugins, once."""

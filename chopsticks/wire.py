@@ -26,6 +26,7 @@ CANCEL = 7       # stop producing items for request id
 MODULE = 8       # zlib(codec) reply to IMPORT
 PING = 9         # liveness probe: the remote answers PONG
 CONFIG = 10      # codec dict: the agent's settings, the first frame it reads
+MODULES = 11     # zlib(codec) like MODULE, unasked: modules a call about to come will import
 
 # remote -> controller
 RESULT = 20      # codec value

@@ -363,7 +363,8 @@ def test_put_and_fetch_with_host_templates(locals4, tmp_path):
     dest.mkdir()
     # Local tunnels share this filesystem: both hosts write the same file (atomically).
     put = group.put(str(source), str(dest / 'copy.bin'), mode=0o600)
-    assert set(h for h, _ in put.successful()) == {'local0', 'local1'}
+    assert set(h for h, _ in put.successful()) == {'local0', 'local1'}, \
+        [getattr(value, 'msg', value) for value in put.values()]
     assert put['local0']['size'] == 300 * 1024
     assert 'could not connect' in put['nonexistent.invalid'].msg
     assert (dest / 'copy.bin').read_bytes() == source.read_bytes()

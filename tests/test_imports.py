@@ -63,6 +63,12 @@ def project(tmp_path, monkeypatch):
             import zpkg.mod, pkgutil
             return zpkg.mod.NAME, pkgutil.get_data('zpkg', 'res.txt')
 
+        def import_requests_so_far():
+            return sys.modules['_chopsticks_agent'].agent.finder.requests
+
+        def served_ahead(name):
+            return name in sys.modules['_chopsticks_agent'].agent.finder.modules
+
         def ask_controller(query):
             return sys.modules['_chopsticks_agent'].agent.request(query)
 
@@ -104,6 +110,47 @@ def test_package_and_its_closure_arrive_in_one_round_trip(project, tunnel):
     assert (value, where, lazy) == (42, 'servedpkg.sub.deeper', 'lazy')
     # servedpkg came with sub, sub.deeper and servedhelper preloaded in one reply
     assert requests == 1
+
+
+def test_the_first_call_into_own_code_brings_its_module(project, tunnel):
+    """The module of a function the host cannot have (the user's own code)
+    goes ahead of the first call into it: the agent imports it, and what it
+    imports at the top, without asking the controller (a round trip)."""
+    _, modfuncs = project
+    assert tunnel.call(modfuncs.import_requests_so_far) == 0
+
+
+def test_a_group_call_into_own_code_brings_its_module(project):
+    from chopsticks import Group
+    _, modfuncs = project
+    group = Group([Local('first'), Local('second')])
+    try:
+        assert group.call(modfuncs.import_requests_so_far) == {'first': 0, 'second': 0}
+    finally:
+        group.close()
+
+
+def test_installed_libraries_are_not_sent_ahead(project):
+    """A library installed here may be installed on the host as well:
+    sending it unasked could cost more than the round trip it saves."""
+    from packaging.utils import canonicalize_name  # in site-packages, with pytest
+    _, modfuncs = project
+    with Local() as t:
+        assert t.call(canonicalize_name, 'Some_Name') == 'some-name'
+        assert not t.call(modfuncs.served_ahead, 'packaging.utils')
+        assert t.call(modfuncs.served_ahead, 'modfuncs')
+
+
+def test_what_a_host_most_likely_lacks(chopsticks_plugin_manager):
+    from chopsticks.modserver import host_lacks
+    assert host_lacks('mine', '/home/me/project/mine.py')
+    assert not host_lacks('yaml', '/venv/lib/python3.11/site-packages/yaml/__init__.py')
+    assert not host_lacks('yaml', '/usr/lib/python3/dist-packages/yaml/__init__.py')
+    # chopsticks and its plugins are never installed on hosts
+    assert host_lacks('chopsticks.files', '/venv/lib/python3.11/site-packages/chopsticks/files.py')
+    plugin_module = type(sys)('acme_facts.plugin')
+    chopsticks_plugin_manager.register(plugin_module, name='acme')
+    assert host_lacks('acme_facts.probes', '/venv/lib/python3.11/site-packages/acme_facts/probes.py')
 
 
 def test_package_data_through_pkgutil(project, tunnel):
