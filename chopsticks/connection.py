@@ -24,7 +24,7 @@ from . import bootstrap, codec, wire
 from .broker import get_broker
 from .errors import ConnectError, ProtocolError, RemoteException, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
-from .serialize import dumps_call, describe
+from .serialize import dumps_call, describe, importable
 
 log = logging.getLogger('chopsticks')
 
@@ -809,6 +809,12 @@ class Connection(object):
 
     # --- lifecycle
     def start(self, timeout):
+        self.launch()
+        self.wait_started(timeout)
+
+    def launch(self):
+        """Start the remote process and send it the agent; frames may follow
+        at once (see wait_started)."""
         self.transport.start(self)
         # Under write_lock, like every write: a remote that exits at once is
         # declared lost (on the broker thread), and its pipe closed, only
@@ -820,6 +826,9 @@ class Connection(object):
                         self.settings, self.settings.get('compiled_agent', False))])
                 except (OSError, ValueError):
                     pass  # it died already; its stderr says why, below
+
+    def wait_started(self, timeout):
+        """Wait for the agent's HELLO; ConnectError if it does not come."""
         if not self.hello.wait(timeout):
             self.close()
             raise ConnectError(self.host, 'no answer from the remote python within %ss' % timeout,
@@ -1277,9 +1286,15 @@ class Connection(object):
     def send_modules_for(self, fn):
         """Before the first call into the module ``fn`` comes from, send that
         module ahead if the host most likely lacks it (ModuleServer.preload):
-        the agent would otherwise ask for it, a round trip (50 ms on a WAN)."""
+        the agent would otherwise ask for it, a round trip (50 ms on a WAN).
+        Only for a function called by reference: one that travels as source
+        (a lambda, a closure) does not import its module there."""
         module = getattr(fn, '__module__', None)
-        if not isinstance(module, str) or module in self.preloaded:
+        if not isinstance(module, str) or module in self.preloaded or not importable(fn):
+            return
+        if self.remote is None and getattr(self.modules, 'remote_magic', None) is None:
+            # A call sent before the HELLO (see BaseTunnel.call): the agent
+            # asks, rather than compile what it could get compiled.
             return
         self.preloaded.add(module)
         preload = getattr(self.modules, 'preload', None)  # a relay's server forwards: none

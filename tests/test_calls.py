@@ -409,6 +409,46 @@ def test_python2_is_refused_clearly():
     assert 'Python 2.7' in str(info.value) and '3.6' in str(info.value)
 
 
+def test_the_first_call_goes_out_with_the_connect(monkeypatch):
+    """A call on a tunnel not connected yet goes right behind the agent,
+    before the agent's HELLO is back: connecting costs no round trip more."""
+    from chopsticks import wire
+    from chopsticks.connection import Connection
+    events = []
+    send, dispatch = Connection.request_payload, Connection.dispatch
+
+    def recording_send(self, op, handler, payload):
+        events.append('call sent')
+        return send(self, op, handler, payload)
+
+    def recording_dispatch(self, rid, op, payload):
+        if op == wire.HELLO:
+            events.append('hello received')
+        return dispatch(self, rid, op, payload)
+
+    monkeypatch.setattr(Connection, 'request_payload', recording_send)
+    monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
+    t = Local()
+    try:
+        assert t.call(os.getpid) == t.remote_info['pid']
+    finally:
+        t.close()
+    assert events[:2] == ['call sent', 'hello received']
+
+
+def test_a_first_call_pickled_for_the_remote_version_waits_for_the_hello(monkeypatch):
+    """A function without source travels compiled, to a remote of this
+    Python version only: it is pickled once the agent said which it runs."""
+    monkeypatch.setattr(Local, '_same_version', {})  # as if this interpreter were new to us
+    namespace = {}
+    exec('def no_source(x):\n    return x * 2\n', namespace)
+    t = Local()
+    try:
+        assert t.call(namespace['no_source'], 21) == 42
+    finally:
+        t.close()
+
+
 def test_every_available_interpreter_works(remote_python):
     with Local(python=remote_python) as tunnel:
         info = tunnel.remote_info

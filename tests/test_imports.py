@@ -63,6 +63,8 @@ def project(tmp_path, monkeypatch):
             import zpkg.mod, pkgutil
             return zpkg.mod.NAME, pkgutil.get_data('zpkg', 'res.txt')
 
+        double = lambda x: 2 * x  # noqa: E731 (travels as source, not by reference)
+
         def import_requests_so_far():
             return sys.modules['_chopsticks_agent'].agent.finder.requests
 
@@ -117,6 +119,8 @@ def test_the_first_call_into_own_code_brings_its_module(project, tunnel):
     goes ahead of the first call into it: the agent imports it, and what it
     imports at the top, without asking the controller (a round trip)."""
     _, modfuncs = project
+    tunnel.connect()  # (a first call sent with the connect goes before the agent
+    #                   says which Python it runs: then the agent asks)
     assert tunnel.call(modfuncs.import_requests_so_far) == 0
 
 
@@ -128,6 +132,14 @@ def test_a_group_call_into_own_code_brings_its_module(project):
         assert group.call(modfuncs.import_requests_so_far) == {'first': 0, 'second': 0}
     finally:
         group.close()
+
+
+def test_a_function_that_travels_as_source_does_not_bring_its_module(project, tunnel):
+    _, modfuncs = project
+    tunnel.connect()
+    assert tunnel.call(modfuncs.double, 21) == 42
+    assert not tunnel.call(lambda name: name in sys.modules['_chopsticks_agent'].agent.finder.modules,
+                           'modfuncs')
 
 
 def test_installed_libraries_are_not_sent_ahead(project):
