@@ -846,6 +846,11 @@ class Connection(object):
     def close(self):
         self.lost(TunnelClosed('[%s] tunnel closed' % self.host))
 
+    def abandon(self):
+        """End the transport at once, taking no lock (interpreter exit)."""
+        self.closed = True
+        self._kill_transport()
+
     def lost(self, exc):
         # Often on the broker thread, which must not wait for a writer stuck on
         # a host that stopped reading: end the transport, and the write fails.

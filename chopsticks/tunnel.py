@@ -180,7 +180,14 @@ class BaseTunnel(object):
         conn = getattr(self, '_conn', None)
         if conn is not None and not conn.closed:
             try:
-                conn.close()
+                if sys.is_finalizing() and hasattr(conn, 'abandon'):
+                    # At interpreter exit the other threads stop where they
+                    # stand, maybe holding a lock that closing takes (the
+                    # broker's, a paramiko channel's): end the transport
+                    # without taking any.  (A relayed tunnel ends with its relay.)
+                    conn.abandon()
+                else:
+                    conn.close()
             except Exception:
                 pass
 
