@@ -84,7 +84,6 @@ def test_100k_pipelined_calls_on_one_tunnel():
             assert [f.result(30) for f in [t.call_async(echo, i) for i in range(window)]] \
                 == list(range(window))
         before = resources()
-        remote_before = t.call(lambda: __import__('threading').active_count())
         done = 0
         while done < total:
             futures = [t.call_async(echo, (done + i, b'payload')) for i in range(window)]
@@ -95,7 +94,12 @@ def test_100k_pipelined_calls_on_one_tunnel():
         after = settled(before)
         remote_after = t.call(lambda: __import__('threading').active_count())
     assert_flat(before, after, 'pipelined calls')
-    assert remote_after <= remote_before + 8  # the agent's pool did not grow without bound
+    # The agent's pool did not grow with the calls: Workers.EAGER (8) threads
+    # start at once, the watchdog adds one per stall of the queue, and the
+    # main, relief and watchdog threads come on top (9-17 seen here).  When
+    # that happens is timing: the warm-up may leave only the main and relief
+    # threads, so the bound is absolute.
+    assert remote_after <= 24
 
 
 def test_calls_from_many_threads_with_timeouts_and_errors():
