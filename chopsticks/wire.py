@@ -332,9 +332,7 @@ class CombiningWriter(object):
             self.writing = True
             batch = parts
             if self.queue:  # held by cork() and now past the limit: all of it goes, in order
-                batch = self.queue + list(parts)
-                self.queue = []
-                self.queued = 0
+                batch = self._take_queue() + list(parts)
         self._send(batch)
 
     def cork(self):
@@ -348,10 +346,13 @@ class CombiningWriter(object):
             if self.writing or not self.queue or self.error is not None:
                 return
             self.writing = True
-            batch = self.queue
-            self.queue = []
-            self.queued = 0
+            batch = self._take_queue()
         self._send(batch)
+
+    def _take_queue(self):
+        """(Under ``lock``.)  What is queued, leaving the queue empty."""
+        batch, self.queue, self.queued = self.queue, [], 0
+        return batch
 
     def _send(self, batch):
         """Write ``batch``, then what queued up meanwhile (this thread has ``writing``)."""
@@ -359,10 +360,8 @@ class CombiningWriter(object):
             while True:
                 self.write_parts(batch)
                 with self.lock:
-                    batch = self.queue
-                    if batch and (not self.corked or self.queued > self.limit):
-                        self.queue = []
-                        self.queued = 0
+                    if self.queue and (not self.corked or self.queued > self.limit):
+                        batch = self._take_queue()
                     else:
                         batch = None
                         self.writing = False
@@ -374,6 +373,6 @@ class CombiningWriter(object):
             with self.lock:
                 self.error = e if isinstance(e, (OSError, ValueError)) else OSError(str(e))
                 self.writing = False
-                self.queue = []
+                self._take_queue()  # dropped: every later write raises
                 self.room.notify_all()
             raise
