@@ -326,6 +326,11 @@ def _plugin_packages():
     return plugins.get_plugin_manager().plugin_packages() if plugins is not None else ()
 
 
+def _packed(reply):
+    """A reply to an IMPORT request (or modules sent ahead) as it travels."""
+    return zlib.compress(codec.encode(reply), 6)
+
+
 # --- serving one connection --------------------------------------------------------
 
 class ModuleServer(object):
@@ -357,7 +362,7 @@ class ModuleServer(object):
             reply = {'error': 'malformed import request'}
         except OSError as e:
             reply = {'error': '%s: %s' % (type(e).__name__, e)}
-        return zlib.compress(codec.encode(reply), 6)
+        return _packed(reply)
 
     def serve_module(self, fullname, resend=False):
         """The module and its import closure, leaving out what this remote
@@ -412,7 +417,7 @@ class ModuleServer(object):
         if info is None or info.kind != 'source' or fullname in self.sent \
                 or not host_lacks(fullname, info.origin):
             return None
-        return zlib.compress(codec.encode(self.serve_module(fullname)), 6)
+        return _packed(self.serve_module(fullname))
 
     def serve_data(self, path):
         """A data file from inside a package this remote was served."""
@@ -452,7 +457,7 @@ class ForwardingModuleServer(object):
         try:
             kind, arg = query
         except (TypeError, ValueError):
-            return zlib.compress(codec.encode({'error': 'malformed import request'}))
+            return _packed({'error': 'malformed import request'})
         upstream = ('closure', arg) if kind == 'module' else (kind, arg)
         with self.cache_lock:
             reply = self.cache.get(upstream)
@@ -469,7 +474,7 @@ class ForwardingModuleServer(object):
                        if name not in self.sent or name == arg}
             self.sent.update(modules)
             reply = dict(reply, modules=modules)
-        return zlib.compress(codec.encode(reply), 6)
+        return _packed(reply)
 
 
 def server_for_this_process():

@@ -9,11 +9,11 @@ import os
 import shlex
 import sys
 import threading
-from importlib.util import MAGIC_NUMBER
 
 from . import bootstrap
 from .connection import Connection, ProcessTransport
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
+from .modserver import MAGIC
 from .serialize import describe, dumps_call
 
 __all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
@@ -124,7 +124,9 @@ class BaseTunnel(object):
                 self._compiled_agent = self._ship_compiled_agent()
                 conn = Connection(self.host, self.transport(), self.settings(),
                                   keepalive=self.keepalive)
-                payload = self._pickle_first_call(conn, first_call)
+                if self._compiled_agent:  # the remote runs our Python version
+                    conn.modules.remote_magic = MAGIC  # modules may go ahead compiled
+                payload = self._pickle_first_call(first_call, self._compiled_agent)
                 conn.launch()
                 if payload is not None:
                     fn = first_call[0]
@@ -139,17 +141,14 @@ class BaseTunnel(object):
                 self._connected(conn)
             return conn, first
 
-    def _pickle_first_call(self, conn, first_call):
+    @staticmethod
+    def _pickle_first_call(first_call, same_version):
         """``first_call`` pickled to go out before the agent says which
-        Python it runs, or None."""
+        Python it runs (``same_version``: ours, known from an earlier
+        connect), or None."""
         if first_call is None:
             return None
-        if self._same_version.get(self._version_key()):
-            # Known from an earlier connect: modules may go ahead compiled.
-            conn.modules.remote_magic = MAGIC_NUMBER
-            version = tuple(sys.version_info[:2])
-        else:
-            version = None
+        version = tuple(sys.version_info[:2]) if same_version else None
         try:
             return dumps_call(*first_call, remote_version=version)
         except Exception:
