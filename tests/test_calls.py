@@ -257,14 +257,28 @@ def test_replies_to_a_long_batch_of_calls_are_not_held_to_its_end(local, tmp_pat
     started = tmp_path / 'started'
     local.call(note_then_sleep, str(tmp_path / 'warm'), 0)  # imported now, not in the batch
     agent_pid = local.call(os.getpid)
+    futures = []
+
+    def pile_up():
+        for _ in range(500):
+            futures.append(local.call_async(note_then_sleep, str(started), 0))
+
+    # The calls go from another thread: a pipe smaller than they are (a busy
+    # machine gives 4 KiB pipes, see pipe(7)) blocks the sender until the
+    # agent resumes, and this thread must be free to resume it.
+    sender = threading.Thread(target=pile_up, daemon=True)
     os.kill(agent_pid, signal.SIGSTOP)
     try:
-        while _process_state(agent_pid) != 'T':  # stopped (kill only sends the signal)
-            time.sleep(0.01)
-        futures = [local.call_async(note_then_sleep, str(started), 0) for _ in range(500)]
-        time.sleep(0.3)  # all written to the pipe (42 kB)
+        deadline = time.monotonic() + 10
+        while _process_state(agent_pid) != 'T' and time.monotonic() < deadline:
+            time.sleep(0.01)  # kill only sends the signal
+        sender.start()
+        sender.join(5)
+        time.sleep(0.3)  # all written to the pipe (42 kB), or as much as fits
     finally:
         os.kill(agent_pid, signal.SIGCONT)
+    sender.join(60)
+    assert not sender.is_alive()
     futures[0].result(timeout=30)
     assert len(started.read_text()) < 2 * 250  # the first answer came before half had started
     assert [f.result(timeout=60) for f in futures] == [None] * 500
