@@ -230,9 +230,12 @@ def test_pinned_install_command_lines(manager, argv):
 
 # -- apt, for real -------------------------------------------------------------------------
 
-real_apt = pytest.mark.skipif(
-    shutil.which("apt-get") is None or os.geteuid() != 0,
-    reason="needs apt-get and root (CI runs as root on Debian)")
+def real_apt(test):
+    # apt-get waits up to 300 s for dpkg's lock, then downloads: more than the
+    # suite's usual bound on one test (pyproject.toml).
+    return pytest.mark.timeout(1200)(pytest.mark.skipif(
+        shutil.which("apt-get") is None or os.geteuid() != 0,
+        reason="needs apt-get and root (CI runs as root on Debian)")(test))
 
 
 def dpkg_version(name):

@@ -31,6 +31,10 @@ import chopsticks_facts
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "README.rst"
 
+# Building the virtualenv (pip and the package index) takes most of a minute
+# here; a slow index must not be mistaken for a hung test.
+pytestmark = pytest.mark.timeout(1200)
+
 NEEDS_HOOKIMPL_EXPORT = pytest.mark.xfail(
     not hasattr(chopsticks, "hookimpl"), strict=True,
     reason="the documented example does `from chopsticks import hookimpl`, which the core's "
