@@ -1077,6 +1077,12 @@ class Connection(object):
 
     def _write_failed(self, error):
         """A write to the host failed: the connection is lost."""
+        if self.remote is None:
+            # Before the HELLO, the remote most likely exited (ssh was refused,
+            # say): its last words on stderr say why, and closing the pipes now
+            # could lose them.  wait_started ends the connection instead, at
+            # stdout's EOF (stderr read first) or at the connect timeout.
+            return
         self.lost(TunnelClosed('[%s] connection lost: %s' % (self.host, error)))
 
     def _flush_later(self):

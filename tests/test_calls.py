@@ -17,8 +17,8 @@ from chopsticks.codec import EncodeError  # noqa: F401  (the type named in error
 
 from test_codec import VALUES
 from remote_helpers import (
-    echo, fail, generate_and_record, joined, note_then_sleep, produced_so_far, raise_flag,
-    return_unsendable, sleep_then, wait_for_flag,
+    agent_pipe_sizes, echo, fail, generate_and_record, joined, note_then_sleep, produced_so_far,
+    raise_flag, return_unsendable, sleep_then, wait_for_flag,
 )
 
 
@@ -274,11 +274,15 @@ def test_replies_to_a_long_batch_of_calls_are_not_held_to_its_end(local, tmp_pat
             time.sleep(0.01)  # kill only sends the signal
         sender.start()
         sender.join(5)
-        time.sleep(0.3)  # all written to the pipe (42 kB), or as much as fits
+        time.sleep(0.3)  # all written to the pipe (42 kB)
     finally:
         os.kill(agent_pid, signal.SIGCONT)
+    batch_fitted = not sender.is_alive()
     sender.join(60)
     assert not sender.is_alive()
+    if not batch_fitted:
+        pytest.skip('the agent\'s stdin pipe holds %d bytes here, too few for the batch '
+                    'to arrive in one read' % local.call(agent_pipe_sizes)[0])
     futures[0].result(timeout=30)
     assert len(started.read_text()) < 2 * 250  # the first answer came before half had started
     assert [f.result(timeout=60) for f in futures] == [None] * 500

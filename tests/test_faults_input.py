@@ -175,3 +175,18 @@ def test_a_file_where_the_interpreter_should_be(tmp_path):
         Local('fake', python=str(not_python)).call(echo, 1)
     assert str(info.value).startswith('[fake] could not connect')
     assert 'I am not python' in str(info.value)
+
+
+def test_what_a_failed_remote_said_survives_a_first_call_it_never_read(tmp_path):
+    # ssh that was refused says why on stderr and exits; the first call, sent
+    # behind the agent, may meet the closed pipe before its EOF is read.  Here
+    # the call is too big for the pipe, so it is sure to: the pipe closes
+    # under it, and the reason comes only after.
+    gone = tmp_path / 'python3'
+    gone.write_text('#!/bin/sh\nexec 0<&-\nsleep 0.3\necho "ssh: connect to host: Connection refused" >&2\n'
+                    'exit 255\n')
+    gone.chmod(0o755)
+    with pytest.raises(ConnectError) as info:
+        Local('refusing', python=str(gone)).call(echo, b'x' * (1 << 20))
+    assert str(info.value).startswith('[refusing] could not connect')
+    assert 'Connection refused' in str(info.value)
