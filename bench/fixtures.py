@@ -28,6 +28,11 @@ def log(*args):
 
 # -- ssh ------------------------------------------------------------------------
 
+def byte_compile(package_dir):
+    import compileall
+    compileall.compile_dir(package_dir, quiet=1)
+
+
 def start_sshd(aliases):
     from chopsticks.testing.sshd import LoopbackSSHD
     return LoopbackSSHD(aliases=aliases)

@@ -10,7 +10,7 @@ import shlex
 import sys
 import threading
 
-from . import bootstrap
+from . import bootstrap, cache
 from .connection import Connection, ProcessTransport
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
 from .modserver import MAGIC
@@ -85,7 +85,13 @@ class BaseTunnel(object):
         its source: for interpreters known to run our Python version, which
         then skip compiling it (~16 ms) at the price of a payload 4x larger."""
         key = self._version_key()
-        return key is not None and self._same_version.get(key, False)
+        if key is None:
+            return False
+        same = self._same_version.get(key)
+        if same is None:  # not yet asked in this process: perhaps in an earlier run
+            version = cache.fact('python', [type(self).__name__, key])
+            same = self._same_version[key] = version == list(sys.version_info[:2])
+        return same
 
     # --- connection
     def connect(self):
@@ -214,8 +220,9 @@ class BaseTunnel(object):
         """Called once a new connection's agent said hello (``conn.remote``)."""
         key = self._version_key()
         if key is not None:
-            version = tuple(conn.remote.get('version', ()))[:2]
-            self._same_version[key] = version == tuple(sys.version_info[:2])
+            version = list(conn.remote.get('version', ()))[:2]
+            self._same_version[key] = version == list(sys.version_info[:2])
+            cache.learn('python', [type(self).__name__, key], version)
 
     # --- calling
     def call(self, fn, *args, timeout=None, **kwargs):

@@ -25,11 +25,21 @@ import pwd
 import re
 import shutil
 import subprocess
+import tempfile
 from typing import List, Optional
 
 import pytest
 
 from chopsticks.testing.sshd import LoopbackSSHD, SSHDNotFound
+
+# chopsticks keeps what it learns between runs (chopsticks.cache); the tests
+# start from an empty cache of their own, and remove it at the end.
+TEST_CACHE = tempfile.mkdtemp(prefix='chopsticks-test-cache-')
+os.environ['CHOPSTICKS_CACHE_DIR'] = TEST_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 SSH_ALIASES = ('host1', 'host2', 'host3', 'host4')
 SUDO_USER = 'chopsticks-test'
