@@ -195,6 +195,9 @@ class _Operation(NamedTuple):
     what: str
     work: Callable[[Tunnel], Any]
     blocking: bool
+    # (fn, args, kwargs) of a call that may go out with the connect, right
+    # behind the agent (see Tunnel._open): one round trip less per host.
+    first_call: Optional[tuple] = None
 
 
 def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
@@ -211,7 +214,7 @@ def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
         # No Future: the reply goes straight to the dispatcher.
         return conn.call_payload_then(payload, what, settle)
 
-    return _Operation('call ' + what, work, False)
+    return _Operation('call ' + what, work, False, (fn, args, kwargs))
 
 
 def _settle_when_done(future: concurrent.futures.Future,
@@ -552,7 +555,8 @@ class _Dispatcher(object):
             self._reader.give_back(lane.reading)
             lane.reading = None
 
-    def _start(self, job: _Job):
+    def _start(self, job: _Job, sent: Optional[concurrent.futures.Future] = None):
+        """Start ``job``, or only follow it when it was ``sent`` with the connect."""
         tunnel = job.lane.tunnel
         report = self._progress.reporter(tunnel.host) if self._progress is not None else None
         notify = self._notify
@@ -561,7 +565,9 @@ class _Dispatcher(object):
             notify(('settled', job, value, exc))
 
         try:
-            if job.op.blocking:
+            if sent is not None:
+                future = _settle_when_done(sent, settle)
+            elif job.op.blocking:
                 future = _settle_when_done(self._executor().submit(job.op.work, tunnel, report), settle)
             else:
                 if self._reader is not None and job.lane.reading is None:
@@ -580,9 +586,15 @@ class _Dispatcher(object):
 
     def _start_connect(self, lane: _Lane):
         self._connecting += 1
-        future = self._executor().submit(lane.tunnel.connect)
+        job = lane.jobs[0] if lane.jobs else None
+        if job is not None and job.op.first_call is not None and hasattr(lane.tunnel, '_open'):
+            # The call goes with the connect; _open returns its CallFuture,
+            # or None when it could not go before the agent's HELLO.
+            future = self._executor().submit(lane.tunnel._open, job.op.first_call)
+        else:
+            future = self._executor().submit(lane.tunnel.connect)
         notify = self._notify
-        future.add_done_callback(lambda f: notify(('connected', lane, f)))
+        future.add_done_callback(lambda f: notify(('connected', lane, f, job)))
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         # Threads start as work arrives: calls on connected tunnels need none.
@@ -604,15 +616,22 @@ class _Dispatcher(object):
             self._settle(job, value, exc)
             self._next(lane)
         elif kind == 'connected':
-            self._connected(event[1], event[2])
+            self._connected(*event[1:])
 
-    def _connected(self, lane: _Lane, future: concurrent.futures.Future):
+    def _connected(self, lane: _Lane, future: concurrent.futures.Future, job: Optional[_Job]):
         self._connecting -= 1
         exc = future.exception()
         if exc is None:
             lane.attempts = 0
             self._connect_limit = min(self.max_connect, self._connect_limit + 1)
-            self._next(lane, just_connected=True)
+            opened = future.result()
+            first = opened[1] if isinstance(opened, tuple) else None
+            if first is None or job is None:
+                self._next(lane, just_connected=True)
+            elif job.settled:  # abandoned meanwhile: its reply is dropped
+                first.cancel()
+            else:
+                self._start(job, first)
         elif _dropped_at_handshake(exc) and lane.attempts < CONNECT_RETRIES:
             lane.attempts += 1
             self._connect_limit = max(1, self._connect_limit // 2)

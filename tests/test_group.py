@@ -150,6 +150,36 @@ def test_call_is_pickled_once_for_all_hosts(locals4, monkeypatch):
     assert len(calls) == 1 and per_tunnel == []
 
 
+def test_a_group_call_goes_out_with_each_connect(monkeypatch):
+    """On tunnels not connected yet, each host's call goes right behind its
+    agent, before the agent's HELLO is back: one round trip less per host."""
+    from chopsticks import wire
+    from chopsticks.connection import Connection
+    events = {}
+    send, dispatch = Connection.request_payload, Connection.dispatch
+
+    def recording_send(self, op, handler, payload):
+        events.setdefault(self.host, []).append('call sent')
+        return send(self, op, handler, payload)
+
+    def recording_dispatch(self, rid, op, payload):
+        if op == wire.HELLO:
+            events.setdefault(self.host, []).append('hello received')
+        return dispatch(self, rid, op, payload)
+
+    monkeypatch.setattr(Connection, 'request_payload', recording_send)
+    monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
+    tunnels = [Local('first%d' % i) for i in range(3)]
+    try:
+        result = Group(tunnels).call(os.getpid)
+        assert result == {t.host: t.remote_info['pid'] for t in tunnels}
+    finally:
+        for t in tunnels:
+            t.close()
+    assert {host: order[:2] for host, order in events.items()} == \
+        {t.host: ['call sent', 'hello received'] for t in tunnels}
+
+
 def test_one_pickle_serves_every_remote_python(pythons):
     tunnels = [Local('py%d' % i, python=p) for i, p in enumerate(pythons)]
     group = Group(tunnels)
