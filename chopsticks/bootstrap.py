@@ -82,9 +82,11 @@ def payload(with_code=False):
             with open(os.path.join(here, name + '.py'), 'rb') as f:
                 sources.append(f.read())
         loader = LOADER % (tuple(sys.version_info[:2]), sys.implementation.name)
-        made_of = hashlib.sha256(repr((
-            sys.version, sys.implementation.cache_tag, MARSHAL_VERSION, with_code, loader,
-            AGENT_MODULES, sources)).encode())
+        made_of = hashlib.sha256(repr((sys.version, sys.implementation.cache_tag, MARSHAL_VERSION,
+                                       with_code, loader, AGENT_MODULES,
+                                       [len(source) for source in sources])).encode())
+        for source in sources:
+            made_of.update(source)
         blob_name = 'agent-%s.z' % made_of.hexdigest()[:32]
         cached = cache.read_blob(blob_name)
         if cached is None:

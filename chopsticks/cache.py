@@ -58,8 +58,21 @@ def read_blob(name):
     return body
 
 
-def write_blob(name, data):
+def write_blob(name, data, keep=8):
+    """Store ``data`` under ``name``; of the blobs whose names start like it
+    (up to its first '-'), only the ``keep`` newest stay: each new version
+    of chopsticks or Python makes new ones."""
     _write(name, data + hashlib.sha256(data).digest())
+    where = directory()
+    prefix = name.split('-', 1)[0] + '-'
+    try:
+        kin = [entry for entry in os.scandir(where)
+               if entry.name.startswith(prefix) and not entry.name.startswith('.')]
+        kin.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
+        for entry in kin[keep:]:
+            os.unlink(entry.path)
+    except (OSError, TypeError):  # TypeError: no directory (nothing kept)
+        pass
 
 
 def fact(section, key):
@@ -82,13 +95,6 @@ def learn(section, key, value):
         for name, entries in facts.items():
             on_disk.setdefault(name, {}).update(entries)
         _write(FACTS_FILE, json.dumps(on_disk, sort_keys=True).encode())
-
-
-def forget():
-    """Drop what this process read (the next question reads the disk again)."""
-    global _facts
-    with _lock:
-        _facts = None
 
 
 def _loaded():

@@ -93,3 +93,12 @@ def test_nothing_is_kept_on_the_hosts():
     with Local() as t:
         assert t.call(cache_directory_on_host) is None
     assert cache.directory() == os.environ['CHOPSTICKS_CACHE_DIR']
+
+
+def test_old_agent_payloads_are_pruned(tmp_path, monkeypatch):
+    monkeypatch.setenv('CHOPSTICKS_CACHE_DIR', str(tmp_path))
+    for n in range(12):
+        cache.write_blob('agent-%02d.z' % n, b'payload %d' % n, keep=3)
+        os.utime(tmp_path / ('agent-%02d.z' % n), (n, n))  # written in this order
+    assert sorted(os.listdir(tmp_path)) == ['agent-09.z', 'agent-10.z', 'agent-11.z']
+    assert cache.read_blob('agent-11.z') == b'payload 11'
