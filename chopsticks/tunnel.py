@@ -243,7 +243,12 @@ class BaseTunnel(object):
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
         ``concurrent.futures.Future``.  Many may be in flight at once."""
-        return self._connection().call_async(fn, args, kwargs)
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn, first = self._open((fn, args, kwargs))
+            if first is not None:
+                return first
+        return conn.call_async(fn, args, kwargs)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
         """Iterate on the controller over what ``fn(*args, **kwargs)`` yields on the

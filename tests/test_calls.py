@@ -427,7 +427,8 @@ def test_python2_is_refused_clearly():
     assert 'Python 2.7' in str(info.value) and '3.6' in str(info.value)
 
 
-def test_the_first_call_goes_out_with_the_connect(monkeypatch):
+@pytest.mark.parametrize('how', ['call', 'call_async'])
+def test_the_first_call_goes_out_with_the_connect(monkeypatch, how):
     """A call on a tunnel not connected yet goes right behind the agent,
     before the agent's HELLO is back: connecting costs no round trip more."""
     from chopsticks import wire
@@ -448,7 +449,8 @@ def test_the_first_call_goes_out_with_the_connect(monkeypatch):
     monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
     t = Local()
     try:
-        assert t.call(os.getpid) == t.remote_info['pid']
+        pid = t.call(os.getpid) if how == 'call' else t.call_async(os.getpid).result(30)
+        assert pid == t.remote_info['pid']
     finally:
         t.close()
     assert events[:2] == ['call sent', 'hello received']
