@@ -62,8 +62,10 @@ def write_blob(name, data, keep=8):
     """Store ``data`` under ``name``; of the blobs whose names start like it
     (up to its first '-'), only the ``keep`` newest stay: each new version
     of chopsticks or Python makes new ones."""
-    _write(name, data + hashlib.sha256(data).digest())
     where = directory()
+    if where is None:  # (os.scandir(None) would prune the working directory)
+        return
+    _write(name, data + hashlib.sha256(data).digest())
     prefix = name.split('-', 1)[0] + '-'
     try:
         kin = [entry for entry in os.scandir(where)
@@ -71,7 +73,7 @@ def write_blob(name, data, keep=8):
         kin.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
         for entry in kin[keep:]:
             os.unlink(entry.path)
-    except (OSError, TypeError):  # TypeError: no directory (nothing kept)
+    except OSError:
         pass
 
 

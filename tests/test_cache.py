@@ -102,3 +102,15 @@ def test_old_agent_payloads_are_pruned(tmp_path, monkeypatch):
         os.utime(tmp_path / ('agent-%02d.z' % n), (n, n))  # written in this order
     assert sorted(os.listdir(tmp_path)) == ['agent-09.z', 'agent-10.z', 'agent-11.z']
     assert cache.read_blob('agent-11.z') == b'payload 11'
+
+
+def test_a_cache_that_keeps_nothing_touches_no_files(tmp_path, monkeypatch):
+    """Pruning old payloads looks in the cache directory only: with none,
+    nothing anywhere is deleted (not the working directory's files)."""
+    monkeypatch.setenv('CHOPSTICKS_CACHE_DIR', '')
+    monkeypatch.chdir(tmp_path)
+    mine = ['agent-%02d.z' % n for n in range(3)]
+    for name in mine:
+        (tmp_path / name).write_text('a file of the user')
+    cache.write_blob('agent-new.z', b'payload', keep=1)
+    assert sorted(os.listdir(tmp_path)) == mine
