@@ -19,6 +19,7 @@ from .serialize import describe, dumps_call
 __all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
+_OUR_VERSION = list(sys.version_info[:2])  # as an agent's hello and chopsticks.cache give it
 
 
 class BaseTunnel(object):
@@ -72,7 +73,8 @@ class BaseTunnel(object):
     _compiled_agent = False  # this connect sends the agent compiled (see _ship_compiled_agent)
 
     # Interpreters, as _version_key() names them, whose agent reported our
-    # Python version (learned per process, in _connected).
+    # Python version: learned in _connected, and kept between runs in
+    # chopsticks.cache under _version_fact().
     _same_version = {}
 
     def _version_key(self):
@@ -89,9 +91,12 @@ class BaseTunnel(object):
             return False
         same = self._same_version.get(key)
         if same is None:  # not yet asked in this process: perhaps in an earlier run
-            version = cache.fact('python', [type(self).__name__, key])
-            same = self._same_version[key] = version == list(sys.version_info[:2])
+            same = self._same_version[key] = cache.fact(*self._version_fact(key)) == _OUR_VERSION
         return same
+
+    def _version_fact(self, key):
+        """(section, key) of the interpreter's Python version in chopsticks.cache."""
+        return 'python', [type(self).__name__, key]
 
     # --- connection
     def connect(self):
@@ -221,8 +226,8 @@ class BaseTunnel(object):
         key = self._version_key()
         if key is not None:
             version = list(conn.remote.get('version', ()))[:2]
-            self._same_version[key] = version == list(sys.version_info[:2])
-            cache.learn('python', [type(self).__name__, key], version)
+            self._same_version[key] = version == _OUR_VERSION
+            cache.learn(*self._version_fact(key), version)
 
     # --- calling
     def call(self, fn, *args, timeout=None, **kwargs):
