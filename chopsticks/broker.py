@@ -42,7 +42,14 @@ class Broker(object):
             try:
                 self.selector.register(fileobj, selectors.EVENT_READ, callback)
             except KeyError:
-                return  # was parked, and registered when its time came
+                stale = self.selector.get_key(fileobj).fileobj
+                if stale is fileobj:
+                    return  # was parked, and registered when its time came
+                # The fd number is ours now, so that file was closed while
+                # registered: a bug, which must not leave this pipe unread.
+                log.warning('chopsticks: %r was closed without being unregistered', stale)
+                self.selector.unregister(stale)
+                self.selector.register(fileobj, selectors.EVENT_READ, callback)
             self._ensure_thread()
         self._wake()
 

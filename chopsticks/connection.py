@@ -217,8 +217,14 @@ class ProcessTransport(object):
         self.proc = None
         # Whoever reads stdout holds read_lock: the broker, or a caller waiting
         # for its own reply (see take_stdout).  state_lock guards the handover.
+        # A pipe is closed only by its reader, or while nobody reads it: a
+        # thread between ``pipe.fileno()`` and ``os.readv`` would otherwise
+        # read the fd number after it was closed and given to the pipe of a
+        # new connection (and eat that agent's HELLO).  stderr_lock is held
+        # while stderr is read, for the same reason.
         self.read_lock = threading.Lock()
         self.state_lock = threading.Lock()
+        self.stderr_lock = threading.RLock()
         self.direct_reader = None  # the thread reading stdout instead of the broker
         self.parked = False  # given back to the broker for later (see give_back_stdout)
         self.pumping = None  # the broker thread, while it reads stdout
@@ -241,7 +247,7 @@ class ProcessTransport(object):
         broker = get_broker()
         self._on_stdout = lambda: self._pump_stdout(conn)
         # stderr first: stdout's EOF (ssh that failed at once) closes both pipes.
-        broker.register(self.stderr, lambda: self._pump(self.stderr, conn.feed_stderr, None))
+        broker.register(self.stderr, lambda: self._pump_stderr(conn))
         broker.register(self.stdout, self._on_stdout)
 
     def _pump_stdout(self, conn):
@@ -251,8 +257,20 @@ class ProcessTransport(object):
         try:
             self._pump(self.stdout, conn.feed, lambda: self._eof(conn))
         finally:
-            self.pumping = None
-            self.read_lock.release()
+            with self.state_lock:
+                self.pumping = None
+                self._let_go_of_stdout()
+
+    def _pump_stderr(self, conn):
+        with self.stderr_lock:
+            self._pump(self.stderr, conn.feed_stderr, None)
+
+    def _let_go_of_stdout(self):
+        """(Under state_lock, by read_lock's holder.)  Release read_lock,
+        closing stdout first if the transport closed meanwhile (see close)."""
+        if self.closing:
+            _close_quietly(self.stdout)
+        self.read_lock.release()
 
     # A caller waiting for its own reply reads stdout itself: handing each
     # reply over from the broker thread costs two thread wake-ups, a third of
@@ -271,7 +289,7 @@ class ProcessTransport(object):
             return False
         with self.state_lock:
             if self.closing:
-                self.read_lock.release()
+                self._let_go_of_stdout()
                 return False
             self.direct_reader = me
             self.parked = False
@@ -317,13 +335,10 @@ class ProcessTransport(object):
         caller takes it within PARK_TIME (unpark() when a reply is awaited)."""
         with self.state_lock:
             self.direct_reader = None
-            closing = self.closing
-            self.read_lock.release()
-            if not closing:
+            self._let_go_of_stdout()
+            if not self.closing:
                 self.parked = True
                 get_broker().park(self.stdout, self._on_stdout)
-        if closing:
-            self._close_pipes()  # close() left them to us
 
     def unpark(self):
         """The broker reads stdout from now on: a reply is awaited."""
@@ -336,14 +351,15 @@ class ProcessTransport(object):
         # The process's last stderr lines say why it ended ("Connection refused"):
         # read them now, before the connection closes the pipe.  (stdout's EOF
         # and stderr's data often arrive in one select(), stdout's first.)
-        while True:
-            try:
-                data = os.read(self.stderr.fileno(), 1 << 16)
-            except (OSError, ValueError):
-                break
-            if not data:
-                break
-            conn.feed_stderr(data)
+        with self.stderr_lock:
+            while True:
+                try:
+                    data = os.read(self.stderr.fileno(), 1 << 16)
+                except (OSError, ValueError):
+                    break
+                if not data:
+                    break
+                conn.feed_stderr(data)
         conn.eof()
 
     def _pump(self, pipe, sink, on_eof):
@@ -413,32 +429,28 @@ class ProcessTransport(object):
         proc = self.proc
         if proc is None:
             return
-        broker = get_broker()
         with self.state_lock:
-            self.closing = True
-            # A caller reading stdout closes it when it stops (it may be
-            # inside poll() on it now); unless that caller is this thread.
-            defer = self.direct_reader not in (None, threading.get_ident())
+            self.closing = True  # first: from now on nobody parks or registers stdout
+        broker = get_broker()
         for pipe in (proc.stdout, proc.stderr):
             broker.unregister(pipe)
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-        if not defer:
-            self._close_pipes()
+        with self.state_lock:
+            me = threading.get_ident()
+            if self.direct_reader == me or self.pumping == me:
+                _close_quietly(proc.stdout)  # this thread reads it, and is not inside a read
+            elif self.read_lock.acquire(blocking=False):
+                self._let_go_of_stdout()  # nobody reads it: closed now
+            # else its reader, in poll() or a read now, closes it as it lets go
+        with self.stderr_lock:
+            _close_quietly(proc.stderr)
+        # stdin: writes happen under the connection's write_lock, and none
+        # starts once it is closed (Connection.lost).
+        _close_quietly(proc.stdin)
         # The agent exits when its stdin closes; make sure, without waiting long.
         # (Not at interpreter exit: a thread started then never runs, and
         # Thread.start() would wait for it forever.)
         if proc.poll() is None and not sys.is_finalizing():
             threading.Thread(target=_reap, args=(proc,), daemon=True).start()
-
-    def _close_pipes(self):
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
 
     def pid(self):
         return self.proc.pid if self.proc else None
@@ -528,6 +540,13 @@ def _reading_buffer():
     if buf is None:
         buf = _thread_state.buffer = wire.aligned_buffer(DIRECT_READ_BUFFER)
     return buf
+
+
+def _close_quietly(pipe):
+    try:
+        pipe.close()
+    except OSError:
+        pass
 
 
 def _reap(proc):

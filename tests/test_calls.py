@@ -13,6 +13,7 @@ import time
 import pytest
 
 from chopsticks import CallTimeout, ConnectError, Local, RemoteException, TunnelClosed
+from chopsticks.broker import get_broker
 from chopsticks.codec import EncodeError  # noqa: F401  (the type named in errors)
 
 from test_codec import VALUES
@@ -296,6 +297,95 @@ def test_close_from_another_thread_ends_a_waiting_call(local):
         local.call(time.sleep, 30, timeout=20)  # not CallTimeout: close() reached it
     closer.join()
     assert local.call(echo, 'back') == 'back'  # reconnects
+
+
+@pytest.mark.parametrize('pipe', ['stdout', 'stderr'])
+def test_a_pipe_is_not_closed_under_the_thread_reading_it(monkeypatch, pipe):
+    """The broker thread may be paused (by the GIL, by the scheduler) between
+    taking a pipe's fd number and reading from it.  A tunnel closed by another
+    thread meanwhile must not free that number: a new tunnel's pipe would get
+    it, and the broker would read that tunnel's bytes (its agent's HELLO,
+    seen on CI: the new tunnel then never connected).  The pause is made
+    long here, and a pipe of our own stands for the new tunnel's."""
+    old = Local()
+    old_pid = old.call(os.getpid)
+    fd = getattr(old._conn.transport, pipe).fileno()
+    broker = get_broker()
+    paused, resumed = threading.Event(), threading.Event()
+    real_readv = os.readv
+
+    def slow_readv(number, buffers):
+        if number != fd or threading.current_thread() is not broker.thread or paused.is_set():
+            return real_readv(number, buffers)
+        paused.set()
+        time.sleep(1.0)
+        try:
+            return real_readv(number, buffers)
+        finally:
+            resumed.set()
+
+    monkeypatch.setattr(os, 'readv', slow_readv)
+    if pipe == 'stdout':
+        old.call_async(os.getpid)  # nobody waits for it: the broker reads the reply
+    else:
+        old.call(os.write, 2, b'a line on stderr\n')  # the broker reads stderr
+    assert paused.wait(10)
+    old.close()
+    # Our pipe gets the lowest free numbers, as the new tunnel's would: make
+    # sure its read end gets ``fd`` if ``fd`` is free.
+    held, ours = [], None
+    while ours is None:
+        r, w = os.pipe()
+        if w == fd:  # a write end is never read: take its number off, try again
+            os.close(r)
+            os.close(w)
+            held.append(os.open(os.devnull, os.O_RDONLY))
+            continue
+        held += [r, w]
+        if r >= fd:
+            ours = (r, w)
+    try:
+        os.write(ours[1], b'not for the old tunnel')
+        assert resumed.wait(10)
+        os.set_blocking(ours[0], False)
+        assert os.read(ours[0], 100) == b'not for the old tunnel'
+    finally:
+        for number in held:
+            os.close(number)
+    monkeypatch.undo()
+    with Local() as new:
+        assert new.call(os.getpid) != old_pid
+
+
+def test_the_broker_reads_a_pipe_whose_number_a_closed_file_left_registered(caplog):
+    """Should a file ever be closed while registered (a bug), a new pipe that
+    gets its fd number is still read, and the bug is logged."""
+    broker = get_broker()
+    number, w = os.pipe()
+    stale = os.fdopen(number, 'rb', buffering=0)
+    broker.register(stale, lambda: None)
+    stale.close()
+    r, w2 = os.pipe()
+    if r != number:  # give the new pipe the stale one's number
+        os.dup2(r, number)
+        os.close(r)
+    fresh = os.fdopen(number, 'rb', buffering=0)
+    got = threading.Event()
+
+    def on_readable():
+        fresh.read(100)
+        got.set()
+
+    try:
+        broker.register(fresh, on_readable)
+        os.write(w2, b'x')
+        assert got.wait(10)
+        assert 'closed without being unregistered' in caplog.text
+    finally:
+        broker.unregister(fresh)
+        fresh.close()
+        for number in (w, w2):
+            os.close(number)
 
 
 def test_remote_killed_fails_a_waiting_call(local):
