@@ -473,6 +473,11 @@ class ReplyReader(object):
         self.fds = {}    # connection -> stdout fd
         self.borrowed = set()  # connections this thread already read for another reader
         self.wake_r, self.wake_w = os.pipe()
+        # wake() may come from another thread after close(), when a late
+        # event is posted (a connect that outlived its call's timeout):
+        # it must not write to the closed fd's number, now maybe another file's.
+        self.wake_lock = threading.Lock()
+        self.closed = False
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.poller.register(self.wake_r, select.POLLIN)
@@ -519,16 +524,21 @@ class ReplyReader(object):
                 self.give_back(conn)  # EOF: the connection is lost
 
     def wake(self):
-        try:
-            os.write(self.wake_w, b'.')
-        except BlockingIOError:
-            pass  # already awake
+        with self.wake_lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.wake_w, b'.')
+            except BlockingIOError:
+                pass  # already awake
 
     def close(self):
         for conn in list(self.fds):
             self.give_back(conn)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        with self.wake_lock:
+            self.closed = True
+            os.close(self.wake_r)
+            os.close(self.wake_w)
 
 
 _thread_state = threading.local()

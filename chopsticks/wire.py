@@ -239,6 +239,7 @@ class WidePipe(object):
     def __init__(self, fd):
         self.fd = fd  # None: change nothing
         self.old_size = None
+        self.pipe_inode = None  # which pipe ``fd`` was, to restore only that one
 
     def __enter__(self):
         if self.fd is None or not sys.platform.startswith('linux'):
@@ -250,6 +251,7 @@ class WidePipe(object):
                 return self
             cls.widened += 1
         try:
+            self.pipe_inode = os.fstat(self.fd).st_ino
             old_size = fcntl.fcntl(self.fd, F_GETPIPE_SZ)
             if old_size < BULK_PIPE_SIZE:
                 fcntl.fcntl(self.fd, F_SETPIPE_SZ, BULK_PIPE_SIZE)
@@ -275,6 +277,8 @@ class WidePipe(object):
         deadline = time.monotonic() + RESTORE_PATIENCE
         while True:
             try:
+                if os.fstat(self.fd).st_ino != self.pipe_inode:
+                    break  # the pipe was closed, and its fd number is another file's now
                 fcntl.fcntl(self.fd, F_SETPIPE_SZ, self.old_size)
             except OSError as e:
                 if e.errno == errno.EBUSY and time.monotonic() < deadline:

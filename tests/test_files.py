@@ -575,6 +575,30 @@ def test_wide_pipe_is_bounded_and_restored(monkeypatch):
         os.close(w)
 
 
+def test_a_wide_pipe_closed_meanwhile_is_not_restored_on_another():
+    """A tunnel closed during a transfer closes its pipe under WidePipe; the
+    restore must not resize the next pipe that gets the same fd number."""
+    import fcntl
+    from chopsticks import wire
+    if not pipes_widen_here():
+        pytest.skip('pipes cannot be resized here (pipe-user-pages-soft)')
+    r, w = os.pipe()
+    with wire.WidePipe(w):
+        os.close(r)
+        os.close(w)
+        r2, w2 = os.pipe()
+        if w2 != w:  # the next pipe gets the closed one's number
+            os.dup2(w2, w)
+            os.close(w2)
+        fcntl.fcntl(w, wire.F_SETPIPE_SZ, wire.BULK_PIPE_SIZE)
+    try:
+        assert fcntl.fcntl(w, wire.F_GETPIPE_SZ) == wire.BULK_PIPE_SIZE
+        assert wire.WidePipe.widened == 0
+    finally:
+        os.close(r2)
+        os.close(w)
+
+
 def test_the_first_put_sends_the_host_only_what_it_needs(tmp_path, monkeypatch):
     """chopsticks.files on the host imports the chopsticks package: that must
     not bring the controller's core along (it cost 150 ms before a first put)."""

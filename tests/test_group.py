@@ -108,6 +108,28 @@ def test_dead_hosts_fail_alone_over_ssh(ssh_config_with_dead_host):
         group.close()
 
 
+def test_a_wake_up_after_the_run_writes_nowhere():
+    """Events can reach a run that is over: a transfer whose timeout ended
+    the run finishes later, a run interrupted by ^C leaves connects going.
+    Their wake-up must not write to the fd number the run's pipe had: once
+    closed, it belongs to whatever file is opened next."""
+    reader = group_module.ReplyReader()
+    number = reader.wake_w
+    reader.close()
+    r, w = os.pipe()
+    if w != number:  # our pipe takes the number, as the next file would
+        os.dup2(w, number)
+        os.close(w)
+    try:
+        reader.wake()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 10)  # nothing was written to our pipe
+    finally:
+        os.close(r)
+        os.close(number)
+
+
 def test_per_host_timeout_leaves_the_others_alone(locals4):
     group = Group(locals4, timeout=30)
     group.call(set_role('slow'))  # everyone, then undo on two of them
