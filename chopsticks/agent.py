@@ -890,6 +890,10 @@ def main():
     else:
         sys.meta_path.insert(0, LoggingWatcher(log_handler))
     sys.modules.setdefault('__chopsticks_main__', type(sys)('__chopsticks_main__'))
+    try:
+        os.write(2, wire.AGENT_STARTED)
+    except OSError:
+        pass  # no stderr: nothing to tell apart
     agent.channel.send_value(0, wire.HELLO, {
         'pid': os.getpid(),
         'python': sys.executable,

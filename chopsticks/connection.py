@@ -833,6 +833,7 @@ class Connection(object):
         self.connected = False
         self.stderr_tail = bytearray()
         self.stderr_partial = bytearray()
+        self.output_started = False  # the agent's mark came on stderr (see feed_stderr)
         self.log_names = set()  # logger names this remote used (see _log)
         self.import_slots = threading.BoundedSemaphore(IMPORTS_IN_FLIGHT)
 
@@ -959,10 +960,21 @@ class Connection(object):
         self.last_rx = time.monotonic()
         tail = self.stderr_tail
         tail += data
+        if not self.output_started:
+            # Only kept, for a ConnectError, until the agent's mark: then
+            # what follows it is the program's output (wire.AGENT_STARTED).
+            at = tail.find(wire.AGENT_STARTED)
+            if at < 0:
+                if len(tail) > STDERR_TAIL:
+                    del tail[:len(tail) - STDERR_TAIL]
+                return
+            self.output_started = True
+            del tail[at:at + len(wire.AGENT_STARTED)]
+            data = bytes(tail[at:])
+            if not data:
+                return
         if len(tail) > STDERR_TAIL:
             del tail[:len(tail) - STDERR_TAIL]
-        if not self.connected:
-            return  # kept for the ConnectError message instead
         partial = self.stderr_partial
         partial += data
         relay = output_relay()
@@ -985,7 +997,7 @@ class Connection(object):
             relay.text(self.host, text, len(lines))
 
     def _flush_stderr_line(self):
-        if self.connected and self.stderr_partial:
+        if self.output_started and self.stderr_partial:
             self.feed_stderr(b'\n')
 
     def _serve_import(self, rid, query):

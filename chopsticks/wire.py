@@ -38,6 +38,13 @@ LOG = 25         # codec dict describing a logging.LogRecord
 HELLO = 26       # codec dict: the agent is ready (pid, python, ...)
 PONG = 27
 
+# Written by the agent on its stderr just before HELLO: what the host wrote
+# there before it (ssh warnings, a shell's complaint) is the transport's and
+# goes into a ConnectError; what comes after is the remote program's output,
+# shown.  On stderr itself, since stdout and stderr are read apart, and ssh
+# keeps no order between them.
+AGENT_STARTED = b'\0chopsticks agent started\0'
+
 OP_NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int)}
 
 

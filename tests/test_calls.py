@@ -14,6 +14,7 @@ import pytest
 
 from chopsticks import CallTimeout, ConnectError, Local, RemoteException, TunnelClosed
 from chopsticks.broker import get_broker
+from chopsticks.connection import Connection
 from chopsticks.codec import EncodeError  # noqa: F401  (the type named in errors)
 
 from test_codec import VALUES
@@ -457,6 +458,46 @@ def test_print_and_stderr_are_shown_with_host_prefix(local, capsys):
     assert '[localhost] hello from print' in err
     assert '[localhost] to stderr' in err
     assert '[localhost] from a child process' in err
+
+
+def test_the_output_of_a_first_call_is_shown_however_late_the_caller_wakes(monkeypatch, capsys):
+    """The first call goes out with the connect, so its output may be read
+    before the connecting thread has seen the agent's HELLO (seen on a
+    loaded machine: it was kept as connect noise, and never shown)."""
+    real_wait_started = Connection.wait_started
+
+    def wakes_late(self, timeout):
+        time.sleep(0.5)  # the broker has read the call's output by now
+        return real_wait_started(self, timeout)
+
+    monkeypatch.setattr(Connection, 'wait_started', wakes_late)
+    tunnel = Local('late')
+    try:
+        assert tunnel.call(os.system, 'echo output of the first call') == 0
+        deadline = time.monotonic() + 10
+        err = ''
+        while time.monotonic() < deadline and 'first call' not in err:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        assert '[late] output of the first call' in err
+    finally:
+        tunnel.close()
+
+
+def test_what_a_host_says_before_the_agent_starts_is_kept_for_errors_not_shown(tmp_path, capsys):
+    noisy_python = tmp_path / 'noisy-python'
+    noisy_python.write_text('#!/bin/sh\necho "a login banner" >&2\nexec %s "$@"\n' % sys.executable)
+    noisy_python.chmod(0o755)
+    with Local('noisy', python=str(noisy_python)) as tunnel:
+        assert tunnel.call(os.system, 'echo after the start >&2') == 0
+        deadline = time.monotonic() + 10
+        err = ''
+        while time.monotonic() < deadline and 'after the start' not in err:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        assert '[noisy] after the start' in err
+        assert 'banner' not in err
+        assert 'a login banner' in tunnel._conn.stderr_text()  # for a ConnectError
 
 
 def test_remote_logging_reaches_controller_logging(local, caplog):
