@@ -88,6 +88,7 @@ def run_task(column, task, python, ctx_path, workdir, env, logdir):
     script = os.path.join(fixtures.PEERS_DIR, column.script)
     argv = [python, script, task, ctx_path]
     log_path = os.path.join(logdir, '%s.%s.log' % (task, column.id))
+    fixtures.wait_for_quiet()
     start = time.monotonic()
     with open(log_path, 'w') as errlog:
         proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
@@ -274,8 +275,8 @@ def main(argv=None):
     print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column. '
-          '×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
+    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column, '
+          'each run starting once the CPUs are idle again. ×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
           'one call to many hosts to the best peer. Every column runs %s on the remote. '
           'Ours starts from an empty cache (chopsticks.cache): its very first connect '
           'compiles the agent on the host, later ones reuse what that one learned.' % (

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import venv
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -248,3 +249,34 @@ def mem_available():
             if line.startswith('MemAvailable:'):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu_ticks():
+    """(busy, total) jiffies of the whole machine, or None off Linux."""
+    try:
+        with open('/proc/stat') as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_quiet(busy_below=0.15, window=0.2, patience=20.0):
+    """Wait until the machine's CPUs are mostly idle (at most ``patience`` s).
+
+    What one run leaves behind (agents and sshd sessions of 48 hosts still
+    exiting, a peer's lingering children) would otherwise land on the next
+    run's samples: a Local connect measured right after the many-host rows
+    took 30 ms instead of 22.  Returns the seconds waited.
+    """
+    start = time.monotonic()
+    before = _cpu_ticks()
+    while before is not None and time.monotonic() - start < patience:
+        time.sleep(window)
+        after = _cpu_ticks()
+        total = after[1] - before[1]
+        if total > 0 and (after[0] - before[0]) / total < busy_below:
+            break
+        before = after
+    return time.monotonic() - start
