@@ -162,3 +162,31 @@ def test_a_host_running_our_python_gets_the_agent_compiled_next_time(sshd, trans
     with Tunnel('host2', transport=transport, python=python) as again:
         assert again.call(echo, 'compiled') == 'compiled'
         assert payload_length(again) == len(bootstrap.payload(True))
+
+
+def write_to_stderr_and_return(n):
+    os.write(2, b'a line on stderr\n')
+    return n
+
+
+def test_a_host_writing_to_stderr_never_stalls_a_paramiko_tunnel(sshd, tmp_path):
+    """paramiko wakes us for stdout and stderr through one pipe whose two
+    halves are set and cleared without a common lock: reading stderr while
+    the transport thread received a reply could leave the pipe clear with
+    the reply waiting, and the tunnel then heard nothing more.  Eight
+    tunnels with output on both streams hit it within a few rounds."""
+    from chopsticks.group import Group
+    names = ['noisy%d' % i for i in range(8)]
+    with open(sshd.ssh_config) as f:
+        text = f.read()
+    config = tmp_path / 'ssh_config'
+    config.write_text(text.replace('Host host1\n', 'Host host1 %s\n' % ' '.join(names), 1))
+    tunnels = [Tunnel(name, transport='paramiko', ssh_config=str(config)) for name in names]
+    group = Group(tunnels)
+    try:
+        for n in range(40):
+            result = group.call(write_to_stderr_and_return, n, timeout=10)
+            assert not dict(result.failures()), 'round %d' % n
+            assert set(result.values()) == {n}
+    finally:
+        group.close()
