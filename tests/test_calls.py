@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -443,6 +442,17 @@ def test_call_iter_error_is_raised_after_items(local):
         next(items)
 
 
+def shown_on_stderr(capsys, last_words, seconds=10):
+    """What this process wrote to stderr until ``last_words`` appear (remote
+    output is written by a thread of its own, a little later)."""
+    deadline = time.monotonic() + seconds
+    err = ''
+    while time.monotonic() < deadline and last_words not in err:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    return err
+
+
 def test_print_and_stderr_are_shown_with_host_prefix(local, capsys):
     def noisy():
         print('hello from print')
@@ -450,11 +460,7 @@ def test_print_and_stderr_are_shown_with_host_prefix(local, capsys):
         os.system('echo from a child process')
         return 'done'
     assert local.call(noisy) == 'done'
-    deadline = time.monotonic() + 5
-    err = ''
-    while time.monotonic() < deadline and 'child' not in err:
-        time.sleep(0.05)
-        err += capsys.readouterr().err
+    err = shown_on_stderr(capsys, 'child')
     assert '[localhost] hello from print' in err
     assert '[localhost] to stderr' in err
     assert '[localhost] from a child process' in err
@@ -474,11 +480,7 @@ def test_the_output_of_a_first_call_is_shown_however_late_the_caller_wakes(monke
     tunnel = Local('late')
     try:
         assert tunnel.call(os.system, 'echo output of the first call') == 0
-        deadline = time.monotonic() + 10
-        err = ''
-        while time.monotonic() < deadline and 'first call' not in err:
-            time.sleep(0.05)
-            err += capsys.readouterr().err
+        err = shown_on_stderr(capsys, 'first call')
         assert '[late] output of the first call' in err
     finally:
         tunnel.close()
@@ -490,11 +492,7 @@ def test_what_a_host_says_before_the_agent_starts_is_kept_for_errors_not_shown(t
     noisy_python.chmod(0o755)
     with Local('noisy', python=str(noisy_python)) as tunnel:
         assert tunnel.call(os.system, 'echo after the start >&2') == 0
-        deadline = time.monotonic() + 10
-        err = ''
-        while time.monotonic() < deadline and 'after the start' not in err:
-            time.sleep(0.05)
-            err += capsys.readouterr().err
+        err = shown_on_stderr(capsys, 'after the start')
         assert '[noisy] after the start' in err
         assert 'banner' not in err
         assert 'a login banner' in tunnel._conn.stderr_text()  # for a ConnectError

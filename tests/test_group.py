@@ -3,7 +3,6 @@
 A dead host (a closed port, an unresolvable name) is mixed in wherever it
 matters: it must turn into an ErrorResult while the others succeed.
 """
-import functools
 import os
 import socket
 import sys
