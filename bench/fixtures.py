@@ -275,6 +275,8 @@ def wait_for_quiet(busy_below=0.15, window=0.2, patience=20.0):
     while before is not None and time.monotonic() - start < patience:
         time.sleep(window)
         after = _cpu_ticks()
+        if after is None:
+            break
         total = after[1] - before[1]
         if total > 0 and (after[0] - before[0]) / total < busy_below:
             break

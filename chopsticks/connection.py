@@ -830,7 +830,6 @@ class Connection(object):
         self.remote = None  # the agent's HELLO: pid, python, version, platform, hostname
         self.closed = False
         self.error = None
-        self.connected = False
         self.stderr_tail = bytearray()
         self.stderr_partial = bytearray()
         self.output_started = False  # the agent's mark came on stderr (see feed_stderr)
@@ -868,7 +867,6 @@ class Connection(object):
             reason = self.error.args[0] if isinstance(self.error, ProtocolError) else \
                 'the remote process exited before the agent started'
             raise ConnectError(self.host, reason, self.stderr_text())
-        self.connected = True
         if self.keepalive:
             self.last_rx = time.monotonic()
             _keepalive_watch.add(self)
@@ -964,17 +962,15 @@ class Connection(object):
             # Only kept, for a ConnectError, until the agent's mark: then
             # what follows it is the program's output (wire.AGENT_STARTED).
             at = tail.find(wire.AGENT_STARTED)
-            if at < 0:
-                if len(tail) > STDERR_TAIL:
-                    del tail[:len(tail) - STDERR_TAIL]
-                return
-            self.output_started = True
-            del tail[at:at + len(wire.AGENT_STARTED)]
-            data = bytes(tail[at:])
-            if not data:
-                return
+            data = b''
+            if at >= 0:
+                self.output_started = True
+                del tail[at:at + len(wire.AGENT_STARTED)]
+                data = bytes(tail[at:])
         if len(tail) > STDERR_TAIL:
             del tail[:len(tail) - STDERR_TAIL]
+        if not data:
+            return
         partial = self.stderr_partial
         partial += data
         relay = output_relay()

@@ -263,7 +263,6 @@ class SinkTransport(object):
 def connected(host='fuzzed'):
     conn = Connection(host, SinkTransport())
     conn.remote = {'pid': 1, 'version': (3, 11, 0)}
-    conn.connected = True
     conn.hello.set()
     handlers = {1: CallHandler(conn, 'call'), 2: IterHandler(conn, 'iter'),
                 3: StreamHandler(conn, 'stream')}
