@@ -10,7 +10,7 @@ Controller side::
 What a caller may rely on:
 
 * Bytes stream in constant memory in both directions (a file larger than RAM
-  works), hashed with SHA-256 on both sides while they travel.  Each file is
+  works), hashed with SHA-1 on both sides while they travel.  Each file is
   written to a hidden temporary name in its destination directory
   (``.name.chopsticks-<host>-<pid>-XXXXXXXX``), fsync'd (flushed in the
   background as it grows, so the last fsync is short), and renamed into
@@ -62,12 +62,18 @@ __all__ = ['put', 'fetch', 'sync', 'TransferError']
 
 CHUNK = 1 << 20             # bytes per piece sent to the host (one DATA frame)
 FETCH_CHUNK = 256 << 10     # bytes per item from the host: 64 items in flight = 16 MiB
-DIGEST_SIZE = 32            # SHA-256
+DIGEST_SIZE = 20            # SHA-1, see _digest
 FLUSH_EVERY = 16 << 20      # fdatasync in the background this often (see _Flusher)
 READ_AHEAD = 4              # pieces a reading thread prepares ahead of the sender
 PROGRESS_THRESHOLD = 8 << 20  # smaller transfers never show a bar by themselves
 TEMP_MARK = '.chopsticks-'
-_SHA1 = True                # compute sha1sum (chopsticks 1.x) for single files
+
+# One digest, SHA-1, checks every file end to end, is returned as ``sha1sum``
+# (as chopsticks 1.x did; Ansible's ``checksum`` is SHA-1 too) and compares
+# trees for sync.  It guards against corruption, not against the host, which
+# could report any digest it liked; and every pass over the bytes counts, since
+# a transfer is bound by the CPU of the four processes it runs through.
+_digest = hashlib.sha1
 
 
 class TransferError(ChopsticksError, OSError):
@@ -358,8 +364,8 @@ def _make_dir(path, mode):
     os.chmod(path, mode)
 
 
-def _sha256_file(path):
-    h = hashlib.sha256()
+def _digest_file(path):
+    h = _digest()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(path, 'rb', buffering=0) as f:
@@ -424,21 +430,18 @@ class _Incoming(object):
                 raise IOError('unexpected bytes at the end of the transfer')
 
 
-def _receive_file(incoming, target, size, want_sha1, durable=True, sweep=False):
+def _receive_file(incoming, target, size, durable=True, sweep=False):
     """Write ``size`` bytes from ``incoming`` to a temp file next to ``target``
-    and check the SHA-256 that follows them: (fd, temp, sha256, sha1)."""
+    and check the digest that follows them: (fd, temp, hex digest)."""
     fd, temp = _temp_file(target, sweep)
     flusher = _Flusher(fd, durable)
     try:
-        sha256 = hashlib.sha256()
-        sha1 = hashlib.sha1() if want_sha1 else None
+        digest = _digest()
         remaining = size
         written = 0
         while remaining:
             piece = incoming.piece(remaining)
-            sha256.update(piece)
-            if sha1 is not None:
-                sha1.update(piece)
+            digest.update(piece)
             try:
                 _write_all(fd, piece)
             except OSError as e:
@@ -450,16 +453,16 @@ def _receive_file(incoming, target, size, want_sha1, durable=True, sweep=False):
             written += len(piece)
             flusher.wrote(len(piece))
         expected = incoming.exact(DIGEST_SIZE)
-        if sha256.digest() != expected:
-            raise IOError('checksum mismatch writing %s: the controller sent sha256 %s, '
+        if digest.digest() != expected:
+            raise IOError('checksum mismatch writing %s: the controller sent sha1 %s, '
                           'this host received %s; %s was not changed'
-                          % (target, expected.hex(), sha256.hexdigest(), target))
+                          % (target, expected.hex(), digest.hexdigest(), target))
         flusher.stop()
     except BaseException:
         flusher.stop()
         _discard(fd, temp)
         raise
-    return fd, temp, sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+    return fd, temp, digest.hexdigest()
 
 
 class _Unchanged(object):
@@ -483,7 +486,7 @@ def remote_receive(stream, dest, spec):
     ``spec``: kind ('file' or 'tree'), name (the source's base name), files
     [(rel, size, mode)], dirs [(rel, mode)], links [(rel, target)], contents
     (True: ``dest`` itself is the root of the tree, as for sync), durable.
-    The stream carries, for each file in order, its bytes then their SHA-256.
+    The stream carries, for each file in order, its bytes then their SHA-1.
     """
     incoming = _Incoming(stream)
     durable = spec.get('durable', True)
@@ -512,8 +515,7 @@ def remote_receive(stream, dest, spec):
                                         % parent, target)
         batch = _Batch(durable)
         try:
-            fd, temp, sha256, sha1 = _receive_file(incoming, target, size,
-                                                   spec.get('sha1', True), durable, sweep=True)
+            fd, temp, sha1 = _receive_file(incoming, target, size, durable, sweep=True)
             batch.add(fd, temp, target, mode, size)
             incoming.finish()
             batch.commit()
@@ -522,8 +524,7 @@ def remote_receive(stream, dest, spec):
             if dest is None:
                 _discard(None, target)
             raise
-        return {'remote_path': target, 'size': size, 'sha256': sha256, 'sha1sum': sha1,
-                'mode': mode}
+        return {'remote_path': target, 'size': size, 'sha1sum': sha1, 'mode': mode}
 
     # a tree
     if dest is None:
@@ -549,7 +550,7 @@ def remote_receive(stream, dest, spec):
             if os.path.isdir(target) and not os.path.islink(target):
                 raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
                                         'with a file', target)
-            fd, temp, _, _ = _receive_file(incoming, target, size, False, durable)
+            fd, temp, _ = _receive_file(incoming, target, size, durable)
             batch.add(fd, temp, target, mode, size)
             total += size
         incoming.finish()
@@ -564,8 +565,8 @@ def remote_receive(stream, dest, spec):
             'skipped': spec.get('skipped', [])}
 
 
-def _send_file(fd, chunk, want_sha1):
-    """Generator: the chunks of an open file, then a trailer dict with its hashes.
+def _send_file(fd, chunk):
+    """Generator: the chunks of an open file, then a trailer dict (size, sha1sum).
 
     A helper thread reads and hashes up to READ_AHEAD chunks ahead, so the
     pipe to the controller does not wait for the hashes.  The caller closes
@@ -574,7 +575,7 @@ def _send_file(fd, chunk, want_sha1):
     """
     items = queue.Queue(READ_AHEAD)
     stop = threading.Event()
-    reader = threading.Thread(target=_read_and_hash, args=(fd, chunk, want_sha1, items, stop),
+    reader = threading.Thread(target=_read_and_hash, args=(fd, chunk, items, stop),
                               name='chopsticks-read')
     reader.daemon = True
     reader.start()
@@ -596,22 +597,16 @@ def _send_file(fd, chunk, want_sha1):
         reader.join()
 
 
-def _read_and_hash(fd, chunk, want_sha1, items, stop):
+def _read_and_hash(fd, chunk, items, stop):
     try:
-        sha256 = hashlib.sha256()
-        sha1 = hashlib.sha1() if want_sha1 else None
+        digest = _digest()
         size = 0
         while not stop.is_set():
             data = os.read(fd, chunk)
             if not data:
-                trailer = {'size': size, 'sha256': sha256.hexdigest()}
-                if sha1 is not None:
-                    trailer['sha1sum'] = sha1.hexdigest()
-                items.put(trailer)
+                items.put({'size': size, 'sha1sum': digest.hexdigest()})
                 return
-            sha256.update(data)
-            if sha1 is not None:
-                sha1.update(data)
+            digest.update(data)
             size += len(data)
             items.put(data)
     except BaseException as e:
@@ -625,19 +620,19 @@ def _open_regular_or_dir(path, flags):
     return fd
 
 
-def remote_send(path, chunk=FETCH_CHUNK, sha1=True):
+def remote_send(path, chunk=FETCH_CHUNK):
     """What ``fetch`` receives; a generator that runs on the host.
 
     A file: a header dict (kind='file', path, size, mode), its bytes in
-    chunks, then a trailer dict (size, sha256, sha1sum).  A directory: a header
+    chunks, then a trailer dict (size, sha1sum).  A directory: a header
     dict (kind='tree', path, mode, dirs, files, links, skipped), then for each
     file of ``files`` in order its chunks and a trailer.
     """
     with _wide_agent_pipe('send'):
-        yield from _send(path, chunk, sha1)
+        yield from _send(path, chunk)
 
 
-def _send(path, chunk, sha1):
+def _send(path, chunk):
     path = remote_path(path)
     fd = _open_regular_or_dir(path, 0)
     try:
@@ -645,7 +640,7 @@ def _send(path, chunk, sha1):
         if stat.S_ISREG(st.st_mode):
             yield {'kind': 'file', 'path': path, 'size': st.st_size,
                    'mode': stat.S_IMODE(st.st_mode)}
-            for item in _send_file(fd, chunk, sha1):
+            for item in _send_file(fd, chunk):
                 yield item
             return
         if not stat.S_ISDIR(st.st_mode):
@@ -660,7 +655,7 @@ def _send(path, chunk, sha1):
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, 'no longer a regular file', os.path.join(path, rel))
-            for item in _send_file(fd, chunk, False):
+            for item in _send_file(fd, chunk):
                 yield item
         finally:
             os.close(fd)
@@ -671,7 +666,7 @@ def remote_tree_state(path, sizes):
 
     Returns None if ``path`` does not exist, else a dict rel -> entry:
     ('d', mode), ('l', target), ('o',) for anything else, or
-    ('f', size, mode, sha256) where sha256 is computed only when ``sizes``
+    ('f', size, mode, sha1) where sha1 is computed only when ``sizes``
     (rel -> size of the controller's file) says the sizes are equal, else None.
     """
     path = remote_path(path)
@@ -692,7 +687,7 @@ def remote_tree_state(path, sizes):
     for rel, size, mode in files:
         digest = None
         if sizes.get(rel) == size:
-            digest = _sha256_file(os.path.join(path, rel))
+            digest = _digest_file(os.path.join(path, rel))
         state[rel] = ('f', size, mode, digest)
     return {'path': path, 'entries': state}
 
@@ -852,10 +847,9 @@ class _Stopped(Exception):
     pass
 
 
-def _file_chunks(files, progress, host, sha1sums=None):
-    """The bytes of ``files`` [(path, size)], each followed by its SHA-256
-    digest, packed into CHUNK-sized pieces.  With a list as ``sha1sums``,
-    each file's SHA-1 hex digest is appended to it once the file is read.
+def _file_chunks(files, progress, host):
+    """The bytes of ``files`` [(path, size)], each followed by its SHA-1
+    digest, packed into CHUNK-sized pieces.
 
     A helper thread reads and hashes up to READ_AHEAD pieces ahead, so the
     pipe to the host never waits for the hash.  The pieces are views of a few
@@ -866,7 +860,7 @@ def _file_chunks(files, progress, host, sha1sums=None):
     ready = queue.Queue()
     for _ in range(READ_AHEAD):
         free.put(_read_ahead_buffer())
-    reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready, sha1sums),
+    reader = threading.Thread(target=_read_ahead, args=(files, host, free, ready),
                               name='chopsticks-read', daemon=True)
     reader.start()
     sent = None
@@ -904,7 +898,7 @@ def _read_ahead_buffer():
     return memoryview(wire.aligned_buffer(CHUNK + 64))[64:]
 
 
-def _read_ahead(files, host, free, ready, sha1sums):
+def _read_ahead(files, host, free, ready):
     """The reading thread of _file_chunks: fills buffers from ``free`` into ``ready``."""
     def take():
         buf = free.get()
@@ -916,8 +910,7 @@ def _read_ahead(files, host, free, ready, sha1sums):
         buf, view = take()
         pos = data = 0
         for path, size in files:
-            sha256 = hashlib.sha256()
-            sha1 = hashlib.sha1() if sha1sums is not None else None
+            hashed = _digest()
             with open(path, 'rb', buffering=0) as f:
                 remaining = size
                 while remaining:
@@ -929,15 +922,11 @@ def _read_ahead(files, host, free, ready, sha1sums):
                     if not n:
                         raise TransferError('[%s] put %s failed: the file shrank while it was '
                                             'being sent' % (host, path), host, 'put')
-                    sha256.update(view[pos:pos + n])
-                    if sha1 is not None:
-                        sha1.update(view[pos:pos + n])
+                    hashed.update(view[pos:pos + n])
                     pos += n
                     data += n
                     remaining -= n
-            if sha1 is not None:
-                sha1sums.append(sha1.hexdigest())
-            digest = sha256.digest()
+            digest = hashed.digest()
             while digest:
                 if pos == CHUNK:
                     ready.put((buf, pos, data))
@@ -963,7 +952,8 @@ def _local(path):
 def put(tunnel, local_path, remote_path=None, mode=0o644, progress=None, durable=True):
     """Copy a local file or directory tree to the host.
 
-    A file: returns ``{'remote_path', 'size', 'sha1sum', 'sha256', 'mode'}``.
+    A file: returns ``{'remote_path', 'size', 'sha1sum', 'mode'}``; the host
+    checked that the SHA-1 of what it wrote is the one of what was read here.
     ``remote_path`` None means a new temporary file on the host; an existing
     directory receives the file under its own name.  ``mode`` is set exactly
     (no umask); ``None`` keeps the local file's mode.
@@ -993,19 +983,11 @@ def put(tunnel, local_path, remote_path=None, mode=0o644, progress=None, durable
             raise ValueError('mode must be an int like 0o644, not %r' % (mode,))
         size = st.st_size
         name = os.path.basename(local.rstrip('/'))
-        # The SHA-1 (chopsticks 1.x's sha1sum) is computed here, off the host:
-        # the host checks the SHA-256 of the same bytes, and it is the
-        # busiest stage of the pipe.
-        spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)], 'durable': durable,
-                'sha1': False}
-        sha1sums = [] if _SHA1 else None
+        spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)], 'durable': durable}
         bar = _Progress(progress, '[%s] put %s' % (tunnel.host, name), size)
-        chunks = _file_chunks([(local, size)], bar, tunnel.host, sha1sums)
+        chunks = _file_chunks([(local, size)], bar, tunnel.host)
         try:
-            result = tunnel.call_stream(remote_receive, chunks, remote_path, spec)
-            if sha1sums:
-                result['sha1sum'] = sha1sums[0]
-            return result
+            return tunnel.call_stream(remote_receive, chunks, remote_path, spec)
         finally:
             chunks.close()  # stops its reading thread at once, even on errors
             bar.close()
@@ -1086,24 +1068,24 @@ def _receive_local(items, target, progress, host, durable=True, sweep=False):
     fd, temp = _temp_file(target, sweep)
     flusher = _Flusher(fd, durable)
     try:
-        sha256 = hashlib.sha256()
+        digest = _digest()
         size = 0
         while True:
             item = items.next((bytes, dict))
             if isinstance(item, dict):
                 break
-            sha256.update(item)
+            digest.update(item)
             _write_all(fd, memoryview(item))
             size += len(item)
             progress.advance(len(item))
             flusher.wrote(len(item))
         flusher.stop()
-        if item.get('size') != size or item.get('sha256') != sha256.hexdigest():
+        if item.get('size') != size or item.get('sha1sum') != digest.hexdigest():
             raise TransferError('[%s] fetch %s failed: checksum mismatch (the host read %s bytes '
-                                'with sha256 %s, %s bytes with sha256 %s arrived); %s was not '
+                                'with sha1 %s, %s bytes with sha1 %s arrived); %s was not '
                                 'changed'
-                                % (host, target, item.get('size'), item.get('sha256'), size,
-                                   sha256.hexdigest(), target), host, 'fetch')
+                                % (host, target, item.get('size'), item.get('sha1sum'), size,
+                                   digest.hexdigest(), target), host, 'fetch')
         return fd, temp, size, item
     except BaseException:
         flusher.stop()
@@ -1114,7 +1096,7 @@ def _receive_local(items, target, progress, host, durable=True, sweep=False):
 def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durable=True):
     """Copy a file or directory tree from the host.
 
-    A file: returns ``{'local_path', 'remote_path', 'size', 'sha1sum', 'sha256', 'mode'}``.
+    A file: returns ``{'local_path', 'remote_path', 'size', 'sha1sum', 'mode'}``.
     ``local_path`` None means a new local temporary file; an existing
     directory receives the file under its own name.  The remote file's
     permission bits are kept unless ``mode`` is given.
@@ -1125,7 +1107,7 @@ def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durabl
     remote = os.fspath(remote_path)
     what = '%s -> %s' % (remote, local_path if local_path is not None else '(temporary file)')
     with _Guard(tunnel, 'fetch', what), tunnel._connection().wide_pipe('receive'):
-        items = _Items(tunnel.call_iter(remote_send, remote, FETCH_CHUNK, _SHA1), tunnel.host)
+        items = _Items(tunnel.call_iter(remote_send, remote, FETCH_CHUNK), tunnel.host)
         try:
             header = items.next(dict)
             if header.get('kind') == 'tree':
@@ -1163,7 +1145,7 @@ def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durabl
                 bar.close()
             items.end()
             return {'local_path': target, 'remote_path': header.get('path'), 'size': size,
-                    'sha1sum': trailer.get('sha1sum'), 'sha256': trailer['sha256'], 'mode': mode}
+                    'sha1sum': trailer['sha1sum'], 'mode': mode}
         finally:
             items.close()
 
@@ -1235,7 +1217,7 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
 
 def sync(tunnel, local_dir, remote_dir, delete=False, check=False, progress=None, durable=True):
     """Make ``remote_dir`` hold what ``local_dir`` holds, sending only files
-    whose content (SHA-256) differs; like ``rsync -a --checksum local_dir/ remote_dir``.
+    whose content (SHA-1) differs; like ``rsync -a --checksum local_dir/ remote_dir``.
 
     Files whose content is equal but whose mode differs are chmod'ed (and
     counted as updated), symlinks are recreated when their target differs,
@@ -1257,7 +1239,7 @@ def sync(tunnel, local_dir, remote_dir, delete=False, check=False, progress=None
         dirs, files, links, skipped = _walk(local)
         sizes = {rel: size for rel, size, _ in files}
         remote_future = tunnel.call_async(remote_tree_state, remote_dir, sizes)
-        local_hashes = {rel: _sha256_file(os.path.join(local, rel)) for rel, _, _ in files}
+        local_hashes = {rel: _digest_file(os.path.join(local, rel)) for rel, _, _ in files}
         state = remote_future.result()
         entries = state['entries'] if state else {}
 

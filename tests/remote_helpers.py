@@ -76,3 +76,13 @@ def joined(stream):
     """The types of a stream's chunks and their bytes joined."""
     chunks = list(stream)
     return sorted(set(type(c).__name__ for c in chunks)), b''.join(chunks)
+
+
+def send_with_a_wrong_digest(path, chunk=None):
+    """A host that lies: ``files.remote_send``'s items for ``path``, with a
+    trailer whose SHA-1 is not the one of the bytes sent."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    yield {'kind': 'file', 'path': path, 'size': len(data), 'mode': 0o644}
+    yield data
+    yield {'size': len(data), 'sha1sum': '0' * 40}

@@ -18,6 +18,7 @@ from chopsticks import files
 from chopsticks.errors import RemoteException
 from chopsticks.files import TransferError
 from conftest import available_pythons
+import remote_helpers
 
 BIG = 20 << 20  # well past the 64 KiB pipe buffer, the 8 MiB stream window and SSH windows
 
@@ -68,14 +69,13 @@ def test_put_then_fetch_keeps_bytes_and_modes(tunnel, big_file, tmp_path):
     src, sha256, sha1 = big_file
     remote = str(tmp_path / 'remote.bin')
     result = tunnel.put(src, remote, mode=0o640)
-    assert result == {'remote_path': remote, 'size': BIG, 'sha256': sha256, 'sha1sum': sha1,
-                      'mode': 0o640}
+    assert result == {'remote_path': remote, 'size': BIG, 'sha1sum': sha1, 'mode': 0o640}
     assert sha256_of(remote) == sha256 and mode_of(remote) == 0o640
 
     back = str(tmp_path / 'back.bin')
     result = tunnel.fetch(remote, back)
-    assert result == {'local_path': back, 'remote_path': remote, 'size': BIG, 'sha256': sha256,
-                      'sha1sum': sha1, 'mode': 0o640}
+    assert result == {'local_path': back, 'remote_path': remote, 'size': BIG, 'sha1sum': sha1,
+                      'mode': 0o640}
     assert sha256_of(back) == sha256 and mode_of(back) == 0o640
     assert tunnel.fetch(remote, back, mode=0o600)['mode'] == 0o600 and mode_of(back) == 0o600
     assert leftovers(tmp_path) == []
@@ -148,10 +148,10 @@ def test_old_python_on_the_remote(tmp_path, big_file):
     pythons = [p for p in available_pythons() if p.endswith('3.6')]
     if not pythons:
         pytest.skip('no Python 3.6 installed')
-    src, sha256, _ = big_file
+    src, _, sha1 = big_file
     with Local(python=pythons[0]) as t:
-        assert t.put(src, str(tmp_path / 'r'))['sha256'] == sha256
-        assert t.fetch(str(tmp_path / 'r'), str(tmp_path / 'l'))['sha256'] == sha256
+        assert t.put(src, str(tmp_path / 'r'))['sha1sum'] == sha1
+        assert t.fetch(str(tmp_path / 'r'), str(tmp_path / 'l'))['sha1sum'] == sha1
         tree = _make_tree(tmp_path / 'tree')
         t.put(str(tree), str(tmp_path / 'rtree'))
         assert _snapshot(tmp_path / 'rtree') == _snapshot(tree)
@@ -250,11 +250,24 @@ def test_a_checksum_mismatch_changes_nothing(local, tmp_path):
     dest = tmp_path / 'dest'
     dest.write_bytes(b'precious')
     data = b'x' * 100000
-    corrupted = [data, hashlib.sha256(b'something else').digest()]
+    corrupted = [data, hashlib.sha1(b'something else').digest()]
     spec = {'kind': 'file', 'name': 'dest', 'files': [('', len(data), 0o644)]}
     with pytest.raises(RemoteException) as info:
         local.call_stream(files.remote_receive, corrupted, str(dest), spec)
     assert 'checksum mismatch' in str(info.value)
+    assert dest.read_bytes() == b'precious' and leftovers(tmp_path) == []
+
+
+def test_a_fetch_whose_bytes_do_not_match_the_hosts_digest_changes_nothing(local, tmp_path,
+                                                                           monkeypatch):
+    src = tmp_path / 'src'
+    src.write_bytes(b'y' * 100000)
+    dest = tmp_path / 'dest'
+    dest.write_bytes(b'precious')
+    monkeypatch.setattr(files, 'remote_send', remote_helpers.send_with_a_wrong_digest)
+    with pytest.raises(TransferError) as info:
+        local.fetch(str(src), str(dest))
+    assert 'checksum mismatch' in str(info.value) and info.value.host == local.host
     assert dest.read_bytes() == b'precious' and leftovers(tmp_path) == []
 
 
