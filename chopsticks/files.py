@@ -466,6 +466,8 @@ def _receive_file(incoming, target, size, durable=True, sweep=False):
 
 
 class _Unchanged(object):
+    """``contextlib.nullcontext()``, which Python 3.6 hosts lack."""
+
     def __enter__(self):
         return self
 

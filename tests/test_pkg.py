@@ -9,7 +9,6 @@ by stand-in executables on ``PATH`` so that each task's check mode (the
 plan) runs end to end, command lines included.
 """
 import ast
-import json
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ if not os.environ.get("CI"):  # CI installs the plugins (.ci/run); elsewhere the
 
 import chopsticks_pkg
 from chopsticks import Local, RemoteException, tasks
-from chopsticks_pkg import PackageError, backends, install, latest, remove, update_cache
+from chopsticks_pkg import PackageError, backends, install, latest, remove
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "plugins" / "chopsticks-pkg" / "tests" / "fixtures"

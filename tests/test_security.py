@@ -3,7 +3,6 @@ there, exhaust its memory or starve its other tunnels; host keys are checked."""
 import os
 import subprocess
 import sys
-import textwrap
 import zlib
 
 import pytest
