@@ -28,7 +28,12 @@ PYTHON_CANDIDATES = (
 )
 
 # Double quotes only: the stub travels inside single quotes through a shell.
+# ``python -c`` puts the working directory first on sys.path: a linecache.py
+# or a struct.py lying there would run inside the agent, as its user (root,
+# for a Sudo tunnel started from a directory others can write to).  The stub
+# takes it off before anything else is imported, as ``python -P`` would.
 STUB = '''import sys
+if sys.path[:1] == [""]: del sys.path[0]
 if sys.version_info < (3, 6): sys.exit("chopsticks: %%s is Python %%s; chopsticks needs Python 3.6 or newer (pass python= to choose another interpreter)" %% (sys.executable, sys.version.split()[0]))
 import os, zlib, marshal
 n = %d

@@ -86,3 +86,8 @@ def send_with_a_wrong_digest(path, chunk=None):
     yield {'kind': 'file', 'path': path, 'size': len(data), 'mode': 0o644}
     yield data
     yield {'size': len(data), 'sha1sum': '0' * 40}
+
+
+def sys_path():
+    import sys
+    return list(sys.path)

@@ -7,9 +7,9 @@ import zlib
 
 import pytest
 
-from chopsticks import ConnectError, Local, Tunnel, codec
+from chopsticks import ConnectError, Local, RemoteException, Tunnel, codec
 from chopsticks.modserver import ModuleServer
-from remote_helpers import echo
+from remote_helpers import echo, fail, sys_path
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -330,3 +330,24 @@ def test_remote_that_stops_reading_and_misbehaves_cannot_stall_the_controller():
     finally:
         hostile.close()
         other.close()
+
+
+# --- what lies in the working directory --------------------------------------------------
+
+def test_a_module_in_the_working_directory_does_not_run_in_the_agent(tmp_path, monkeypatch):
+    """``python -c`` puts the working directory first on sys.path; the agent
+    takes it off, or a traceback.py there would run as the tunnel's user
+    (root, for a Sudo tunnel started from a directory others may write to)."""
+    marker = tmp_path / 'ran'
+    (tmp_path / 'traceback.py').write_text(
+        'open(%r, "w").write("ran")\n'
+        'def format_exception(*args, **kwargs):\n'
+        '    return ["shadowed"]\n' % str(marker))
+    monkeypatch.chdir(tmp_path)
+    with Local() as t:
+        assert '' not in t.call(sys_path)
+        with pytest.raises(RemoteException) as info:
+            t.call(fail, 'the real traceback')  # the agent imports traceback for it
+    assert not marker.exists()
+    assert 'shadowed' not in info.value.remote_traceback
+    assert 'the real traceback' in info.value.remote_traceback
