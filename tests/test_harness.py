@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +101,10 @@ def test_interpreters_are_real_binaries():
         assert '/shims/' not in path
         result = run([path, '-c', 'import sys; print(sys.version_info[0])'])
         assert result.returncode == 0, result.stderr
+
+
+def test_the_loopback_sshd_needs_no_pytest():
+    """The benchmark starts it from the README's virtual environment, which has no pytest."""
+    code = "import sys; sys.modules['pytest'] = None; import chopsticks.testing.sshd"
+    result = run([sys.executable, '-c', code])
+    assert result.returncode == 0, result.stderr

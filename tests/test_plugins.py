@@ -397,12 +397,12 @@ def test_fixture_restores_the_previous_manager(pytester):
             assert chopsticks_local.call(os.getpid) != os.getpid()
     """)
     # Load the fixtures by module name whether or not chopsticks' pytest11 entry point is installed.
-    result = pytester.runpytest_subprocess("-p", "no:chopsticks", "-p", "chopsticks.testing")
+    result = pytester.runpytest_subprocess("-p", "no:chopsticks", "-p", "chopsticks.testing.fixtures")
     result.assert_outcomes(passed=3)
 
 
 def test_testing_plugin_imports_nothing_heavy():
-    code = ("import sys; import chopsticks.testing; "
+    code = ("import sys; import chopsticks.testing.fixtures; "
             "heavy = [m for m in ('chopsticks.plugins', 'fabric', 'paramiko', 'click', 'rich') "
             "if m in sys.modules]; print(heavy)")
     import subprocess

@@ -6,6 +6,7 @@ Run with the project's interpreter (``python -m bench`` passes the transport,
 """
 import gc
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -31,8 +32,16 @@ def _need_core():
         raise NotAvailable(MISSING)
 
 
+def _need_transport(ctx):
+    if ctx.options['transport'] == 'paramiko' and importlib.util.find_spec('paramiko') is None:
+        raise NotAvailable('paramiko is not installed for %s: run the benchmark with the '
+                           'python of a virtual environment where chopsticks is installed '
+                           '(pip install -e .)' % sys.executable)
+
+
 def tunnel(ctx, host=None, config=None, **options):
     _need_core()
+    _need_transport(ctx)
     return Tunnel(host or ctx.host, ssh_config=config or ctx.ssh_config,
                   transport=ctx.options['transport'], python=ctx.remote_python, **options)
 
