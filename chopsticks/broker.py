@@ -151,6 +151,13 @@ _broker = None
 _broker_lock = threading.Lock()
 
 
+def on_broker_thread():
+    """Whether this is the broker's thread (a done-callback of a future whose
+    reply the broker read runs there)."""
+    broker = _broker
+    return broker is not None and broker.thread is threading.current_thread()
+
+
 def get_broker():
     global _broker
     if _broker is None:

@@ -21,7 +21,7 @@ import threading
 import time
 
 from . import bootstrap, codec, wire
-from .broker import get_broker
+from .broker import get_broker, on_broker_thread
 from .errors import ConnectError, ProtocolError, RemoteException, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
 from .serialize import dumps_call, describe, importable
@@ -1251,6 +1251,8 @@ class Connection(object):
         # The pipe is taken before the call goes out, so the broker thread
         # never wakes for the reply: this thread reads it.
         reading = self.take_reading()
+        if not reading and on_broker_thread():
+            raise self._waiting_for_itself(describe(fn))
         reply = ReplyHandler(self, fn)
         try:
             rid = self.request(wire.CALL, reply, fn, args, kwargs)
@@ -1282,8 +1284,19 @@ class Connection(object):
         Returns what is left of ``timeout``."""
         reading = self.take_reading()
         if not reading:
+            if on_broker_thread() and not future.done():
+                raise self._waiting_for_itself(getattr(future, 'what', 'a call'))
             return timeout
         return self._read_until_done(future, timeout, reading is True)
+
+    def _waiting_for_itself(self, what):
+        # The broker reads this tunnel's replies, and it is the thread that
+        # would wait: every tunnel would stop with it.
+        what = what if isinstance(what, str) else describe(what)
+        return RuntimeError(
+            '[%s] cannot wait for %s from a callback running on chopsticks\' I/O thread: '
+            'that thread reads this tunnel\'s replies, so it would wait for itself and stop '
+            'every tunnel; use call_async, or wait from another thread' % (self.host, what))
 
     def _read_until_done(self, future, timeout, give_back=True):
         """Read (this thread has the reading) until ``future`` is done or

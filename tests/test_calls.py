@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from chopsticks import CallTimeout, ConnectError, Local, RemoteException, TunnelClosed
+from chopsticks import CallTimeout, ConnectError, Local, RemoteException, Tunnel, TunnelClosed
 from chopsticks.broker import get_broker
 from chopsticks.connection import Connection
 from chopsticks.codec import EncodeError  # noqa: F401  (the type named in errors)
@@ -165,6 +165,41 @@ def test_a_done_callback_may_call_the_same_tunnel(local):
     assert list(items) == list(range(300))
     assert done.wait(30)
     assert seen == [('first', 'from the callback')]
+
+
+def test_a_done_callback_waiting_on_a_tunnel_the_broker_reads_fails_instead_of_hanging(
+        local, sshd):
+    """The broker thread reads a paramiko tunnel's replies; a callback running
+    there that waited for one would wait for itself, and every tunnel would
+    stop with it (it did).  It fails at once, and the broker goes on."""
+    other = Tunnel('host1', transport='paramiko')
+    try:
+        assert other.call(echo, 'connected') == 'connected'
+        outcome = []
+        done = threading.Event()
+
+        def callback(future):
+            outcome.append(threading.current_thread() is get_broker().thread)
+            try:
+                outcome.append(other.call(echo, 'from the callback', timeout=20))
+            except RuntimeError as e:
+                outcome.append(e)
+            try:
+                other.call_async(echo, 'a future').result(timeout=20)
+            except RuntimeError as e:
+                outcome.append(e)
+            done.set()
+
+        # Nobody waits for this one: the broker reads its reply and runs the callback.
+        local.call_async(sleep_then, 0.3, 'first').add_done_callback(callback)
+        assert done.wait(60)
+        on_broker, errors = outcome[0], outcome[1:]
+        assert on_broker
+        assert len(errors) == 2 and all(isinstance(e, RuntimeError) for e in errors), errors
+        assert 'host1' in str(errors[0]) and 'echo' in str(errors[0])
+        assert other.call(echo, 'still served') == 'still served'
+    finally:
+        other.close()
 
 
 def test_timeout_raises_and_tunnel_stays_usable(local):
