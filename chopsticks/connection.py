@@ -1374,6 +1374,8 @@ class Connection(object):
 
     def call_iter_payload(self, payload, what, timeout=None):
         """Iterate over the items of a remote generator call pickled by ``dumps_call``."""
+        if on_broker_thread():  # the items would come through this very thread
+            raise self._waiting_for_itself(what)
         handler = IterHandler(self, what)
         rid = self.request_payload(wire.CALL_ITER, handler, payload)
         consumed = 0
@@ -1411,6 +1413,8 @@ class Connection(object):
         return widen(direction) if widen is not None else wire.WidePipe(None)
 
     def call_stream_payload(self, payload, chunks, what, timeout=None):
+        if on_broker_thread():  # the host's credits would come through this very thread
+            raise self._waiting_for_itself(what)
         handler = StreamHandler(self, what)
         rid = self.request_payload(wire.CALL_STREAM, handler, payload)
         error = None

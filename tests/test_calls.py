@@ -169,9 +169,10 @@ def test_a_done_callback_may_call_the_same_tunnel(local):
 
 def test_a_done_callback_waiting_on_a_tunnel_the_broker_reads_fails_instead_of_hanging(
         local, sshd):
-    """The broker thread reads a paramiko tunnel's replies; a callback running
-    there that waited for one would wait for itself, and every tunnel would
-    stop with it (it did).  It fails at once, and the broker goes on."""
+    """The broker thread reads a paramiko tunnel's replies, and every tunnel's
+    generator items; a callback running there that waited for them would wait
+    for itself, and every tunnel would stop with it (it did).  It fails at
+    once, and the broker goes on."""
     other = Tunnel('host1', transport='paramiko')
     try:
         assert other.call(echo, 'connected') == 'connected'
@@ -188,6 +189,10 @@ def test_a_done_callback_waiting_on_a_tunnel_the_broker_reads_fails_instead_of_h
                 other.call_async(echo, 'a future').result(timeout=20)
             except RuntimeError as e:
                 outcome.append(e)
+            try:  # items come through the broker on any transport
+                list(local.call_iter(generate_and_record, 3, timeout=20))
+            except RuntimeError as e:
+                outcome.append(e)
             done.set()
 
         # Nobody waits for this one: the broker reads its reply and runs the callback.
@@ -195,7 +200,7 @@ def test_a_done_callback_waiting_on_a_tunnel_the_broker_reads_fails_instead_of_h
         assert done.wait(60)
         on_broker, errors = outcome[0], outcome[1:]
         assert on_broker
-        assert len(errors) == 2 and all(isinstance(e, RuntimeError) for e in errors), errors
+        assert len(errors) == 3 and all(isinstance(e, RuntimeError) for e in errors), errors
         assert 'host1' in str(errors[0]) and 'echo' in str(errors[0])
         assert other.call(echo, 'still served') == 'still served'
     finally:
