@@ -62,7 +62,6 @@ __all__ = ['put', 'fetch', 'sync', 'TransferError']
 
 CHUNK = 1 << 20             # bytes per piece sent to the host (one DATA frame)
 FETCH_CHUNK = 256 << 10     # bytes per item from the host: 64 items in flight = 16 MiB
-DIGEST_SIZE = 20            # SHA-1, see _digest
 FLUSH_EVERY = 16 << 20      # fdatasync in the background this often (see _Flusher)
 READ_AHEAD = 4              # pieces a reading thread prepares ahead of the sender
 PROGRESS_THRESHOLD = 8 << 20  # smaller transfers never show a bar by themselves
@@ -74,6 +73,7 @@ TEMP_MARK = '.chopsticks-'
 # could report any digest it liked; and every pass over the bytes counts, since
 # a transfer is bound by the CPU of the four processes it runs through.
 _digest = hashlib.sha1
+DIGEST_SIZE = _digest().digest_size
 
 
 class TransferError(ChopsticksError, OSError):

@@ -32,8 +32,12 @@ def _need_core():
         raise NotAvailable(MISSING)
 
 
+# Looked up once, not in the timed connects that call tunnel().
+_HAS_PARAMIKO = importlib.util.find_spec('paramiko') is not None
+
+
 def _need_transport(ctx):
-    if ctx.options['transport'] == 'paramiko' and importlib.util.find_spec('paramiko') is None:
+    if ctx.options['transport'] == 'paramiko' and not _HAS_PARAMIKO:
         raise NotAvailable('paramiko is not installed for %s: run the benchmark with the '
                            'python of a virtual environment where chopsticks is installed '
                            '(pip install -e .)' % sys.executable)
