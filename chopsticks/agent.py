@@ -56,19 +56,19 @@ class Channel(object):
 
     def __init__(self, fd):
         self.fd = fd
-        self.writer = wire.CombiningWriter(self._write_parts)
+        self.writer = wire.CombiningWriter(fd)
         self.lock = self.writer.lock  # held: no other thread starts writing
 
-    def _write_parts(self, parts):
-        wire.write_all(self.fd, parts)
-
     def send(self, rid, op, payload=b''):
-        self.writer.write([wire.frame(rid, op, payload)])
+        self.writer.write_frame(wire.frame(rid, op, payload))
 
     def send_value(self, rid, op, value):
+        if value is None:  # the commonest result
+            self.writer.write_frame(wire.frame(rid, op, codec.NONE))
+            return
         parts = codec.encode_parts(value)
         if len(parts) == 1 and len(parts[0]) < 65536:
-            self.writer.write([wire.frame(rid, op, bytes(parts[0]))])
+            self.writer.write_frame(wire.frame(rid, op, bytes(parts[0])))
         else:
             self.writer.write(wire.frame_parts(rid, op, parts))
 
@@ -259,8 +259,10 @@ class ControllerFinder(object):
         self.lock = threading.Lock()
 
     def find_spec(self, fullname, path=None, target=None):
-        if getattr(self.agent.local, 'reading', False):
-            return None  # the reader must never wait for itself
+        agent = self.agent
+        me = threading.get_ident()
+        if agent.reader == me and agent.inline_thread != me:
+            return None  # the reader, between calls, must never wait for itself
         entry = self.modules.get(fullname)
         if entry is None:
             if fullname in self.missing:
@@ -535,7 +537,7 @@ class Agent(object):
         self.workers = Workers()
         # The reader runs a call inline (see read_frames); the relief thread
         # takes over reading if it lasts.  All guarded by ``role``.
-        self.local = threading.local()  # .reading: this thread reads and dispatches frames
+        self.reader = None  # ident of the thread that holds the reader role
         self.role_lock = threading.Lock()  # ``with`` on it directly: a Condition's __enter__ is Python
         self.role = threading.Condition(self.role_lock)
         self.inline_thread = None  # ident of the reader while it runs a call inline
@@ -592,7 +594,7 @@ class Agent(object):
         # One buffer for whoever holds the reader role (the parser copies what
         # it keeps): os.read(fd, 256 KiB) would allocate that much per read.
         buf = self.read_buffer
-        self.local.reading = True
+        self.reader = threading.get_ident()
         while True:
             room = parser.room()  # a big frame's own buffer, read into directly
             try:
@@ -623,8 +625,17 @@ class Agent(object):
         me = threading.get_ident()
         writer = self.channel.writer
         corked_at = None
+        ran = False
         while True:
+            # One section under ``role`` per call ends it and starts the next:
+            # in a busy fan-out each section costs a reply about a microsecond.
             with self.role_lock:
+                if ran:
+                    if self.inline_thread != me:
+                        # The reader role moved on meanwhile (see _relieve);
+                        # inline_thread may now be the new reader's own call.
+                        return False
+                    self.inline_thread = None
                 if not calls:
                     return True
                 rid, payload = calls.popleft()
@@ -652,20 +663,14 @@ class Agent(object):
             if uncork and corked_at is not None:
                 writer.uncork()
                 corked_at = None
-            self.local.reading = False  # the call may import: see ControllerFinder
             self.run_call(rid, payload)
-            with self.role_lock:
-                still_reader = self.inline_thread == me
-                if still_reader:
-                    self.inline_thread = None  # (else it may be the new reader's own inline call)
-            self.local.reading = still_reader
-            if not still_reader:
-                return False
+            ran = True
 
     def _take_reader_role(self):
         """(Under ``role``.)  Take the reader role from the call running
         inline; returns the calls queued behind it."""
         self.inline_thread = None
+        self.reader = None  # until the next reader starts (see ControllerFinder)
         queued = list(self.inline_queue)
         self.inline_queue.clear()
         return queued

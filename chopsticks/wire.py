@@ -112,6 +112,11 @@ class FrameParser(object):
 
     def feed(self, data):
         size = HEADER.size
+        if not self.buf and self.have is None and len(data) >= size:
+            # The commonest read: one whole frame, nothing pending.
+            length, rid, op = HEADER.unpack_from(data, 0)
+            if length == len(data) - size and length <= self.max_payload:
+                return [(rid, op, bytes(data[size:]))]
         frames = []
         view = memoryview(data)
         if self.have is None and self.buf:
@@ -301,7 +306,8 @@ class WidePipe(object):
 
 
 class CombiningWriter(object):
-    """Serialises writes from many threads, merging those that queue up.
+    """Serialises writes to a blocking ``fd`` from many threads, merging
+    those that queue up.
 
     The first thread to arrive writes; threads arriving meanwhile only queue
     their frames and return, and the writing thread sends everything queued
@@ -312,10 +318,15 @@ class CombiningWriter(object):
     ``cork()`` holds what is written until ``uncork()`` (or until ``limit``
     bytes wait), for a thread about to run several calls in a row: their
     replies go out in one write too.
+
+    ``write_frame()`` is the common case, one small frame while nobody else
+    writes: written at once under ``lock``, with none of the bookkeeping.
     """
 
-    def __init__(self, write_parts, limit=16 << 20):
-        self.write_parts = write_parts
+    SMALL = 4096  # write_frame() holds the lock for a write no larger (a pipe takes it whole)
+
+    def __init__(self, fd, limit=16 << 20):
+        self.fd = fd
         self.limit = limit
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)  # for threads waiting on a full queue
@@ -325,6 +336,29 @@ class CombiningWriter(object):
         self.writing = False
         self.corked = False
         self.error = None
+
+    def write_frame(self, data):
+        """``write([data])`` for one bytes object.
+
+        A small one, when no thread is writing or holding frames, is written
+        right here, under ``lock``: one lock round trip and one syscall, the
+        whole cost of an agent's reply to a call run alone.  (In the agents
+        of a 48-host fan-out, whose caches the other processes keep cold, the
+        general path cost 3 µs more per reply.)  A thread arriving meanwhile
+        waits for that one small write instead of queueing behind it.
+        """
+        if len(data) <= self.SMALL:
+            with self.lock:
+                if not (self.writing or self.corked or self.queue or self.error is not None):
+                    try:
+                        written = os.write(self.fd, data)
+                        if written < len(data):  # a signal, or a socket
+                            write_all(self.fd, [memoryview(data)[written:]])
+                    except BaseException as e:
+                        self._fail(e)
+                        raise
+                    return
+        self.write([data])
 
     def write(self, parts):
         with self.lock:
@@ -369,7 +403,7 @@ class CombiningWriter(object):
         """Write ``batch``, then what queued up meanwhile (this thread has ``writing``)."""
         try:
             while True:
-                self.write_parts(batch)
+                write_all(self.fd, batch)
                 with self.lock:
                     if self.queue and (not self.corked or self.queued > self.limit):
                         batch = self._take_queue()
@@ -382,8 +416,12 @@ class CombiningWriter(object):
                         return
         except BaseException as e:
             with self.lock:
-                self.error = e if isinstance(e, (OSError, ValueError)) else OSError(str(e))
-                self.writing = False
-                self._take_queue()  # dropped: every later write raises
-                self.room.notify_all()
+                self._fail(e)
             raise
+
+    def _fail(self, exc):
+        """(Under ``lock``.)  The fd is broken: drop what is queued; every later write raises."""
+        self.error = exc if isinstance(exc, (OSError, ValueError)) else OSError(str(exc))
+        self.writing = False
+        self._take_queue()
+        self.room.notify_all()

@@ -58,23 +58,54 @@ def test_noise_instead_of_an_agent_is_a_connect_error():
 def test_a_corked_writer_holds_frames_in_order_until_uncorked_or_past_its_limit():
     # The agent corks its writer while it runs a batch of calls, so that
     # their replies leave in one write; nothing may be lost or reordered.
-    written = []
-    writer = wire.CombiningWriter(lambda parts: written.append(b''.join(parts)), limit=10)
-    writer.write([b'a'])
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    def written():
+        try:
+            return os.read(r, 1 << 16)
+        except BlockingIOError:
+            return b''
+
+    try:
+        writer = wire.CombiningWriter(w, limit=10)
+        writer.write([b'a'])
+        writer.cork()
+        writer.write([b'b'])
+        writer.write_frame(b'c')
+        writer.write([b'd', b'e'])
+        assert written() == b'a'
+        writer.uncork()
+        assert written() == b'bcde'
+        writer.uncork()  # nothing held: nothing written
+        assert written() == b''
+        writer.write_frame(b'f')
+        assert written() == b'f'
+        writer.cork()
+        for part in (b'12345', b'67890', b'xy'):
+            writer.write([part])
+        assert written() == b''
+        writer.write([b'z'])  # more than the limit held: all of it goes
+        assert written() == b'1234567890xyz'
+        writer.uncork()
+        assert written() == b''
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_writer_whose_reader_is_gone_drops_what_it_holds_and_raises_from_then_on():
+    r, w = os.pipe()
+    writer = wire.CombiningWriter(w)
     writer.cork()
-    writer.write([b'b'])
-    writer.write([b'c', b'd'])
-    assert written == [b'a']
-    writer.uncork()
-    assert written == [b'a', b'bcd']
-    writer.uncork()  # nothing held: nothing written
-    writer.write([b'e'])
-    assert written == [b'a', b'bcd', b'e']
-    writer.cork()
-    for part in (b'12345', b'67890', b'xy'):
-        writer.write([part])
-    assert written == [b'a', b'bcd', b'e']
-    writer.write([b'z'])  # more than the limit held: all of it goes
-    assert written == [b'a', b'bcd', b'e', b'1234567890xyz']
-    writer.uncork()
-    assert len(written) == 4
+    writer.write([b'held'])
+    os.close(r)
+    try:
+        with pytest.raises(BrokenPipeError):
+            writer.uncork()
+        for write in (lambda: writer.write_frame(b'x'), lambda: writer.write([b'y'])):
+            with pytest.raises(BrokenPipeError):
+                write()
+        assert writer.queue == [] and not writer.writing
+    finally:
+        os.close(w)
