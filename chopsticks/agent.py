@@ -261,7 +261,7 @@ class ControllerFinder(object):
     def find_spec(self, fullname, path=None, target=None):
         agent = self.agent
         me = threading.get_ident()
-        if agent.reader == me and agent.inline_thread != me:
+        if agent.reader == me and agent.inline_caller() != me:
             return None  # the reader, between calls, must never wait for itself
         entry = self.modules.get(fullname)
         if entry is None:
@@ -535,17 +535,22 @@ class Agent(object):
         self.channel = Channel(wfd)
         self.config = config
         self.workers = Workers()
-        # The reader runs a call inline (see read_frames); the relief thread
-        # takes over reading if it lasts.  All guarded by ``role``.
+        # The reader runs calls inline (see read_frames); the relief thread
+        # takes over reading if one lasts.  A call run inline holds a
+        # one-item deque, its slot, in ``inline_slot``; whoever pops the item
+        # owns the reader role: the reader when the call ends, or whoever
+        # relieves the call meanwhile (_take_role).  list.pop is atomic, so
+        # exactly one of them does, without a lock.  In a busy fan-out, where
+        # the other processes keep an agent's caches and TLB cold, what a
+        # call touches besides itself is what it costs: each lock section
+        # cost a reply about a microsecond, time.monotonic() half of one.
         self.reader = None  # ident of the thread that holds the reader role
-        self.role_lock = threading.Lock()  # ``with`` on it directly: a Condition's __enter__ is Python
-        self.role = threading.Condition(self.role_lock)
-        self.inline_thread = None  # ident of the reader while it runs a call inline
+        self.inline_slot = []  # the latest inline call's slot; empty: none runs
         self.inline_queue = collections.deque()  # (rid, payload) of calls read, to run inline
-        self.inline_started = 0.0  # time.monotonic() when that call started
-        self.inline_calls = 0      # calls run inline so far
         self.relief_started = False
         self.relief_parked = False
+        self.role_lock = threading.Lock()  # for starting and parking the relief thread
+        self.role = threading.Condition(self.role_lock)
         max_frame = config.get('max_frame', 1 << 30)
         self.parser = wire.FrameParser(max_frame, preallocate=max_frame)  # see its docstring
         self.read_buffer = bytearray(1 << 18)
@@ -625,53 +630,53 @@ class Agent(object):
         me = threading.get_ident()
         writer = self.channel.writer
         corked_at = None
-        ran = False
-        while True:
-            # One section under ``role`` per call ends it and starts the next:
-            # in a busy fan-out each section costs a reply about a microsecond.
-            with self.role_lock:
-                if ran:
-                    if self.inline_thread != me:
-                        # The reader role moved on meanwhile (see _relieve);
-                        # inline_thread may now be the new reader's own call.
-                        return False
-                    self.inline_thread = None
-                if not calls:
-                    return True
-                rid, payload = calls.popleft()
+        while calls:
+            rid, payload = calls.popleft()
+            # Replies wait while more calls are queued, to go in one write,
+            # but never longer than RELIEF_TICK: other threads' frames
+            # (keepalive answers, import requests) wait with them.  Corked
+            # before the slot is published, so never after another thread
+            # took the role (which uncorks: _start_new_reader).
+            uncork = True
+            if calls:
                 now = time.monotonic()
-                # Replies wait while more calls are queued, to go in one
-                # write, but never longer than RELIEF_TICK: other threads'
-                # frames (keepalive answers, import requests) wait with them.
-                # Corked under ``role`` only, so never after another thread
-                # took the role (and uncorked: _start_new_reader).
-                uncork = not calls or (corked_at is not None and now - corked_at >= RELIEF_TICK)
-                if not uncork and corked_at is None:
+                if corked_at is None:
                     writer.cork()
                     corked_at = now
-                self.inline_calls += 1
-                self.inline_thread = me
-                self.inline_started = now
-                if not self.relief_started:
-                    self.relief_started = True
-                    relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
-                    relief.daemon = True
-                    relief.start()
-                elif self.relief_parked:
-                    self.relief_parked = False
-                    self.role.notify()
+                uncork = now - corked_at >= RELIEF_TICK
+            slot = [me]
+            self.inline_slot = slot  # from here on the call may be relieved
+            # The slot is published before relief_parked is looked at, and
+            # _relieve does the reverse: one of us sees the other.
+            if self.relief_parked or not self.relief_started:
+                self._wake_relief()
             if uncork and corked_at is not None:
                 writer.uncork()
                 corked_at = None
             self.run_call(rid, payload)
-            ran = True
+            try:
+                slot.pop()
+            except IndexError:
+                return False  # relieved meanwhile: another thread reads now
+        return True
 
-    def _take_reader_role(self):
-        """(Under ``role``.)  Take the reader role from the call running
-        inline; returns the calls queued behind it."""
-        self.inline_thread = None
+    def inline_caller(self):
+        """The ident of the thread running a call inline, or None."""
+        try:
+            return self.inline_slot[0]
+        except IndexError:
+            return None
+
+    def _take_role(self, slot):
+        """Take the reader role from the call holding ``slot``: returns the
+        calls queued behind it, or None if that call has ended (its thread
+        reads on)."""
+        try:
+            slot.pop()
+        except IndexError:
+            return None
         self.reader = None  # until the next reader starts (see ControllerFinder)
-        queued = list(self.inline_queue)
+        queued = list(self.inline_queue)  # the reader touches it no more
         self.inline_queue.clear()
         return queued
 
@@ -684,13 +689,27 @@ class Agent(object):
     def hand_off_reading(self):
         """Called by a call about to wait on something: if it runs on the
         reader thread, another thread takes the reader role now."""
-        if self.inline_thread != threading.get_ident():
+        slot = self.inline_slot
+        try:
+            caller = slot[0]
+        except IndexError:
             return
+        if caller != threading.get_ident():
+            return  # not run inline, or relieved already
+        queued = self._take_role(slot)
+        if queued is not None:
+            self._start_new_reader(queued)
+
+    def _wake_relief(self):
         with self.role_lock:
-            if self.inline_thread != threading.get_ident():
-                return
-            queued = self._take_reader_role()
-        self._start_new_reader(queued)
+            if not self.relief_started:
+                self.relief_started = True
+                relief = threading.Thread(target=self._relieve, name='chopsticks-relief')
+                relief.daemon = True
+                relief.start()
+            elif self.relief_parked:
+                self.relief_parked = False
+                self.role.notify()
 
     def _relieve(self):
         """Give the reader role to another thread when a call run inline lasts.
@@ -698,39 +717,42 @@ class Agent(object):
         Waking this thread for every call cost more than the call (two
         wake-ups and a fight for the GIL with the call it watches: 90 µs of
         the agent's 200 µs per trivial call, measured with ``perf stat``).
-        So calls never wake it: it looks now and then, soon after a call it
-        saw start, then less and less often (up to RELIEF_NAP_MAX) while it
-        finds none running, and parks after RELIEF_PARK_AFTER without a call;
-        only then does the next call wake it.  A call that blocks is thus
-        relieved after RELIEF_TICK to RELIEF_NAP_MAX; one that waits for the
+        So calls never wake it: it looks now and then, RELIEF_TICK after it
+        saw a call running (which it relieves if it is still the same one),
+        then less and less often (up to RELIEF_NAP_MAX) while it finds none
+        running, and parks after RELIEF_PARK_AFTER without a call; only then
+        does the next call wake it.  A call that blocks is thus relieved after
+        RELIEF_TICK to RELIEF_NAP_MAX + RELIEF_TICK; one that waits for the
         controller hands reading on itself (hand_off_reading).
         """
         nap = RELIEF_TICK
-        counted = None   # inline_calls at the previous look
+        seen = None  # inline_slot at the previous look
         quiet_since = time.monotonic()
         while True:
             hand_off = None
-            with self.role_lock:
+            slot = self.inline_slot
+            if slot:  # a call runs inline
+                if slot is seen:  # the same one as a nap ago, at least RELIEF_TICK
+                    hand_off = self._take_role(slot)  # the call runs on, unwatched
+                nap = RELIEF_TICK
+                quiet_since = None
+            else:
                 now = time.monotonic()
-                if self.inline_thread is not None:
-                    ran = now - self.inline_started
-                    if ran >= RELIEF_TICK:
-                        hand_off = self._take_reader_role()  # the call runs on, unwatched
-                        nap = RELIEF_TICK
-                    else:
-                        nap = RELIEF_TICK - ran
-                    quiet_since = now
-                else:
-                    if self.inline_calls != counted:
-                        quiet_since = now
-                    elif now - quiet_since >= RELIEF_PARK_AFTER:
+                if slot is not seen or quiet_since is None:
+                    quiet_since = now  # calls ran since the previous look
+                elif now - quiet_since >= RELIEF_PARK_AFTER:
+                    with self.role_lock:
                         self.relief_parked = True
-                        while self.relief_parked:
-                            self.role.wait()
-                        quiet_since = time.monotonic()
-                        nap = 0.0  # a call has just started: look after RELIEF_TICK * 2
-                    nap = min(max(nap, RELIEF_TICK) * 2, RELIEF_NAP_MAX)
-                counted = self.inline_calls
+                        # A call that started since the look above may have
+                        # seen relief_parked False: look again before waiting.
+                        if self.inline_slot is slot:
+                            while self.relief_parked:
+                                self.role.wait()
+                        self.relief_parked = False
+                    quiet_since = time.monotonic()
+                    nap = 0.0  # a call has just started: look after RELIEF_TICK * 2
+                nap = min(max(nap, RELIEF_TICK) * 2, RELIEF_NAP_MAX)
+            seen = slot
             if hand_off is not None:
                 self._start_new_reader(hand_off)
             else:

@@ -183,7 +183,7 @@ class GroupFailures(RemoteException):
 # --- operations: what to do to one tunnel ---------------------------------------------
 
 class _Operation(NamedTuple):
-    """With ``blocking=False``, ``work(tunnel, report, settle)`` must not
+    """With ``blocking=False``, ``work(tunnel, settle)`` must not
     block: it arranges for ``settle(value, exc)`` to be called with the
     outcome, on any thread, and returns a handle with ``done()`` and
     ``cancel()`` (a Future will do).  With ``blocking=True``,
@@ -204,7 +204,7 @@ def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
     what = describe(fn)
     payload = _pickle_once(fn, args, kwargs)
 
-    def work(tunnel, report, settle):
+    def work(tunnel, settle):
         conn = getattr(tunnel, '_conn', None)
         if payload is None or not hasattr(conn, 'call_payload_then'):  # a relayed tunnel
             return _settle_when_done(tunnel.call_async(fn, *args, **kwargs), settle)
@@ -293,7 +293,7 @@ def _with_progress(function: Optional[Callable], kwargs: dict) -> Callable[[Any]
 
 
 def _connect_op() -> _Operation:
-    def work(tunnel, report, settle):
+    def work(tunnel, settle):
         future = concurrent.futures.Future()
         future.set_result(getattr(tunnel, 'remote_info', True))
         return _settle_when_done(future, settle)
@@ -383,15 +383,23 @@ class _Dispatcher(object):
             timeout: Optional[float] = None) -> None:
         """Queue ``op`` on ``tunnel``; ``settle(value, exc)`` is called once
         with its outcome, on the thread that runs the dispatcher."""
+        self.add_each([(tunnel, settle)], op, timeout)
+
+    def add_each(self, targets: Iterable[Tuple[Tunnel, Callable[[Any, Optional[BaseException]], None]]],
+                 op: _Operation, timeout: Optional[float] = None) -> None:
+        """``add(tunnel, op, settle, timeout)`` for each ``(tunnel, settle)``
+        of ``targets``, in one go."""
         with self.lock:
-            lane = self._lanes.get(id(tunnel))
-            if lane is None:
-                lane = self._lanes[id(tunnel)] = _Lane(tunnel)
-            lane.jobs.append(_Job(lane, op, settle, timeout))
-            self._unsettled += 1
-            if not lane.scheduled:
-                lane.scheduled = True
-                self._ready.append(lane)
+            lanes = self._lanes
+            for tunnel, settle in targets:
+                lane = lanes.get(id(tunnel))
+                if lane is None:
+                    lane = lanes[id(tunnel)] = _Lane(tunnel)
+                lane.jobs.append(_Job(lane, op, settle, timeout))
+                self._unsettled += 1
+                if not lane.scheduled:
+                    lane.scheduled = True
+                    self._ready.append(lane)
             notify = self._notify
         if notify is not None:
             notify(('wake',))
@@ -558,7 +566,6 @@ class _Dispatcher(object):
     def _start(self, job: _Job, sent: Optional[concurrent.futures.Future] = None):
         """Start ``job``, or only follow it when it was ``sent`` with the connect."""
         tunnel = job.lane.tunnel
-        report = self._progress.reporter(tunnel.host) if self._progress is not None else None
         notify = self._notify
 
         def settle(value, exc):
@@ -568,6 +575,7 @@ class _Dispatcher(object):
             if sent is not None:
                 future = _settle_when_done(sent, settle)
             elif job.op.blocking:
+                report = self._progress.reporter(tunnel.host) if self._progress is not None else None
                 future = _settle_when_done(self._executor().submit(job.op.work, tunnel, report), settle)
             else:
                 if self._reader is not None and job.lane.reading is None:
@@ -575,7 +583,7 @@ class _Dispatcher(object):
                     conn = getattr(tunnel, '_conn', None)
                     if conn is not None and not conn.closed and self._reader.take(conn):
                         job.lane.reading = conn
-                future = job.op.work(tunnel, report, settle)
+                future = job.op.work(tunnel, settle)
         except Exception as e:
             future = concurrent.futures.Future()
             future.set_exception(e)
@@ -979,8 +987,8 @@ class Group(object):
         dispatcher = _Dispatcher(self.max_parallel, self.max_connect, self.progress,
                                  self._connect_errors, op.what)
         results: Dict[str, Any] = {}
-        for tunnel in self.tunnels:
-            dispatcher.add(tunnel, op, functools.partial(_store, results, tunnel.host), timeout)
+        dispatcher.add_each([(tunnel, functools.partial(_store, results, tunnel.host))
+                             for tunnel in self.tunnels], op, timeout)
         return dispatcher, lambda: GroupResult((t.host, results[t.host]) for t in self.tunnels)
 
     def _run(self, op: _Operation, timeout: Any) -> GroupResult:
