@@ -77,7 +77,7 @@ def settings(args):
         'echo_bytes': 4 * MiB,
         'echo_rounds': 2 if quick else 5,
         'file_size': (args.file_mib or (32 if quick else 256)) * MiB,
-        'many_call_rounds': 5 if quick else 20,
+        'many_call_rounds': 10 if quick else 100,  # 20 rounds per sample was too few to repeat
         'n_hosts': args.hosts or (8 if quick else 48),
         'mem_tunnels': args.mem_tunnels or (100 if quick else 1000),
     }

@@ -230,6 +230,7 @@ class ProcessTransport(object):
         self.pumping = None  # the broker thread, while it reads stdout
         self.stdout_poller = None
         self.closing = False
+        self.broker = get_broker()  # looked up once: the call would cost every reply
 
     def start(self, conn):
         try:
@@ -244,7 +245,7 @@ class ProcessTransport(object):
         os.set_blocking(self.stdin, False)
         os.set_blocking(self.stdout.fileno(), False)
         os.set_blocking(self.stderr.fileno(), False)
-        broker = get_broker()
+        broker = self.broker
         self._on_stdout = lambda: self._pump_stdout(conn)
         # stderr first: stdout's EOF (ssh that failed at once) closes both pipes.
         broker.register(self.stderr, lambda: self._pump_stderr(conn))
@@ -293,7 +294,7 @@ class ProcessTransport(object):
                 return False
             self.direct_reader = me
             self.parked = False
-        get_broker().unregister(self.stdout)
+        self.broker.unregister(self.stdout)
         return True
 
     def read_until(self, conn, future, timeout):
@@ -324,7 +325,7 @@ class ProcessTransport(object):
         except (OSError, ValueError):
             n = 0
         if not n:
-            get_broker().unregister(self.stderr)  # _eof drains it here, not the broker too
+            self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
             self._eof(conn)
             return False
         conn.feed(memoryview(buf)[:n])
@@ -338,14 +339,14 @@ class ProcessTransport(object):
             self._let_go_of_stdout()
             if not self.closing:
                 self.parked = True
-                get_broker().park(self.stdout, self._on_stdout)
+                self.broker.park(self.stdout, self._on_stdout)
 
     def unpark(self):
         """The broker reads stdout from now on: a reply is awaited."""
         with self.state_lock:
             if self.parked and not self.closing:
                 self.parked = False
-                get_broker().register(self.stdout, self._on_stdout)
+                self.broker.register(self.stdout, self._on_stdout)
 
     def _eof(self, conn):
         # The process's last stderr lines say why it ended ("Connection refused"):
@@ -366,7 +367,7 @@ class ProcessTransport(object):
         # Into the broker's one buffer: os.read(fd, 1 MiB) would allocate (and
         # fault in) a fresh megabyte for every 20-byte reply.  Sinks copy what
         # they keep, so the buffer is free again once they return.
-        buf = get_broker().read_buffer
+        buf = self.broker.read_buffer
         try:
             n = os.readv(pipe.fileno(), [buf])
         except BlockingIOError:
@@ -376,7 +377,7 @@ class ProcessTransport(object):
         if n:
             sink(memoryview(buf)[:n])
             return
-        get_broker().unregister(pipe)
+        self.broker.unregister(pipe)
         if on_eof is not None:
             on_eof()
 
@@ -431,7 +432,7 @@ class ProcessTransport(object):
             return
         with self.state_lock:
             self.closing = True  # first: from now on nobody parks or registers stdout
-        broker = get_broker()
+        broker = self.broker
         for pipe in (proc.stdout, proc.stderr):
             broker.unregister(pipe)
         with self.state_lock:
@@ -913,7 +914,8 @@ class Connection(object):
 
     # --- incoming (broker thread)
     def feed(self, data):
-        self.last_rx = time.monotonic()
+        if self.keepalive:  # only it looks: the clock costs a reply in a fan-out half a microsecond
+            self.last_rx = time.monotonic()
         # Frames go through one queue: a future's done-callback may make a
         # call on this tunnel and read its reply on this same thread, inside
         # this loop; it dispatches what it reads after what is queued here,
@@ -955,7 +957,8 @@ class Connection(object):
             raise ValueError('unexpected op %d' % op)
 
     def feed_stderr(self, data):
-        self.last_rx = time.monotonic()
+        if self.keepalive:
+            self.last_rx = time.monotonic()
         tail = self.stderr_tail
         tail += data
         if not self.output_started:

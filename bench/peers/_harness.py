@@ -79,6 +79,16 @@ def samples(repeat, fn):
     return [fn() for _ in range(repeat)]
 
 
+def round_samples(ctx, round_):
+    """Seconds per ``round_()`` (one call to every host), ``ctx.repeat``
+    samples of ``ctx.many_call_rounds`` rounds each, after a tenth as many
+    rounds left uncounted: the connections were made just before, and their
+    threads and processes may still be settling."""
+    for _ in range(ctx.many_call_rounds // 10):
+        round_()
+    return samples(ctx.repeat, lambda: per_op(round_, ctx.many_call_rounds))
+
+
 def mb_per_s(nbytes, seconds):
     return nbytes / seconds / 1e6
 

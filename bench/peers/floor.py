@@ -225,7 +225,7 @@ def many_hosts(ctx):
                     del pending[fd]
 
     try:
-        call = h.samples(ctx.repeat, lambda: h.per_op(round_trip_all, ctx.many_call_rounds))
+        call = h.round_samples(ctx, round_trip_all)
     finally:
         for cat in cats:
             cat.close()

@@ -209,7 +209,7 @@ def many_hosts(ctx):
         if i + 1 < ctx.heavy_repeat:
             group.close()
     try:
-        call = h.samples(ctx.repeat, lambda: h.per_op(lambda: call_all(group), ctx.many_call_rounds))
+        call = h.round_samples(ctx, lambda: call_all(group))
     finally:
         group.close()
     return {'many_connect': Result(connect, 's', note='Group(...).call'),

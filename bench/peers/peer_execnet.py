@@ -180,7 +180,7 @@ def many_hosts(ctx):
         group.remote_exec(CALL).receive_each()
 
     try:
-        call = h.samples(ctx.repeat, lambda: h.per_op(call_all, ctx.many_call_rounds))
+        call = h.round_samples(ctx, call_all)
     finally:
         group.terminate(timeout=5)
     return {'many_connect': Result(connect, 's', note='makegateway from a thread per host'),

@@ -149,7 +149,7 @@ def many_hosts(ctx):
         for msg in select:
             msg.unpickle()
 
-    call = h.samples(ctx.repeat, lambda: h.per_op(call_all, ctx.many_call_rounds))
+    call = h.round_samples(ctx, call_all)
     return {'many_connect': Result(connect, 's', note='router.ssh from a thread per host'),
             'many_call': Result(call, 's', note='call_async + mitogen.select.Select')}
 
