@@ -609,7 +609,7 @@ class Agent(object):
             if not n:
                 os._exit(0)  # the controller hung up: leave, whatever calls still run
             try:
-                frames = parser.feed(memoryview(buf)[:n]) if room is None else parser.filled(n)
+                frames = parser.feed(buf, n) if room is None else parser.filled(n)
             except Exception as e:
                 reader_failed(e)
             calls = self.inline_queue

@@ -328,7 +328,7 @@ class ProcessTransport(object):
             self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
             self._eof(conn)
             return False
-        conn.feed(memoryview(buf)[:n])
+        conn.feed(buf, n)
         return True
 
     def give_back_stdout(self):
@@ -913,7 +913,8 @@ class Connection(object):
         return self.stderr_tail.decode('utf-8', 'replace')
 
     # --- incoming (broker thread)
-    def feed(self, data):
+    def feed(self, data, n=None):
+        """Dispatch the frames in ``data``, or in its first ``n`` bytes (see FrameParser.feed)."""
         if self.keepalive:  # only it looks: the clock costs a reply in a fan-out half a microsecond
             self.last_rx = time.monotonic()
         # Frames go through one queue: a future's done-callback may make a
@@ -922,7 +923,7 @@ class Connection(object):
         # so the frames of a generator, say, keep their order.
         backlog = self.backlog
         try:
-            backlog.extend(self.parser.feed(data))
+            backlog.extend(self.parser.feed(data, n))
             while backlog:
                 rid, op, payload = backlog.popleft()
                 self.dispatch(rid, op, payload)

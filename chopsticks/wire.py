@@ -110,15 +110,22 @@ class FrameParser(object):
         buf[:len(pending)] = pending
         self.have = len(pending)
 
-    def feed(self, data):
+    def feed(self, data, n=None):
+        """The frames that ``data``, or its first ``n`` bytes, complete.
+
+        A reader passes its buffer and the bytes it read: in the commonest
+        read, one whole frame with nothing pending, no view of the buffer is
+        made (views cost an agent in a fan-out a microsecond a call).
+        """
         size = HEADER.size
-        if not self.buf and self.have is None and len(data) >= size:
-            # The commonest read: one whole frame, nothing pending.
+        if n is None:
+            n = len(data)
+        if not self.buf and self.have is None and n >= size:
             length, rid, op = HEADER.unpack_from(data, 0)
-            if length == len(data) - size and length <= self.max_payload:
-                return [(rid, op, bytes(data[size:]))]
+            if length == n - size and length <= self.max_payload:
+                return [(rid, op, bytes(data[size:n]))]
         frames = []
-        view = memoryview(data)
+        view = memoryview(data)[:n]
         if self.have is None and self.buf:
             # Complete the pending frame with as few bytes of data as it needs.
             buf = self.buf
