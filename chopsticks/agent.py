@@ -553,7 +553,8 @@ class Agent(object):
         self.role = threading.Condition(self.role_lock)
         max_frame = config.get('max_frame', 1 << 30)
         self.parser = wire.FrameParser(max_frame, preallocate=max_frame)  # see its docstring
-        self.read_buffer = bytearray(1 << 18)
+        # An mmap: a slice of it is bytes, one copy (FrameParser.feed's lone frame).
+        self.read_buffer = wire.aligned_buffer(1 << 18)
         self.finder = ControllerFinder(self)
         self.requests = {}  # our request id -> [event, reply]
         self.next_request = 0
