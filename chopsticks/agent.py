@@ -63,9 +63,6 @@ class Channel(object):
         self.writer.write_frame(wire.frame(rid, op, payload))
 
     def send_value(self, rid, op, value):
-        if value is None:  # the commonest result
-            self.writer.write_frame(wire.frame(rid, op, codec.NONE))
-            return
         parts = codec.encode_parts(value)
         if len(parts) == 1 and len(parts[0]) < 65536:
             self.writer.write_frame(wire.frame(rid, op, bytes(parts[0])))
@@ -537,7 +534,7 @@ class Agent(object):
         self.workers = Workers()
         # The reader runs calls inline (see read_frames); the relief thread
         # takes over reading if one lasts.  A call run inline holds a
-        # one-item deque, its slot, in ``inline_slot``; whoever pops the item
+        # one-item list, its slot, in ``inline_slot``; whoever pops the item
         # owns the reader role: the reader when the call ends, or whoever
         # relieves the call meanwhile (_take_role).  list.pop is atomic, so
         # exactly one of them does, without a lock.  In a busy fan-out, where

@@ -23,7 +23,6 @@ __all__ = ['encode', 'decode', 'EncodeError', 'DecodeError']
 
 MAX_DEPTH = 200        # nesting levels either side will build
 BIG_BYTES = 64 * 1024  # bytes values this large travel as their own buffer
-NONE = b'N'            # None, encoded
 
 _u32 = struct.Struct('<I')
 _i64 = struct.Struct('<q')
@@ -67,7 +66,7 @@ class _Out(object):
 
 
 def _enc_none(v, out, depth):
-    out.buf += NONE
+    out.buf += b'N'
 
 
 def _enc_bool(v, out, depth):
@@ -247,7 +246,7 @@ def _encoder_for_subclass(v):
 def encode_parts(value):
     """Encode ``value`` as a list of buffers (large bytes are not copied)."""
     if value is None:
-        return [NONE]  # the commonest result, without an encoder
+        return [b'N']  # the commonest result, without an encoder
     out = _Out()
     _encode(value, out, 0)
     return out.finish()

@@ -375,7 +375,6 @@ class _Dispatcher(object):
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._notify: Optional[Callable[[tuple], None]] = None
         self._progress: Optional[_Progress] = None
-        self._progress_shown = False  # a bar may show during this run
         self._callback_errors: List[BaseException] = []
         self._reader: Optional[ReplyReader] = None  # while run() runs
 
@@ -484,8 +483,6 @@ class _Dispatcher(object):
             self._notify = notify
             self._settled = self._failed = 0
             self._progress = _Progress(self.what, self.show_progress)
-            # Off, or not a terminal: updates would only return.
-            self._progress_shown = self._progress.start_at is not None
 
     def _step(self) -> Optional[float]:
         """Start what can start.  Returns None when every job has settled,
@@ -508,7 +505,6 @@ class _Dispatcher(object):
             self._timers.clear()
             pool, self._pool = self._pool, None
             progress, self._progress = self._progress, None
-            self._progress_shown = False
         if pool is not None:
             pool.shutdown(wait=False)
         if progress is not None:
@@ -666,7 +662,7 @@ class _Dispatcher(object):
                 self._connect_wait.appendleft(item)
             elif not item.settled and not item.future.done():
                 self._expire(item)
-        if self._progress_shown:
+        if self._progress is not None:
             self._progress.update(self._settled, self._settled + self._unsettled, self._failed)
 
     def _expire(self, job: _Job):
@@ -692,7 +688,7 @@ class _Dispatcher(object):
             job.settle(value, exc)
         except Exception as e:
             self._callback_errors.append(e)
-        if self._progress_shown:
+        if self._progress is not None:
             self._progress.update(self._settled, self._settled + self._unsettled, self._failed)
 
 

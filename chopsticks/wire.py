@@ -358,9 +358,7 @@ class CombiningWriter(object):
             with self.lock:
                 if not (self.writing or self.corked or self.queue or self.error is not None):
                     try:
-                        written = os.write(self.fd, data)
-                        if written < len(data):  # a signal, or a socket
-                            write_all(self.fd, [memoryview(data)[written:]])
+                        write_all(self.fd, [data])
                     except BaseException as e:
                         self._fail(e)
                         raise
