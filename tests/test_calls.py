@@ -97,11 +97,12 @@ def test_remote_runs_calls_concurrently(local):
 
 
 def test_async_result_timeout_is_honoured_and_the_call_still_answers(local):
-    future = local.call_async(sleep_then, 1.0, 'late')
+    future = local.call_async(sleep_then, 2.0, 'late')
     start = time.monotonic()
     with pytest.raises(concurrent.futures.TimeoutError):
         future.result(timeout=0.3)
-    assert time.monotonic() - start < 0.9  # the timeout, not twice it, nor the call
+    # The timeout, not the call; the margin is for a loaded CI machine.
+    assert time.monotonic() - start < 1.5
     assert future.exception(timeout=30) is None
     assert future.result() == 'late'
 
