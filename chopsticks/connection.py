@@ -207,6 +207,19 @@ _keepalive_watch = KeepaliveWatch()
 
 # --- transports ----------------------------------------------------------------------
 
+# A transport's process leads a process group of its own: Ctrl-C at the
+# terminal (sent to the foreground group) reaches the controller alone, which
+# then closes its tunnels, and _kill can end ssh with its ProxyCommand.  Not a
+# session of its own, where Python allows: Linux's autogroup scheduling (on by
+# default in Debian, Ubuntu and Fedora kernels) makes each session a
+# scheduling group, and 48 ssh processes in 48 groups cost a one-call-to-48-
+# hosts round 9-11% more (ssh 4 µs and sshd 8 µs more per call, alternated
+# blocks on loopback: bench/RESULTS.md).
+if sys.version_info >= (3, 11):
+    _OWN_PROCESS_GROUP = {'process_group': 0}
+else:
+    _OWN_PROCESS_GROUP = {'start_new_session': True}  # preexec_fn is not safe with threads
+
 class ProcessTransport(object):
     """The agent runs in (or behind) a child process: local python, ssh, sudo, docker."""
 
@@ -236,7 +249,7 @@ class ProcessTransport(object):
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                bufsize=0, close_fds=True, start_new_session=True, env=self.env)
+                bufsize=0, close_fds=True, env=self.env, **_OWN_PROCESS_GROUP)
         except OSError as e:
             raise ConnectError(conn.host, 'cannot run %s: %s' % (self.what, e))
         self.stdin = self.proc.stdin.fileno()
@@ -570,7 +583,7 @@ def _reap(proc):
 
 def _kill(proc):
     """SIGKILL a transport's process and what it started (ssh's ProxyCommand):
-    it leads its own process group (start_new_session)."""
+    it leads its own process group (_OWN_PROCESS_GROUP)."""
     if proc.poll() is not None:
         return
     try:

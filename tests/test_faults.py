@@ -498,6 +498,22 @@ def test_permission_denied_on_put(sudo_user, where):
         shutil.rmtree(base)
 
 
+def test_a_transport_process_leads_its_own_group_in_the_controllers_session(sshd):
+    """ssh (like sudo, docker or a local python) runs in a process group of
+    its own: Ctrl-C at the terminal reaches the controller only, which closes
+    its tunnels, and a kill ends ssh with whatever it started.  It stays in
+    the controller's session: Linux makes each session a scheduling group
+    (autogroup), and a group per ssh process slowed a 48-host fan-out by a
+    tenth (see _OWN_PROCESS_GROUP)."""
+    with Tunnel('host1') as tunnel:
+        tunnel.call(echo, 1)
+        ssh = tunnel._conn.transport.proc.pid
+        assert os.getpgid(ssh) == ssh
+        assert os.getpgid(ssh) != os.getpgid(0)
+        if sys.version_info >= (3, 11):
+            assert os.getsid(ssh) == os.getsid(0)
+
+
 # --- the controller interrupted ----------------------------------------------------------------
 
 CONTROLLER = '''
