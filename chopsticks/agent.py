@@ -602,21 +602,20 @@ class Agent(object):
         buf = self.read_buffer
         self.reader = me = threading.get_ident()
         # For the commonest read by far, one whole call and nothing else:
-        # run_alone, run_call and, for a small reply while no other thread
-        # writes, send_value and CombiningWriter.write_frame, inlined.  In a
+        # run_alone, run_call and, for a small reply, send_value inlined (the
+        # reply still goes through CombiningWriter.write_frame).  In a
         # one-call-to-48-hosts round the other processes leave an agent's
         # caches cold, and each Python function a call went through cost it
         # about half a microsecond: inlined, a quarter less agent CPU per
         # call (25.4 to 18.7 µs; 33.0 to 24.8 on a busier machine) and 6-9%
-        # off the round (bench/RESULTS.md).  Anything else goes the general
-        # way below.
+        # off the round; going through send_value again cost 3.7 µs and 10%
+        # (bench/RESULTS.md).  Anything else goes the general way below.
         size = wire.HEADER.size
         unpack, pack = wire.HEADER.unpack_from, wire.HEADER.pack
         CALL, RESULT = wire.CALL, wire.RESULT
         loads, encode_parts = pickle.loads, codec.encode_parts
         writer = self.channel.writer
-        small = writer.SMALL - size
-        write, wfd = os.write, writer.fd
+        small, write_frame = writer.SMALL - size, writer.write_frame
         readv = os.readv
         while True:
             room = None if parser.have is None else parser.room()  # a big frame's own buffer
@@ -642,20 +641,7 @@ class Agent(object):
                         value = fn(*args, **kwargs)
                         parts = [b'N'] if value is None else encode_parts(value)
                         if len(parts) == 1 and len(parts[0]) <= small:
-                            data = pack(len(parts[0]), rid, RESULT) + parts[0]
-                            with writer.lock:
-                                if not (writer.writing or writer.corked or writer.queue
-                                        or writer.error is not None):
-                                    try:
-                                        written = write(wfd, data)
-                                        if written < len(data):
-                                            wire.write_all(wfd, [data[written:]])
-                                    except BaseException as e:
-                                        writer._fail(e)
-                                        raise
-                                    data = None
-                            if data is not None:
-                                writer.write_frame(data)
+                            write_frame(pack(len(parts[0]), rid, RESULT) + parts[0])
                         else:
                             self.channel.send_parts(rid, RESULT, parts)
                     except BaseException as e:
