@@ -494,6 +494,7 @@ class InputStream(object):
         self.chunks = collections.deque()
         self.done = False
         self.error = None
+        self.lent = None  # the chunk next_buffer returned last, until the next call
 
     def feed(self, chunk):
         with self.cond:
@@ -511,22 +512,35 @@ class InputStream(object):
 
     def __next__(self):
         chunk = self.next_buffer()
-        return chunk if type(chunk) is bytes else bytes(chunk)
+        if type(chunk) is bytes:
+            return chunk
+        data = bytes(chunk)
+        self._give_back()
+        return data
 
     def next_buffer(self):
         """The next chunk as it arrived, bytes or a memoryview (a big one is
         read straight into its own buffer): for readers that need only the
-        buffer protocol, one copy fewer than iterating."""
+        buffer protocol, one copy fewer than iterating.  A memoryview is
+        valid until the next call: its buffer then holds a later frame."""
+        self._give_back()
         with self.cond:
             while not self.chunks:
                 if self.done:
+                    self.agent.parser.drop_spares()
                     if self.error:
                         raise IOError('controller aborted the transfer: %s' % self.error)
                     raise StopIteration
                 self.cond.wait()
-            chunk = self.chunks.popleft()
+            chunk = self.lent = self.chunks.popleft()
         self.agent.channel.send_value(self.rid, wire.CREDIT, len(chunk))
         return chunk
+
+    def _give_back(self):
+        lent = self.lent
+        if lent is not None:
+            self.lent = None
+            self.agent.parser.give_back(lent)
 
 
 class Agent(object):
