@@ -13,6 +13,13 @@ A wrong fact costs bytes, never correctness: the host checks the Python
 version before it uses compiled code.  Every failure to read or write is
 ignored (a read-only home, a full disk: nothing is kept).
 
+Each fact is a small file of its own (``facts/<section>-<hash of key>``):
+a connect reads one and learning writes one, however many hosts are known.
+(One JSON file of every fact, rewritten at each learn, had grown to 7,800
+entries here, 0.9 MB, from test runs' temporary ssh_configs: 7 ms to parse
+at every first connect of a process, and a first connect to a fleet
+rewrote it once per host.)  Past MAX_FACTS, the oldest are forgotten.
+
 The directory is ``$CHOPSTICKS_CACHE_DIR``, else ``$XDG_CACHE_HOME/chopsticks``,
 else ``~/.cache/chopsticks``; ``CHOPSTICKS_CACHE_DIR=`` (empty) keeps nothing.
 Inside an agent (a relay host) nothing is kept either: chopsticks leaves no
@@ -24,11 +31,14 @@ import os
 import sys
 import threading
 
-FACTS_FILE = 'facts.json'
+FACTS_DIR = 'facts'
+LEGACY_FACTS_FILE = 'facts.json'  # before FACTS_DIR: removed when a fact is learned
+MAX_FACTS = 20000  # files in FACTS_DIR; past it, the oldest quarter goes
+PRUNE_EVERY = 1000  # learns in one process between two counts of FACTS_DIR
 DIGEST_SIZE = 32  # a blob ends with the SHA-256 of what precedes it
 
 _lock = threading.Lock()
-_facts = None  # section -> {key: value}, read from disk once per process
+_learned = 0  # facts written by this process (pruning looks at the first, then every PRUNE_EVERY)
 
 
 def directory():
@@ -79,45 +89,52 @@ def write_blob(name, data, keep=8):
 
 def fact(section, key):
     """What was learned about ``key`` (JSON-able) in ``section``, or None."""
-    facts = _loaded()
-    return facts.get(section, {}).get(_key_text(key))
+    where = directory()
+    if where is None:
+        return None
+    try:
+        with open(os.path.join(where, _fact_name(section, key)), 'rb') as f:
+            stored_key, value = json.loads(f.read().decode('utf-8'))
+    except (OSError, ValueError, TypeError):
+        return None
+    return value if stored_key == _key_text(key) else None  # (a hash collision)
 
 
 def learn(section, key, value):
     """Remember ``value`` (JSON-able) for ``key``, for this and later runs."""
-    text = _key_text(key)
+    global _learned
+    if directory() is None or fact(section, key) == value:
+        return
+    _write(_fact_name(section, key), json.dumps([_key_text(key), value]).encode())
     with _lock:
-        facts = _loaded()
-        if facts.get(section, {}).get(text) == value:
-            return
-        facts.setdefault(section, {})[text] = value
-        # Merged with what other processes wrote meanwhile; a race between
-        # two writers loses an entry, which is learned again next time.
-        on_disk = _read_facts()
-        for name, entries in facts.items():
-            on_disk.setdefault(name, {}).update(entries)
-        _write(FACTS_FILE, json.dumps(on_disk, sort_keys=True).encode())
+        prune = _learned % PRUNE_EVERY == 0
+        _learned += 1
+    if prune:
+        _prune_facts()
 
 
-def _loaded():
-    global _facts
-    if _facts is None:
-        _facts = _read_facts()
-    return _facts
+def _fact_name(section, key):
+    digest = hashlib.sha256(_key_text(key).encode()).hexdigest()[:32]
+    return os.path.join(FACTS_DIR, '%s-%s' % (section, digest))
 
 
-def _read_facts():
+def _prune_facts():
+    """Keep FACTS_DIR under MAX_FACTS files, forgetting the oldest."""
     where = directory()
-    if where is None:
-        return {}
     try:
-        with open(os.path.join(where, FACTS_FILE), 'rb') as f:
-            facts = json.loads(f.read().decode('utf-8'))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(facts, dict):
-        return {}
-    return {name: entries for name, entries in facts.items() if isinstance(entries, dict)}
+        os.unlink(os.path.join(where, LEGACY_FACTS_FILE))
+    except OSError:
+        pass
+    try:
+        entries = [e for e in os.scandir(os.path.join(where, FACTS_DIR))
+                   if not e.name.startswith('.')]
+        if len(entries) <= MAX_FACTS:
+            return
+        entries.sort(key=lambda entry: entry.stat().st_mtime)
+        for entry in entries[:len(entries) - MAX_FACTS * 3 // 4]:
+            os.unlink(entry.path)
+    except OSError:
+        pass
 
 
 def _key_text(key):
@@ -125,17 +142,21 @@ def _key_text(key):
 
 
 def _write(name, data):
-    """Write ``name`` whole or not at all: readers never see half a file."""
+    """Write ``name`` (a path in the cache directory) whole or not at all:
+    readers never see half a file."""
     where = directory()
     if where is None:
         return
+    target = os.path.join(where, name)
+    folder, base = os.path.split(target)
     temp = None
     try:
         os.makedirs(where, mode=0o700, exist_ok=True)
-        temp = os.path.join(where, '.%s.%d.%d.tmp' % (name, os.getpid(), threading.get_ident()))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        temp = os.path.join(folder, '.%s.%d.%d.tmp' % (base, os.getpid(), threading.get_ident()))
         with open(temp, 'wb') as f:
             f.write(data)
-        os.replace(temp, os.path.join(where, name))
+        os.replace(temp, target)
         temp = None
     except OSError:
         pass

@@ -37,9 +37,14 @@ def test_a_later_run_sends_the_agent_compiled_from_its_first_connect(ssh_alias, 
     assert run(ssh_alias, cache_dir) == 'source'  # nothing known yet: the host compiles it
     assert run(ssh_alias, cache_dir) == 'compiled'  # learned: it runs our version
     names = sorted(os.listdir(cache_dir))
-    assert 'facts.json' in names and any(n.startswith('agent-') for n in names)
-    assert not [n for n in names if n.endswith('.tmp')]
+    assert 'facts' in names and any(n.startswith('agent-') for n in names)
+    assert os.listdir(cache_dir / 'facts')  # the host's python, the ssh client's version
+    assert not [n for n in _files(cache_dir) if n.endswith('.tmp')]
     assert os.stat(cache_dir).st_mode & 0o077 == 0  # the user's alone
+
+
+def _files(directory):
+    return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
 
 
 def test_a_host_that_changed_its_python_still_connects(ssh_alias, tmp_path, pythons):
@@ -68,9 +73,11 @@ def _version(python):
 def test_a_damaged_cache_is_ignored_and_mended(ssh_alias, tmp_path):
     cache_dir = tmp_path / 'cache'
     run(ssh_alias, cache_dir)
-    for name in os.listdir(cache_dir):
-        path = cache_dir / name
-        path.write_bytes(path.read_bytes()[:-100] + b'not what was written')
+    for name in _files(cache_dir):
+        with open(name, 'rb') as f:
+            data = f.read()
+        with open(name, 'wb') as f:
+            f.write(data[:-100] + b'not what was written')
     assert run(ssh_alias, cache_dir) == 'source'  # the facts are unreadable: asked again
     assert run(ssh_alias, cache_dir) == 'compiled'  # and kept again
 
@@ -114,3 +121,23 @@ def test_a_cache_that_keeps_nothing_touches_no_files(tmp_path, monkeypatch):
         (tmp_path / name).write_text('a file of the user')
     cache.write_blob('agent-new.z', b'payload', keep=1)
     assert sorted(os.listdir(tmp_path)) == mine
+
+
+def test_facts_about_many_hosts_stay_bounded_and_the_newest_are_kept(tmp_path, monkeypatch):
+    """A fleet, or test runs each with a temporary ssh_config, teach a fact
+    per host: each is a file of its own, and past MAX_FACTS the oldest go."""
+    monkeypatch.setenv('CHOPSTICKS_CACHE_DIR', str(tmp_path))
+    monkeypatch.setattr(cache, 'MAX_FACTS', 8)
+    monkeypatch.setattr(cache, 'PRUNE_EVERY', 1)
+    (tmp_path / 'facts.json').write_text('{"python": {}}')  # what older versions kept
+    for n in range(30):
+        key = ['SSHTunnel', 'host%d' % n]
+        cache.learn('python', key, [3, n])
+        path = tmp_path / cache._fact_name('python', key)
+        if path.exists():
+            os.utime(path, (n, n))  # learned in this order (mtimes are coarse)
+    assert len(os.listdir(tmp_path / 'facts')) <= 8
+    assert cache.fact('python', ['SSHTunnel', 'host29']) == [3, 29]
+    assert cache.fact('python', ['SSHTunnel', 'host0']) is None  # forgotten
+    assert cache.fact('python', ['SSHTunnel', 'host99']) is None  # never learned
+    assert not (tmp_path / 'facts.json').exists()
