@@ -26,6 +26,11 @@ from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
 NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
+# Short samples, one per turn: on these machines a connect takes 300-320 ms
+# for a few seconds, then 380-410 ms for a few more, whatever runs it; with
+# two samples a turn, ours against the floor came out anywhere from 0.99x to
+# 1.10x between runs of the same code.
+ONE_SAMPLE_PER_TURN = ('connect_call', 'trivial_rtt', 'local_connect')
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
 
 
@@ -204,7 +209,8 @@ def measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdi
             c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
         # The columns take turns, a few samples each, so that a burst of load from
         # elsewhere on the machine does not land on one column's samples only.
-        rounds = 1 if task in NOT_INTERLEAVED else conf['heavy_repeat']
+        rounds = 1 if task in NOT_INTERLEAVED else \
+            conf['repeat'] if task in ONE_SAMPLE_PER_TURN else conf['heavy_repeat']
         round_ctx = {}
         if rounds > 1:
             round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1,
@@ -275,7 +281,8 @@ def main(argv=None):
     print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column, '
+    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column '
+          '(a turn per run for connects and round trips), '
           'each run starting once the CPUs are idle again. ×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
           'one call to many hosts to the best peer. Every column runs %s on the remote. '
           'Ours starts from an empty cache (chopsticks.cache): its very first connect '
