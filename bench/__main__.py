@@ -26,11 +26,12 @@ from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
 NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
-# Short samples, one per turn: on these machines a connect takes 300-320 ms
-# for a few seconds, then 380-410 ms for a few more, whatever runs it; with
-# two samples a turn, ours against the floor came out anywhere from 0.99x to
-# 1.10x between runs of the same code.
-ONE_SAMPLE_PER_TURN = ('connect_call', 'trivial_rtt', 'local_connect')
+# Short samples, one per turn, {task: turns per --repeat}.  A connect here
+# takes 290-320 ms, with one in seven or so at 350-380 ms (the floor's too),
+# whatever runs it; ours is about 8 ms above the floor (30 alternated pairs:
+# medians 308 and 300 ms), and the medians of five samples a column put it
+# anywhere from 0.96x to 1.12x.  Fifteen samples, a turn each, narrow that.
+ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 1, 'local_connect': 1}
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
 
 
@@ -209,8 +210,12 @@ def measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdi
             c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
         # The columns take turns, a few samples each, so that a burst of load from
         # elsewhere on the machine does not land on one column's samples only.
-        rounds = 1 if task in NOT_INTERLEAVED else \
-            conf['repeat'] if task in ONE_SAMPLE_PER_TURN else conf['heavy_repeat']
+        if task in NOT_INTERLEAVED:
+            rounds = 1
+        elif task in ONE_SAMPLE_PER_TURN:
+            rounds = conf['repeat'] * ONE_SAMPLE_PER_TURN[task]
+        else:
+            rounds = conf['heavy_repeat']
         round_ctx = {}
         if rounds > 1:
             round_ctx = {'heavy_repeat': 1, 'wan_repeat': 1,
@@ -281,7 +286,7 @@ def main(argv=None):
     print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('Medians of %d runs (%d for files, WAN and many hosts), taken in %d turns per column '
+    print('Medians of %d runs (%d for connects; %d for files, WAN and many hosts), taken in %d turns per column '
           '(a turn per run for connects and round trips), '
           'each run starting once the CPUs are idle again. ×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
           'one call to many hosts to the best peer. Every column runs %s on the remote. '
@@ -289,6 +294,7 @@ def main(argv=None):
           'compiles the agent on the host, later ones reuse what that one learned.' % (
               conf['repeat'] if conf['heavy_repeat'] < 2 else
               conf['heavy_repeat'] * -(-conf['repeat'] // conf['heavy_repeat']),
+              conf['repeat'] * ONE_SAMPLE_PER_TURN['connect_call'],
               conf['heavy_repeat'], conf['heavy_repeat'], base_ctx['remote_python']))
     print()
     print(report.notes(results, conf))
