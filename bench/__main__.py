@@ -286,8 +286,8 @@ def main(argv=None):
     print('%s (%.0f s, commit %s) on %s; %s' % (command, elapsed, commit, machine, load))
     if versions:
         print('peers: ' + ', '.join('%s %s' % kv for kv in versions.items()))
-    print('Medians of %d runs (%d for connects; %d for files, WAN and many hosts), taken in %d turns per column '
-          '(a turn per run for connects and round trips), '
+    print('Medians of %d runs (%d for connects and %d for round trips, a turn each; '
+          '%d for files, WAN and many hosts), taken in %d turns per column, '
           'each run starting once the CPUs are idle again. ×: ratio to the floor; for pipelined calls to execnet, for the WAN import and '
           'one call to many hosts to the best peer. Every column runs %s on the remote. '
           'Ours starts from an empty cache (chopsticks.cache): its very first connect '
@@ -295,6 +295,7 @@ def main(argv=None):
               conf['repeat'] if conf['heavy_repeat'] < 2 else
               conf['heavy_repeat'] * -(-conf['repeat'] // conf['heavy_repeat']),
               conf['repeat'] * ONE_SAMPLE_PER_TURN['connect_call'],
+              conf['repeat'] * ONE_SAMPLE_PER_TURN['trivial_rtt'],
               conf['heavy_repeat'], conf['heavy_repeat'], base_ctx['remote_python']))
     print()
     print(report.notes(results, conf))
