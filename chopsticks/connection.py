@@ -9,6 +9,7 @@ codec, and any malformed frame closes the connection with a ProtocolError.
 import atexit
 import collections
 import concurrent.futures
+import errno
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
 ITER_CREDIT_BATCH = 32      # generator items acknowledged at a time
 STREAM_WINDOW = 8 << 20     # input-stream bytes in flight before the sender waits
 STREAM_CHUNK = 1 << 20      # the largest DATA frame we send
+STREAM_ABORT_WAIT = 5.0     # seconds a failed input stream waits for the host to clean up
 CORK_MAX = 64 * 1024        # frames up to this size may wait to be sent together
 RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines are dropped
 LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
@@ -203,6 +205,32 @@ class KeepaliveWatch(object):
 
 
 _keepalive_watch = KeepaliveWatch()
+
+
+class FileRegion(object):
+    """``length`` bytes of the open file ``fd`` from ``offset``, as a chunk
+    for ``call_stream``: a transport with a pipe sends it with sendfile, so
+    this process never copies the bytes (``chopsticks.files.put``).  Valid
+    while the file stays open; if it ends early, zeros make up the frame
+    and the digest that follows no longer matches."""
+    __slots__ = ('fd', 'offset', 'length')
+
+    def __init__(self, fd, offset, length):
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def read(self):
+        """The bytes, for a transport that cannot send from a file."""
+        data = os.pread(self.fd, self.length, self.offset)
+        return data + bytes(self.length - len(data))
+
+
+# sendfile(2) into a pipe is Linux's (2.6.33+); elsewhere the region is read and written.
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP}
 
 
 # --- transports ----------------------------------------------------------------------
@@ -395,14 +423,46 @@ class ProcessTransport(object):
             on_eof()
 
     def write(self, parts):
-        """Write every buffer, waiting for the pipe as long as it takes."""
-        views = self.write_nowait(parts)
+        """Write every buffer, waiting for the pipe as long as it takes.  The
+        last part may be a FileRegion (see write_file)."""
+        region = parts[-1] if type(parts[-1]) is FileRegion else None
+        views = self.write_nowait(parts if region is None else parts[:-1])
         if views:
             poller = select.poll()
             poller.register(self.stdin, select.POLLOUT)
             while views:
                 poller.poll()  # writable, or the reader is gone (writev then fails)
                 views = self._write_views(views)
+        if region is not None:
+            missing = region.length - self.write_file(region)
+            if missing:  # the file shrank: the frame stays whole, the digest will not match
+                self.write([bytes(missing)])
+
+    def write_file(self, region):
+        """Write a FileRegion with sendfile, waiting for the pipe as long as
+        it takes; returns how many bytes the file had (fewer: it ended)."""
+        fd = self.stdin
+        done = 0
+        poller = None
+        while done < region.length:
+            try:
+                n = os.sendfile(fd, region.fd, region.offset + done, region.length - done)
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                poller.poll()  # writable, or the reader is gone (sendfile then fails)
+                continue
+            except OSError as e:
+                if done or e.errno not in _NO_SENDFILE:
+                    raise
+                data = region.read()
+                self.write([data])
+                return len(data)
+            if not n:
+                break  # the end of the file
+            done += n
+        return done
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""
@@ -1064,6 +1124,18 @@ class Connection(object):
         frame = wire.frame_parts(rid, op, parts)
         self._send_frame(frame, sum(len(p) for p in frame))
 
+    def send_region(self, rid, region):
+        """A DATA frame of a FileRegion: the transport sends it from the file
+        when it can (``write_file``), else its bytes go like any frame's."""
+        if region.length <= CORK_MAX or getattr(self.transport, 'write_file', None) is None or \
+                self.transport.direct_reader == threading.get_ident():
+            # (Small ones may be corked; a thread that reads the replies must
+            # not block writing: see _send_frame.)
+            self.send_parts(rid, wire.DATA, [region.read()])
+        else:
+            self._send_frame([wire.HEADER.pack(region.length, rid, wire.DATA), region],
+                             wire.HEADER.size + region.length)
+
     def _send_frame(self, frame, size):
         with self.write_lock:
             if self.closed:
@@ -1438,22 +1510,42 @@ class Connection(object):
         try:
             with self.wide_pipe('send'):
                 for chunk in chunks:
-                    view = memoryview(chunk).cast('B')
-                    for start in range(0, len(view), STREAM_CHUNK):
-                        piece = view[start:start + STREAM_CHUNK]
+                    if type(chunk) is FileRegion:
+                        pieces = (FileRegion(chunk.fd, chunk.offset + start,
+                                             min(STREAM_CHUNK, chunk.length - start))
+                                  for start in range(0, chunk.length, STREAM_CHUNK))
+                    else:
+                        view = memoryview(chunk).cast('B')
+                        pieces = (view[start:start + STREAM_CHUNK]
+                                  for start in range(0, len(view), STREAM_CHUNK))
+                    for piece in pieces:
                         with handler.cond:
                             handler.cond.wait_for(
                                 lambda: handler.in_flight < STREAM_WINDOW or handler.future.done())
                             if handler.future.done():
                                 break
                             handler.in_flight += len(piece)
-                        self.send_parts(rid, wire.DATA, [piece])
+                        if type(piece) is FileRegion:
+                            self.send_region(rid, piece)
+                        else:
+                            self.send_parts(rid, wire.DATA, [piece])
                     if handler.future.done():
                         break
         except BaseException as e:
             error = '%s: %s' % (type(e).__name__, e)
+            self._end_stream(rid, error)
+            if isinstance(e, Exception):
+                # The host undoes what it did (a put removes its temp file)
+                # when it reads the abort: a caller who sees this error finds
+                # nothing left.  Not for Ctrl-C, which leaves at once.
+                try:
+                    self.wait(handler.future, STREAM_ABORT_WAIT, what)
+                except Exception:
+                    pass
             raise
-        finally:
-            if not self.closed:
-                self.send(rid, wire.DATA_END, codec.encode(error))
+        self._end_stream(rid, None)
         return self.wait(handler.future, timeout, what)
+
+    def _end_stream(self, rid, error):
+        if not self.closed:
+            self.send(rid, wire.DATA_END, codec.encode(error))

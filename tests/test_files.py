@@ -201,6 +201,33 @@ def test_remote_killed_during_put_leaves_the_old_file(sshd, kind, big_file, tmp_
         t.close()
 
 
+@pytest.mark.parametrize('kind', ['local', 'openssh', 'paramiko'])
+def test_a_file_that_shrinks_while_it_is_put_fails_and_changes_nothing(sshd, kind, big_file,
+                                                                       tmp_path):
+    """The bytes go out from the file itself (sendfile) while a thread hashes
+    them: a file cut short meanwhile fails the put, the old file stays, and
+    the tunnel goes on working."""
+    src = tmp_path / 'growing.log'
+    src.write_bytes(open(big_file[0], 'rb').read())
+    dest = tmp_path / 'dest'
+    dest.write_bytes(b'precious')
+
+    def truncate_after(done, total):
+        if done >= 4 << 20:
+            os.truncate(src, 1000)
+
+    t = _tunnel(kind)
+    try:
+        with pytest.raises((TransferError, RemoteException)) as info:
+            t.put(str(src), str(dest), progress=truncate_after)
+        assert 'put' in str(info.value) and (kind == 'local' or 'host1' in str(info.value))
+        assert dest.read_bytes() == b'precious'
+        assert leftovers(tmp_path) == []
+        assert t.call(remote_helpers.echo, 'still here') == 'still here'
+    finally:
+        t.close()
+
+
 @pytest.mark.parametrize('kind', ['local', 'openssh'])
 def test_remote_killed_during_fetch_leaves_the_old_file(sshd, kind, tmp_path):
     src = tmp_path / 'src'

@@ -113,3 +113,18 @@ def test_group_fans_out_from_a_relay(sshd, relay):
     assert len({pid for _, pid in results.successful()}) == 3
     # one connection from the controller: the relay
     assert all(t.via is relay for t in group)
+
+
+def test_a_put_through_the_relay_arrives_whole(relay, tmp_path):
+    """put sends a file's bytes from the file (sendfile) to the relay, which
+    forwards them to the far host as a stream."""
+    src = tmp_path / 'big.bin'
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    far = Local('far', via=relay)
+    try:
+        result = far.put(str(src), str(tmp_path / 'copy.bin'))
+        assert (tmp_path / 'copy.bin').read_bytes() == data
+        assert result['size'] == len(data)
+    finally:
+        far.close()
