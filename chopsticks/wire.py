@@ -116,10 +116,11 @@ class FrameParser(object):
 
     def _preallocate(self, pending):
         """Continue the frame begun with ``pending`` in a buffer of its full size."""
-        spare = self.spare
         try:
-            buf = spare.pop() if len(spare[-1]) == self.need else aligned_buffer(self.need)
+            buf = self.spare.pop()  # (given back from another thread: pop, then look)
         except IndexError:
+            buf = None
+        if buf is None or len(buf) != self.need:
             buf = aligned_buffer(self.need)
         buf[:len(pending)] = pending
         self.buf = buf
