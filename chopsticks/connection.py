@@ -427,12 +427,9 @@ class ProcessTransport(object):
         last part may be a FileRegion (see write_file)."""
         region = parts[-1] if type(parts[-1]) is FileRegion else None
         views = self.write_nowait(parts if region is None else parts[:-1])
-        if views:
-            poller = select.poll()
-            poller.register(self.stdin, select.POLLOUT)
-            while views:
-                poller.poll()  # writable, or the reader is gone (writev then fails)
-                views = self._write_views(views)
+        while views:
+            self._wait_writable()  # or the reader is gone (writev then fails)
+            views = self._write_views(views)
         if region is not None:
             missing = region.length - self.write_file(region)
             if missing:  # the file shrank: the frame stays whole, the digest will not match
@@ -441,17 +438,12 @@ class ProcessTransport(object):
     def write_file(self, region):
         """Write a FileRegion with sendfile, waiting for the pipe as long as
         it takes; returns how many bytes the file had (fewer: it ended)."""
-        fd = self.stdin
         done = 0
-        poller = None
         while done < region.length:
             try:
-                n = os.sendfile(fd, region.fd, region.offset + done, region.length - done)
+                n = os.sendfile(self.stdin, region.fd, region.offset + done, region.length - done)
             except BlockingIOError:
-                if poller is None:
-                    poller = select.poll()
-                    poller.register(fd, select.POLLOUT)
-                poller.poll()  # writable, or the reader is gone (sendfile then fails)
+                self._wait_writable()  # or the reader is gone (sendfile then fails)
                 continue
             except OSError as e:
                 if done or e.errno not in _NO_SENDFILE:
@@ -463,6 +455,12 @@ class ProcessTransport(object):
                 break  # the end of the file
             done += n
         return done
+
+    def _wait_writable(self):
+        """Wait until stdin takes bytes again."""
+        poller = select.poll()
+        poller.register(self.stdin, select.POLLOUT)
+        poller.poll()
 
     def write_nowait(self, parts):
         """Write what the pipe takes now; return the views left unwritten."""

@@ -908,12 +908,16 @@ def _file_regions(path, size, progress, host):
             progress.advance(length)
         digest = hasher.result()
         if digest is None:
-            raise TransferError('[%s] put %s failed: the file shrank while it was being sent'
-                                % (host, path), host, 'put')
+            raise _shrank(host, path)
         yield digest
     finally:
         hasher.stop()
         os.close(fd)
+
+
+def _shrank(host, path):
+    return TransferError('[%s] put %s failed: the file shrank while it was being sent'
+                         % (host, path), host, 'put')
 
 
 class _Hasher(object):
@@ -957,7 +961,7 @@ class _Hasher(object):
 
 
 def _read_ahead_buffer():
-    """A CHUNK-sized buffer for _read_ahead, 64 bytes into an mmap.
+    """A CHUNK-sized buffer for _read_ahead or _Hasher, 64 bytes into an mmap.
 
     32-byte aligned, because the kernel copies a file into an unaligned
     address two to three times slower (see wire.aligned_buffer; a
@@ -993,8 +997,7 @@ def _read_ahead(files, host, free, ready):
                         pos = data = 0
                     n = f.readinto(view[pos:pos + min(remaining, CHUNK - pos)])
                     if not n:
-                        raise TransferError('[%s] put %s failed: the file shrank while it was '
-                                            'being sent' % (host, path), host, 'put')
+                        raise _shrank(host, path)
                     hashed.update(view[pos:pos + n])
                     pos += n
                     data += n

@@ -130,7 +130,7 @@ class FrameParser(object):
         """``payload``, a frame from ``filled``/``feed``, is no longer used by
         anyone: its buffer may hold a later frame.  Anything else is ignored."""
         buf = getattr(payload, 'obj', None)
-        if type(buf) is _mmap_type and len(self.spare) < self.SPARE_MAX:
+        if type(buf) is mmap.mmap and len(self.spare) < self.SPARE_MAX:
             self.spare.append(buf)
 
     def drop_spares(self):
@@ -204,13 +204,10 @@ class FrameParser(object):
         return length
 
 
-_mmap_type = mmap.mmap
-
-
 def aligned_buffer(size):
-    """A zeroed, writable, page-aligned buffer of ``size`` bytes, for the
-    controller's readers of bulk data (the agent reads big frames straight
-    into their own buffers: see FrameParser).
+    """A zeroed, writable, page-aligned buffer of ``size`` bytes, for
+    readers of bulk data: the controller's, and the agent's big frames
+    (FrameParser, which recycles them).
 
     The kernel copies into an address that is not 32-byte aligned two to
     three times slower, and a bytearray's data starts 16 bytes into its

@@ -208,7 +208,8 @@ def test_a_file_that_shrinks_while_it_is_put_fails_and_changes_nothing(sshd, kin
     them: a file cut short meanwhile fails the put, the old file stays, and
     the tunnel goes on working."""
     src = tmp_path / 'growing.log'
-    src.write_bytes(open(big_file[0], 'rb').read())
+    with open(big_file[0], 'rb') as f:
+        src.write_bytes(f.read())
     dest = tmp_path / 'dest'
     dest.write_bytes(b'precious')
 
