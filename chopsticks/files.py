@@ -1182,7 +1182,7 @@ def fetch(tunnel, remote_path, local_path=None, mode=None, progress=None, durabl
     """
     remote = os.fspath(remote_path)
     what = '%s -> %s' % (remote, local_path if local_path is not None else '(temporary file)')
-    with _Guard(tunnel, 'fetch', what), tunnel._connection().wide_pipe('receive'):
+    with _Guard(tunnel, 'fetch', what), tunnel.connection().wide_pipe('receive'):
         items = _Items(tunnel.call_iter(remote_send, remote, FETCH_CHUNK), tunnel.host)
         try:
             header = items.next(dict)

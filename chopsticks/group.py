@@ -196,7 +196,7 @@ class _Operation(NamedTuple):
     work: Callable[[Tunnel], Any]
     blocking: bool
     # (fn, args, kwargs) of a call that may go out with the connect, right
-    # behind the agent (see Tunnel._open): one round trip less per host.
+    # behind the agent (see Tunnel.open_connection): one round trip less per host.
     first_call: Optional[tuple] = None
 
 
@@ -595,10 +595,10 @@ class _Dispatcher(object):
     def _start_connect(self, lane: _Lane):
         self._connecting += 1
         job = lane.jobs[0] if lane.jobs else None
-        if job is not None and job.op.first_call is not None and hasattr(lane.tunnel, '_open'):
-            # The call goes with the connect; _open returns its CallFuture,
+        if job is not None and job.op.first_call is not None and hasattr(lane.tunnel, 'open_connection'):
+            # The call goes with the connect; open_connection returns its CallFuture,
             # or None when it could not go before the agent's HELLO.
-            future = self._executor().submit(lane.tunnel._open, job.op.first_call)
+            future = self._executor().submit(lane.tunnel.open_connection, job.op.first_call)
         else:
             future = self._executor().submit(lane.tunnel.connect)
         notify = self._notify

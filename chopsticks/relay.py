@@ -66,7 +66,7 @@ def relay_connect(key, spec):
 def relay_call(key, spec, payload, what, timeout):
     _waiting_on_another_host()
     try:
-        conn = _relayed_tunnel(key, spec)._connection()
+        conn = _relayed_tunnel(key, spec).connection()
         return ('ok', conn.wait(conn.call_async_payload(payload, what), timeout, what))
     except Exception as e:
         return _failure(e)
@@ -74,7 +74,7 @@ def relay_call(key, spec, payload, what, timeout):
 
 def relay_iter(key, spec, payload, what, timeout):
     try:
-        conn = _relayed_tunnel(key, spec)._connection()
+        conn = _relayed_tunnel(key, spec).connection()
         for item in conn.call_iter_payload(payload, what, timeout):
             yield ('ok', item)
     except Exception as e:
@@ -83,7 +83,7 @@ def relay_iter(key, spec, payload, what, timeout):
 
 def relay_stream(stream, key, spec, payload, what, timeout):
     try:
-        conn = _relayed_tunnel(key, spec)._connection()
+        conn = _relayed_tunnel(key, spec).connection()
         return ('ok', conn.call_stream_payload(payload, stream, what, timeout))
     except Exception as e:
         return _failure(e)
@@ -206,7 +206,7 @@ class RelayConnection(object):
 
     def wide_pipe(self, direction):
         """The data runs through the via tunnel's pipes: widen those."""
-        return self.via._connection().wide_pipe(direction)
+        return self.via.connection().wide_pipe(direction)
 
     def call_stream(self, fn, chunks, args, kwargs, timeout=None):
         from .serialize import describe

@@ -378,7 +378,7 @@ def make_transport(tunnel):
     """The transport for an SSHTunnel."""
     settings = tunnel.ssh_settings
     from . import bootstrap
-    command = bootstrap.remote_command(tunnel.python, tunnel._compiled_agent)
+    command = bootstrap.remote_command(tunnel.python, tunnel.compiled_agent)
     if tunnel.transport_type == 'paramiko' or settings.needs_paramiko():
         return ParamikoTransport(settings, command, tunnel.host)
     if tunnel.transport_type != 'openssh':

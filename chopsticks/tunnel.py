@@ -68,9 +68,9 @@ class BaseTunnel(object):
                 '[%s] cannot open a tunnel %d hops from the controller (the limit is %d)'
                 % (self.host, depth, max_depth()))
         return {'host': self.host, 'depth': depth, 'max_depth': max_depth(),
-                'compiled_agent': self._compiled_agent}
+                'compiled_agent': self.compiled_agent}
 
-    _compiled_agent = False  # this connect sends the agent compiled (see _ship_compiled_agent)
+    compiled_agent = False  # this connect sends the agent compiled (see _ship_compiled_agent)
 
     # Interpreters, as _version_key() names them, whose agent reported our
     # Python version: learned in _connected, and kept between runs in
@@ -101,16 +101,17 @@ class BaseTunnel(object):
     # --- connection
     def connect(self):
         """Start the agent now (calls do it on first use)."""
-        self._connection()
+        self.connection()
         return self
 
-    def _connection(self):
+    def connection(self):
+        """The running :class:`~chopsticks.connection.Connection`, connecting first if needed."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        return self._open()[0]
+        return self.open_connection()[0]
 
-    def _open(self, first_call=None):
+    def open_connection(self, first_call=None):
         """Connect, unless another thread just did; returns the connection
         and, if ``first_call`` ``(fn, args, kwargs)`` was sent with the
         connect, its CallFuture (else None).
@@ -132,12 +133,12 @@ class BaseTunnel(object):
             else:
                 # Decided once: the command line (the stub's length) and
                 # the payload sent must agree.
-                self._compiled_agent = self._ship_compiled_agent()
+                self.compiled_agent = self._ship_compiled_agent()
                 conn = Connection(self.host, self.transport(), self.settings(),
                                   keepalive=self.keepalive)
-                if self._compiled_agent:  # the remote runs our Python version
+                if self.compiled_agent:  # the remote runs our Python version
                     conn.modules.remote_magic = MAGIC  # modules may go ahead compiled
-                payload = self._pickle_first_call(first_call, self._compiled_agent)
+                payload = self._pickle_first_call(first_call, self.compiled_agent)
                 conn.launch()
                 if payload is not None:
                     fn = first_call[0]
@@ -172,7 +173,7 @@ class BaseTunnel(object):
     @property
     def remote_info(self):
         """What the agent reported on start: pid, python, version, platform, hostname."""
-        return dict(self._connection().remote)
+        return dict(self.connection().remote)
 
     def close(self):
         """Stop the agent.  The tunnel reconnects if used again."""
@@ -240,7 +241,7 @@ class BaseTunnel(object):
         """
         conn = self._conn
         if conn is None or conn.closed:
-            conn, first = self._open((fn, args, kwargs))
+            conn, first = self.open_connection((fn, args, kwargs))
             if first is not None:
                 return conn.wait(first, timeout, describe(fn))
         return conn.call(fn, args, kwargs, timeout)
@@ -250,7 +251,7 @@ class BaseTunnel(object):
         ``concurrent.futures.Future``.  Many may be in flight at once."""
         conn = self._conn
         if conn is None or conn.closed:
-            conn, first = self._open((fn, args, kwargs))
+            conn, first = self.open_connection((fn, args, kwargs))
             if first is not None:
                 return first
         return conn.call_async(fn, args, kwargs)
@@ -259,13 +260,13 @@ class BaseTunnel(object):
         """Iterate on the controller over what ``fn(*args, **kwargs)`` yields on the
         host, as it is produced.  The remote runs at most a small window ahead
         of the consumer.  ``timeout`` bounds the wait for each item."""
-        return self._connection().call_iter(fn, args, kwargs, timeout)
+        return self.connection().call_iter(fn, args, kwargs, timeout)
 
     def call_stream(self, fn, chunks, *args, timeout=None, **kwargs):
         """Run ``fn(stream, *args, **kwargs)`` on the host, where ``stream``
         iterates over the bytes objects of ``chunks`` sent from here with flow
         control.  Returns ``fn``'s value."""
-        return self._connection().call_stream(fn, chunks, args, kwargs, timeout)
+        return self.connection().call_stream(fn, chunks, args, kwargs, timeout)
 
     # --- files (chopsticks.files does the work)
     def put(self, local_path, remote_path=None, mode=0o644, **kwargs):
@@ -292,7 +293,7 @@ class BaseTunnel(object):
     async def acall(self, fn, *args, timeout=None, **kwargs):
         """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
         await self.aconnect()
-        future = asyncio.wrap_future(self._connection().call_async(fn, args, kwargs))
+        future = asyncio.wrap_future(self.connection().call_async(fn, args, kwargs))
         if timeout is None:
             return await future
         try:
@@ -349,7 +350,7 @@ class Local(SubprocessTunnel):
         return os.path.realpath(self.python or sys.executable)
 
     def python_args(self):
-        return bootstrap.python_argv(self.python or sys.executable, self._compiled_agent)
+        return bootstrap.python_argv(self.python or sys.executable, self.compiled_agent)
 
 
 class Sudo(SubprocessTunnel):
@@ -416,7 +417,7 @@ class SSHTunnel(SubprocessTunnel):
         return self.ssh_settings.openssh_argv()
 
     def argv(self):
-        return self.cmd_args() + [bootstrap.remote_command(self.python, self._compiled_agent)]
+        return self.cmd_args() + [bootstrap.remote_command(self.python, self.compiled_agent)]
 
     def transport(self):
         from .ssh import make_transport

@@ -19,7 +19,7 @@ RUN = textwrap.dedent('''
     host = sys.argv[1]
     t = Tunnel(host, python=sys.argv[2])  # by default the controller's own interpreter
     assert t.call(abs, -2) == 2
-    print('compiled' if t._compiled_agent else 'source')
+    print('compiled' if t.compiled_agent else 'source')
     t.close()
 ''')
 

@@ -587,7 +587,7 @@ def test_pipes_are_wide_only_while_a_transfer_runs(sshd, kind, big_file, tmp_pat
         t.fetch(str(tmp_path / 'copy'), str(tmp_path / 'back'))
         assert sha256_of(str(tmp_path / 'back')) == big_file[1]
         assert t.call(agent_pipe_sizes) == usual
-        transport = t._connection().transport
+        transport = t.connection().transport
         assert fcntl.fcntl(transport.stdin, wire.F_GETPIPE_SZ) == usual[0]
         assert fcntl.fcntl(transport.stdout.fileno(), wire.F_GETPIPE_SZ) == usual[1]
         assert wire.WidePipe.widened == 0
@@ -653,6 +653,6 @@ def test_the_first_put_sends_the_host_only_what_it_needs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # python -c would find chopsticks in this checkout
     with Local(python=others[-1]) as t:
         t.put(str(src), str(tmp_path / 'copy'))
-        sent = t._connection().modules.sent
+        sent = t.connection().modules.sent
     assert {'chopsticks', 'chopsticks.errors'} <= sent  # (files itself: read from this checkout)
     assert not sent & {'chopsticks.tunnel', 'chopsticks.connection', 'chopsticks.group'}
