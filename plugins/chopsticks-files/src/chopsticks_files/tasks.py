@@ -21,7 +21,7 @@ file should be) raises :class:`FileTaskError` before anything changes; its
 message names the task, the path and the argument at fault.
 """
 import difflib
-import errno
+import functools
 import grp
 import hashlib
 import os
@@ -132,6 +132,24 @@ def _content(task, path, content):
         return bytes(content)
     raise FileTaskError(task, path, 'content', 'content must be str or bytes, not %s'
                         % type(content).__name__)
+
+
+def _reports(task, path_at=0):
+    """Decorator: an OSError the task did not expect (a directory it may not
+    search, say) becomes a FileTaskError naming the task, the path and the user."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FileTaskError:
+                raise
+            except OSError as exc:
+                path = args[path_at] if len(args) > path_at else kwargs.get('path')
+                raise FileTaskError(task, path, None, '%s: %s (as %s)' % (
+                    exc.filename or path, exc.strerror or exc, _whoami()))
+        return run
+    return decorate
 
 
 # -- looking at the host -------------------------------------------------------------
@@ -403,6 +421,7 @@ def _set_attributes(task, path, st, uid, gid, mode, follow=True):
 # -- file ------------------------------------------------------------------------------
 
 
+@_reports('file')
 def file(path, content=None, *, owner=None, group=None, mode=None, state='present',
          backup=False, check=False):
     """Make ``path`` a regular file with this content, owner, group and mode.
@@ -422,12 +441,15 @@ def file(path, content=None, *, owner=None, group=None, mode=None, state='presen
     The content is written to a temp file in the same directory, fsynced and
     renamed over ``path`` (then the directory is fsynced): on any failure the
     old file is untouched and no temp file stays behind.  The parent
-    directory must exist (see :func:`directory`).
+    directory must exist (see :func:`directory`); in check mode a missing one
+    is reported in ``warning`` instead, so that a whole deployment can be
+    checked before an earlier task of it has created the directory.
     """
     source = None if content is None else _Bytes(_content('file', path, content))
     return _file('file', path, source, owner, group, mode, state, backup, check)
 
 
+@_reports('file')
 def file_by_digest(path, sha256, size, *, owner=None, group=None, mode=None, state='present',
                    backup=False, check=False):
     """:func:`file` when only the content's SHA-256 is sent: ``{'need_content': True}``
@@ -438,6 +460,7 @@ def file_by_digest(path, sha256, size, *, owner=None, group=None, mode=None, sta
         return {'need_content': True}
 
 
+@_reports('file', path_at=1)
 def file_from_stream(stream, path, sha256, size, *, owner=None, group=None, mode=None,
                      backup=False, check=False):
     """:func:`file` with the content streamed (``Tunnel.call_stream``), checked
@@ -460,11 +483,9 @@ def _file(task, path, source, owner, group, mode, state, backup, check):
         raise FileTaskError(task, given, 'path', '%s is %s, not a regular file'
                             % (target, _kind(st)))
     directory = os.path.dirname(target)
+    warning = None
     if st is None:
-        parent = _stat(directory)
-        if parent is None or not stat.S_ISDIR(parent.st_mode):
-            raise FileTaskError(task, given, 'path', 'the parent directory %s does not exist '
-                                '(create it with directory())' % directory)
+        warning = _missing_parent(task, given, directory, check)
         if source is None:
             source = _Bytes(b'')
 
@@ -500,7 +521,10 @@ def _file(task, path, source, owner, group, mode, state, backup, check):
                        group=_group_name(new_gid))
         if source is not None:
             planned['content'] = source.sha256
-        return _result(task, target, True, before, planned, diff=diff, backup=None)
+        result = _result(task, target, True, before, planned, diff=diff, backup=None)
+        if warning:
+            result['warning'] = warning
+        return result
 
     if writes:
         if backup and st is not None:
@@ -517,6 +541,19 @@ def _file(task, path, source, owner, group, mode, state, backup, check):
     if not writes and source is not None:
         after['content'] = old_sha
     return _result(task, target, False, before, after, diff=diff, backup=backup_path)
+
+
+def _missing_parent(task, given, directory, check):
+    """None when ``directory`` exists.  Else an error; in check mode a warning
+    instead, so that a deployment checked as a whole can plan a file in a
+    directory an earlier task of it would create."""
+    parent = _stat(directory)
+    if parent is not None and stat.S_ISDIR(parent.st_mode):
+        return None
+    problem = 'the parent directory %s does not exist' % directory
+    if check:
+        return problem + ': the real run fails unless an earlier task creates it'
+    raise FileTaskError(task, given, 'path', problem + ' (create it with directory())')
 
 
 def _remove_file(task, path, check):
@@ -575,6 +612,7 @@ def _regex(task, path, argument, pattern):
                             % (argument, pattern, exc))
 
 
+@_reports('line')
 def line(path, line, *, match=None, state='present', create=False, after=None, check=False):
     """Make sure a line is in a text file (or, ``state='absent'``, is not).
 
@@ -660,6 +698,7 @@ def line(path, line, *, match=None, state='present', create=False, after=None, c
 # -- directory ---------------------------------------------------------------------------
 
 
+@_reports('directory')
 def directory(path, *, owner=None, group=None, mode=None, recurse=False, state='present',
               check=False):
     """Make ``path`` a directory with this owner, group and mode.
@@ -779,6 +818,7 @@ def _recurse(task, given, root, uid, gid, mode, apply):
 # -- link ------------------------------------------------------------------------------
 
 
+@_reports('link')
 def link(path, target, *, state='present', check=False):
     """Make ``path`` a symlink to ``target`` (or, ``state='absent'``, not a symlink).
 
@@ -786,7 +826,7 @@ def link(path, target, *, state='present', check=False):
     from the link's directory) and need not exist.  A symlink pointing
     elsewhere is replaced atomically (a new link renamed over it); a file or
     directory at ``path`` is an error, never replaced.  The parent directory
-    must exist.
+    must exist (in check mode: a ``warning``, as in :func:`file`).
     """
     task = 'link'
     given = path
@@ -812,10 +852,7 @@ def link(path, target, *, state='present', check=False):
             _fsync_dir(directory)
         return _result(task, path, check, before, {'state': 'absent'})
 
-    parent = _stat(directory)
-    if parent is None or not stat.S_ISDIR(parent.st_mode):
-        raise FileTaskError(task, given, 'path', 'the parent directory %s does not exist '
-                            '(create it with directory())' % directory)
+    warning = _missing_parent(task, given, directory, check)
     if old != target and not check:
         temp = os.path.join(directory, '.%s.%d.%d%s' % (os.path.basename(path)[:100], os.getpid(),
                                                        int(time.time() * 1e6), _TEMP_SUFFIX))
@@ -831,6 +868,8 @@ def link(path, target, *, state='present', check=False):
         _fsync_dir(directory)
     now = target if check else os.readlink(path)
     result = _result(task, path, check, before, {'state': 'present', 'target': now})
+    if warning:
+        result['warning'] = warning
     if result['changed']:
         result['diff'] = 'symlink %s: %s -> %s\n' % (path, old if old is not None else '(none)',
                                                     target)
