@@ -27,6 +27,7 @@ import chopsticks_files
 from chopsticks import Local, RemoteException, Sudo, tasks
 from chopsticks_files import directory, file, line, link, render, upload
 from chopsticks_files.tasks import file_by_digest, file_from_stream
+from files_tasks_deploy import deploy_site, python_version
 
 SRC = Path(chopsticks_files.__file__).resolve().parent
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owner changes)")
@@ -511,17 +512,6 @@ def test_render_search_path_and_environment(tmp_path, monkeypatch):
 # -- a deployment is one function -------------------------------------------------------------
 
 
-def deploy_site(root, check=False):
-    """A deployment: runs on the host, one call, tasks as plain functions."""
-    results = {}
-    results["dir"] = directory(root + "/etc", mode=0o755, check=check)
-    results["conf"] = file(root + "/etc/app.conf", "port = 80\n", mode="0644", check=check)
-    results["line"] = line(root + "/etc/hosts", "10.0.0.1 db", match=r"\sdb$", create=True,
-                           check=check)
-    results["link"] = link(root + "/current", "etc", check=check)
-    return results
-
-
 def test_a_deployment_is_one_call(host, tmp_path):
     root = str(tmp_path / "site")
     os.mkdir(root)
@@ -535,6 +525,21 @@ def test_a_deployment_is_one_call(host, tmp_path):
     assert Path(root, "etc", "app.conf").read_text() == "port = 80\n"
     second = host.call(deploy_site, root)
     assert not any(r["changed"] for r in second.values())
+
+
+def test_tasks_run_on_the_oldest_python(pythons, tmp_path):
+    """Python 3.6 hosts: the tasks, the digest check and the stream path."""
+    oldest = min(pythons, key=lambda p: tuple(int(n) for n in p.rsplit("python", 1)[1].split(".")))
+    root = str(tmp_path / "site")
+    os.mkdir(root)
+    with Local(python=oldest) as old_host:
+        assert old_host.call(python_version) == (3, 6) or "3.6" not in oldest
+        assert all(r["changed"] for r in old_host.call(deploy_site, root).values())
+        assert not any(r["changed"] for r in old_host.call(deploy_site, root).values())
+        content = b"z" * (chopsticks_files.STREAM_THRESHOLD + 1)
+        assert upload(old_host, root + "/big", content)["changed"] is True
+        assert upload(old_host, root + "/big", content)["changed"] is False
+    assert Path(root, "big").read_bytes() == content
 
 
 # -- the command line -------------------------------------------------------------------------------

@@ -747,7 +747,8 @@ def directory(path, *, owner=None, group=None, mode=None, recurse=False, state='
         while _stat(missing, follow=False) is None:
             created.insert(0, missing)
             missing = os.path.dirname(missing)
-        if not stat.S_ISDIR((_stat(missing) or lst or os.stat('/')).st_mode):
+        ancestor = _stat(missing)  # the nearest that exists (through symlinks)
+        if ancestor is None or not stat.S_ISDIR(ancestor.st_mode):
             raise FileTaskError(task, given, 'path', '%s is not a directory: cannot create %s '
                                 'in it' % (missing, path))
     before = _attributes(st)
