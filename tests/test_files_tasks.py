@@ -251,6 +251,30 @@ def test_file_failed_write_keeps_the_old_file_and_no_temp(user_host, user_dir):
     assert snapshot(user_dir) == before
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB filesystem (tmpfs), to fill up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + done.stderr.strip())
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_file_disk_full_keeps_the_old_file_and_no_temp(host, small_disk):
+    target = small_disk / "conf"
+    target.write_text("old\n")
+    before = snapshot(small_disk)
+    with pytest.raises(RemoteException) as info:
+        host.call(file, str(target), b"x" * (256 << 10))
+    assert "file(path=%r)" % str(target) in str(info.value)
+    assert "No space left on device" in str(info.value)
+    assert snapshot(small_disk) == before
+
+
 def test_file_damaged_stream_keeps_the_old_file_and_no_temp(host, tmp_path):
     target = tmp_path / "big"
     target.write_bytes(b"old")
