@@ -311,6 +311,22 @@ def test_permission_denied_names_host_and_path(user_host, tmp_path):
         user_host.call(directory, "/root/chopsticks-x")
 
 
+def test_unprivileged_owner_change_is_refused_clearly(user_host, user_dir):
+    target = user_dir / "mine"
+    target.write_text("x")
+    os.chown(target, user_dir.stat().st_uid, user_dir.stat().st_gid)
+    before = snapshot(user_dir)
+    plan = user_host.call(file, str(target), owner="root", check=True)
+    assert plan["changed_attributes"] == ["owner"]  # the plan does not know it will be refused
+    with pytest.raises(RemoteException) as info:
+        user_host.call(file, str(target), owner="root")
+    text = str(info.value)
+    assert text.startswith("[%s] " % user_host.host)
+    assert "cannot change the owner, group or mode of %s" % target in text
+    assert "Operation not permitted" in text
+    assert snapshot(user_dir) == before
+
+
 # -- line ---------------------------------------------------------------------------------------
 
 

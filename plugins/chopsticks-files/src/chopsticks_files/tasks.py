@@ -640,7 +640,7 @@ def line(path, line, *, match=None, state='present', create=False, after=None, c
     ``line`` must be a single line (Ansible accepts embedded newlines and
     then never finds the line again, so it appends it on every run);
     ``match`` and ``after`` see each line without its ending (Ansible's
-    ``regexp`` sees the newline too, so there ``r'db\s'`` matches ``'db\n'``);
+    ``regexp`` sees the newline too, so there ``r'db\\s'`` matches ``'db\\n'``);
     a replaced line keeps its ending (Ansible writes ``os.linesep``).
     """
     task = 'line'
