@@ -237,8 +237,10 @@ def _task_arguments(task: Callable[..., Any], args: Sequence[str]) -> Tuple[List
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("words", nargs=-1, required=True, metavar="HOST... TASK [ARGS]...")
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--diff", "show_diff", is_flag=True,
+              help="Print the changes a task reports in its result's 'diff' (file contents).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-def run(words: Sequence[str], check: bool, as_json: bool) -> None:
+def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = False) -> None:
     """Run a task on hosts in parallel and report changed / ok / failed per host.
 
     ARGS are the task's arguments: NAME=VALUE for a parameter of the task,
@@ -246,6 +248,7 @@ def run(words: Sequence[str], check: bool, as_json: bool) -> None:
 
         chopsticks run web1 web2 install nginx
         chopsticks run sudo://root update_cache max_age=3600 --check
+        chopsticks run web1 file /etc/motd content=hello --check --diff
     """
     hosts, task_name, args = _split_run_args(words)
     task = plugins.get_plugin_manager().lookup("task", task_name)
@@ -270,8 +273,10 @@ def run(words: Sequence[str], check: bool, as_json: bool) -> None:
                 continue
             state = ("would change" if check else "changed") if result["changed"] else "ok"
             details = "  ".join(f"{k}: {_summary(v)}" for k, v in result.items()
-                                if k not in ("changed", "check") and v not in (None, "", [], {}))
+                                if k not in ("changed", "check", "diff") and v not in (None, "", [], {}))
             click.echo(f"{host.ljust(width)}  {state.ljust(7)}  {details}".rstrip())
+            if show_diff and isinstance(result.get("diff"), str) and result["diff"]:
+                click.echo("".join("    " + text for text in result["diff"].splitlines(True)).rstrip("\n"))
     sys.exit(EXIT_HOST_FAILED if failed else EXIT_OK)
 
 
