@@ -98,9 +98,10 @@ def service(name, *, state=None, enabled=None, check=False, manager=None):
     if enabled not in (None, True, False):
         raise bad("service", "enabled", enabled, "must be True, False or None")
     backend = get_manager(manager)
-    before = _status(backend, name)
+    status = backend.status(name)
+    before = _running_enabled(status)
     actions = plan_service(before, state, enabled)
-    backend.check_plan(name, before, actions)
+    backend.check_plan(name, status, actions)
     if check:
         after = _predict(backend, before, state, enabled, actions)
     else:
@@ -114,23 +115,28 @@ def service(name, *, state=None, enabled=None, check=False, manager=None):
             backend.act(name, action)
             done.append(action)
         actions = done
-        after = _status(backend, name)
-        _verify(backend, name, after, state, enabled)
+        final = backend.status(name)
+        after = _running_enabled(final)
+        _verify(backend, name, after, state, enabled, final.get("detail"))
     changed = after != before or any(a in ("restart", "reload") for a in actions)
     return {"changed": changed, "check": check, "manager": backend.name, "name": name,
             "actions": actions, "before": before, "after": after}
 
 
 def _status(backend, name):
-    status = backend.status(name)
+    return _running_enabled(backend.status(name))
+
+
+def _running_enabled(status):
     return {"running": bool(status["running"]), "enabled": bool(status["enabled"])}
 
 
-def _verify(backend, name, after, state, enabled):
+def _verify(backend, name, after, state, enabled, detail):
     want_running = {"started": True, "restarted": True, "reloaded": True, "stopped": False}.get(state)
     if want_running is not None and after["running"] != want_running:
-        raise bad("service", "state", state, "%s still reports %s %s" % (
-            backend.name, name, "running" if after["running"] else "not running"))
+        raise bad("service", "state", state, "%s still reports %s %s%s" % (
+            backend.name, name, "running" if after["running"] else "not running",
+            (": " + detail) if detail else ""))
     if enabled is not None and after["enabled"] != enabled:
         raise bad("service", "enabled", enabled, "%s still reports %s %s" % (
             backend.name, name, "enabled" if after["enabled"] else "not enabled"))

@@ -123,7 +123,8 @@ class Manager(object):
     name = None
 
     def status(self, service):
-        """``{'running': bool, 'enabled': bool}``; a TaskError for an unknown service."""
+        """``{'running': bool, 'enabled': bool, ...}`` (other keys are the
+        manager's own, for ``check_plan``); a TaskError for an unknown service."""
         raise NotImplementedError
 
     def act(self, service, action):
@@ -131,7 +132,8 @@ class Manager(object):
         raise NotImplementedError
 
     def check_plan(self, service, status, actions):
-        """Refuse, before anything runs, a plan this manager cannot carry out."""
+        """Refuse, before anything runs, a plan this manager cannot carry out
+        (``status`` is what :meth:`status` returned)."""
 
     def __repr__(self):
         return "<%s service manager>" % self.name
@@ -150,11 +152,10 @@ class Systemd(Manager):
         return state
 
     def status(self, service):
-        state = self._show(service)
-        return {"running": state["running"], "enabled": state["enabled"]}
+        return self._show(service)
 
     def check_plan(self, service, status, actions):
-        unit_file_state = self._show(service)["unit_file_state"]
+        unit_file_state = status["unit_file_state"]
         if ("enable" in actions or "disable" in actions) and unit_file_state in SYSTEMD_FIXED_STATES:
             raise bad(TASK, "enabled", "enable" in actions,
                       "systemd unit %s is %s: systemctl enable/disable cannot change that%s" % (
@@ -176,14 +177,20 @@ class OpenRC(Manager):
         return parse_rc_update_show(run(["rc-update", "show", "-v"], TASK, "name", service).out
                                     ).get(service, [])
 
-    def status(self, service):
-        if not os.path.isfile(os.path.join(self.init_dir, service)):
-            raise _unknown(service, self.name, self.init_dir)
+    def _status_word(self, service):
         proc = run(["rc-service", service, "status"], TASK, "name", service, ok_codes=None)
-        running = parse_openrc_status(proc.out + proc.err, proc.returncode)["running"]
-        return {"running": running, "enabled": bool(self._runlevels(service))}
+        return parse_openrc_status(proc.out + proc.err, proc.returncode)
+
+    def status(self, service):
+        if "/" in service or not os.path.isfile(os.path.join(self.init_dir, service)):
+            raise _unknown(service, self.name, self.init_dir)
+        return {"running": self._status_word(service)["running"],
+                "enabled": bool(self._runlevels(service))}
 
     def act(self, service, action):
+        if action == "start" and self._status_word(service)["status"] == "crashed":
+            # OpenRC still counts a crashed service as started: start would do nothing
+            action = "restart"
         if action == "enable":
             run(["rc-update", "add", service, "default"], TASK, "enabled", True)
         elif action == "disable":
@@ -274,6 +281,7 @@ class Runit(Manager):
     """
 
     name = "runit"
+    RESTART_PAUSE = 3.0
     SERVICE_DIRS = ("/etc/service", "/var/service", "/service", "/etc/runit/runsvdir/default")
 
     def __init__(self, definition_dirs=("/etc/sv", "/etc/runit/sv"), service_dir=None,
@@ -309,8 +317,17 @@ class Runit(Manager):
             raise _unknown(service, self.name, ", ".join(tuple(self.definition_dirs) + (self.service_dir,)))
         if not os.path.lexists(linked):
             return {"running": False, "enabled": False}
-        proc = run(["sv", "status", linked], TASK, "name", service, ok_codes=None)
-        return {"running": parse_sv_status(proc.out) == "run", "enabled": True}
+        # runsv waits a second before starting again a service that ran for
+        # less than one (a quick restart can land there): "down ..., want up"
+        # lasts that second, so look again for up to RESTART_PAUSE seconds.
+        deadline = time.time() + self.RESTART_PAUSE
+        while True:
+            proc = run(["sv", "status", linked], TASK, "name", service, ok_codes=None)
+            word = parse_sv_status(proc.out)
+            if word != "down" or "want up" not in proc.out or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        return {"running": word == "run", "enabled": True, "detail": (proc.out + proc.err).strip()}
 
     def check_plan(self, service, status, actions):
         will_be_enabled = "enable" in actions or (status["enabled"] and "disable" not in actions)
