@@ -266,7 +266,13 @@ def test_systemd_refuses_what_enable_cannot_change(recorded_managers, name, enab
 
 def test_systemd_unknown_unit(recorded_managers):  # RECORDED
     with pytest.raises(TaskError, match=r"^service: name='no-such-unit': systemd knows no such service"):
-        plan("no-such-unit", "systemd", state="started")
+        chopsticks_system.service("no-such-unit", state="started", manager="systemd")
+    # check mode plans past it: a deployment's earlier install task would bring it
+    result = chopsticks_system.service("no-such-unit", state="started", manager="systemd", check=True)
+    assert result["actions"] == ["start"] and result["before"] == {"running": False, "enabled": False}
+    assert result["warnings"] == ["service: name='no-such-unit': systemd knows no such service "
+                                  "(looked in systemctl show: LoadState=not-found) "
+                                  "(yet: an earlier task must install it)"]
 
 
 @pytest.fixture
@@ -292,7 +298,7 @@ def test_openrc_check_mode(recorded_managers, openrc, name, wanted, expected):  
 
 def test_openrc_unknown_service(recorded_managers, openrc):
     with pytest.raises(TaskError, match=r"^service: name='apache2': openrc knows no such service"):
-        plan("apache2", openrc, state="started")
+        chopsticks_system.service("apache2", state="started", manager=openrc)
 
 
 @pytest.fixture
@@ -321,7 +327,7 @@ def test_launchd_has_no_reload(recorded_managers, launchd):  # RECORDED
     with pytest.raises(TaskError, match=r"^service: state='reloaded': launchd has no reload"):
         plan("com.example.web", launchd, state="reloaded")
     with pytest.raises(TaskError, match=r"^service: name='com.example.nope': launchd knows no such"):
-        plan("com.example.nope", launchd, state="started")
+        chopsticks_system.service("com.example.nope", state="started", manager=launchd)
 
 
 # -- sysvinit, for real ----------------------------------------------------------------
@@ -668,11 +674,17 @@ def test_user_errors_name_host_task_argument_and_hide_the_hash(account_names):
     with Local() as host:
         msg = remote_error(host, tasks.user, name, group="cs-no-such-group", password_hash=HASH_1)
         assert msg == "user: group='cs-no-such-group': no such group on this host"
-        msg = remote_error(host, tasks.user, name, groups=["root", "cs-nope1", "cs-nope2"], check=True)
+        msg = remote_error(host, tasks.user, name, groups=["root", "cs-nope1", "cs-nope2"])
         assert msg.startswith("user: groups=['root', 'cs-nope1', 'cs-nope2']: no such groups "
                               "on this host: cs-nope1, cs-nope2")
         with pytest.raises(KeyError):
             pwd.getpwnam(name)
+        # check mode plans past a group an earlier task of a deployment would create
+        planned = host.call(tasks.user, name, group="cs-nope1", groups="cs-nope2", check=True)
+        assert planned["changes"] == ["created"] and planned["after"]["group"] == "cs-nope1"
+        assert planned["warnings"] == [
+            "group='cs-nope1': no such group on this host (yet: an earlier task must create it)",
+            "groups='cs-nope2': no such group on this host: cs-nope2 (yet: an earlier task must create it)"]
 
         # a failing command: uid 0 is root's
         msg = remote_error(host, tasks.user, name, uid=0, password_hash=HASH_1)

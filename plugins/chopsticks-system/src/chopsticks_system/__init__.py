@@ -90,6 +90,9 @@ def service(name, *, state=None, enabled=None, check=False, manager=None):
         ``service_manager`` fact).
     :return: ``{'changed', 'check', 'manager', 'name', 'actions': [...],
         'before': {'running', 'enabled'}, 'after': {'running', 'enabled'}}``.
+        In check mode an unknown service is planned from "stopped and
+        disabled" with a ``warnings`` entry (an earlier task of the
+        deployment may install it); a real run raises.
     """
     if not isinstance(name, str) or not name or "\n" in name:
         raise bad("service", "name", name, "must be a service name")
@@ -98,10 +101,20 @@ def service(name, *, state=None, enabled=None, check=False, manager=None):
     if enabled not in (None, True, False):
         raise bad("service", "enabled", enabled, "must be True, False or None")
     backend = get_manager(manager)
-    status = backend.status(name)
-    before = _running_enabled(status)
+    warnings = []
+    try:
+        status = backend.status(name)
+    except TaskError as exc:
+        # In check mode an unknown service is a warning: a deployment's earlier
+        # package task would install it, and its plan installs nothing.
+        if not (check and getattr(exc, "unknown_service", False)):
+            raise
+        warnings.append("%s (yet: an earlier task must install it)" % exc)
+        status = None
+    before = _running_enabled(status or {"running": False, "enabled": False})
     actions = plan_service(before, state, enabled)
-    backend.check_plan(name, status, actions)
+    if status is not None:
+        backend.check_plan(name, status, actions)
     if check:
         after = _predict(backend, before, state, enabled, actions)
     else:
@@ -119,8 +132,9 @@ def service(name, *, state=None, enabled=None, check=False, manager=None):
         after = _running_enabled(final)
         _verify(backend, name, after, state, enabled, final.get("detail"))
     changed = after != before or any(a in ("restart", "reload") for a in actions)
-    return {"changed": changed, "check": check, "manager": backend.name, "name": name,
-            "actions": actions, "before": before, "after": after}
+    result = {"changed": changed, "check": check, "manager": backend.name, "name": name,
+              "actions": actions, "before": before, "after": after}
+    return _with_warnings(result, warnings)
 
 
 def _status(backend, name):
@@ -200,14 +214,17 @@ def _account_result(name, state, check, before, after, extra_changes):
 # -- user ------------------------------------------------------------------------------
 
 
-def _group_names(task, argument, groups):
+def _group_names(task, argument, groups, check, warnings):
     names = groups.replace(",", " ").split() if isinstance(groups, str) else list(groups)
     entries = [(g, accounts.group_entry(g)) for g in names]
     unknown = [g for g, entry in entries if entry is None]
     if unknown:
-        raise bad(task, argument, groups, "no such group%s on this host: %s" % (
-            "s" if len(unknown) > 1 else "", ", ".join(str(g) for g in unknown)))
-    return sorted(set(entry.gr_name for _, entry in entries))
+        problem = "no such group%s on this host: %s" % (
+            "s" if len(unknown) > 1 else "", ", ".join(str(g) for g in unknown))
+        if not check:
+            raise bad(task, argument, groups, problem)
+        warnings.append("%s=%r: %s (yet: an earlier task must create it)" % (argument, groups, problem))
+    return sorted(set(entry.gr_name if entry else str(g) for g, entry in entries))
 
 
 def _current_hash(name):
@@ -227,7 +244,9 @@ def user(name, *, uid=None, group=None, groups=None, append=True, shell=None, ho
         default a new user gets the tool's default (on Debian, a group of
         its own name).
     :param groups: supplementary groups (a list, or a string of names
-        separated by commas or spaces); every one must exist.
+        separated by commas or spaces); every one must exist.  In check
+        mode a missing group is reported in ``warnings`` instead (an earlier
+        task of the deployment may create it).
     :param append: with ``True`` (the default) the user is added to
         ``groups`` and kept in others; with ``False`` its supplementary
         groups become exactly ``groups``.
@@ -260,13 +279,19 @@ def user(name, *, uid=None, group=None, groups=None, append=True, shell=None, ho
         after = None if check else accounts.user_state(name)
         return _account_result(name, state, check, before, after, [])
 
+    # In check mode a missing group is a warning, not an error: a deployment's
+    # earlier group task would create it, and its plan creates nothing.
+    warnings = []
     primary = None
     if group is not None:
         entry = accounts.group_entry(group)
-        if entry is None:
+        if entry is None and not check:
             raise bad("user", "group", group, "no such group on this host")
-        primary = entry.gr_name
-    wanted = None if groups is None else _group_names("user", "groups", groups)
+        if entry is None:
+            warnings.append("group=%r: no such group on this host (yet: an earlier task "
+                            "must create it)" % (group,))
+        primary = entry.gr_name if entry else str(group)
+    wanted = None if groups is None else _group_names("user", "groups", groups, check, warnings)
     hash_before = _current_hash(name) if password_hash is not None and before else None
 
     if before is None:
@@ -279,7 +304,7 @@ def user(name, *, uid=None, group=None, groups=None, append=True, shell=None, ho
                     run(["addgroup", name, extra], "user", "groups", groups)
             _set_password(name, password_hash)
         after = plan if check else accounts.user_state(name)
-        return _account_result(name, state, check, before, after, [])
+        return _with_warnings(_account_result(name, state, check, before, after, []), warnings)
 
     changes = {}
     for attribute, value in (("uid", uid), ("group", primary), ("shell", shell), ("home", home)):
@@ -301,8 +326,8 @@ def user(name, *, uid=None, group=None, groups=None, append=True, shell=None, ho
         names, appended = changes["groups"]
         planned["groups"] = sorted(set(before["groups"]) | set(names)) if appended else names
     if check:
-        return _account_result(name, state, True, before, planned,
-                               ["password"] if new_password else [])
+        return _with_warnings(_account_result(name, state, True, before, planned,
+                                              ["password"] if new_password else []), warnings)
 
     if changes:
         _modify(name, before, changes, toolset, groups)
@@ -312,6 +337,12 @@ def user(name, *, uid=None, group=None, groups=None, append=True, shell=None, ho
     password_changed = new_password and _current_hash(name) != hash_before
     return _account_result(name, state, False, before, after,
                            ["password"] if password_changed else [])
+
+
+def _with_warnings(result, warnings):
+    if warnings:
+        result["warnings"] = warnings
+    return result
 
 
 def _modify(name, before, changes, toolset, groups_argument):

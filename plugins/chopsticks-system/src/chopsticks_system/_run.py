@@ -19,6 +19,9 @@ class TaskError(Exception):
     """
 
 
+TaskError.__module__ = "chopsticks_system"  # its public home, so errors read chopsticks_system.TaskError
+
+
 def bad(task, argument, value, problem):
     """The TaskError for one bad argument."""
     return TaskError("%s: %s=%r: %s" % (task, argument, value, problem))

@@ -23,7 +23,9 @@ ACTIONS = ("start", "stop", "restart", "reload", "enable", "disable")
 
 
 def _unknown(name, manager, where):
-    return bad(TASK, "name", name, "%s knows no such service (looked in %s)" % (manager, where))
+    error = bad(TASK, "name", name, "%s knows no such service (looked in %s)" % (manager, where))
+    error.unknown_service = True  # check mode plans past it (an earlier task may install it)
+    return error
 
 
 # -- parsers of each manager's output ---------------------------------------------------
