@@ -706,3 +706,21 @@ def test_group_through_ssh(ssh_alias, account_names):
         msg = remote_error(host, tasks.user, name, group="cs-no-such-group")
         assert msg == "user: group='cs-no-such-group': no such group on this host"
         assert host.call(tasks.group, name, state="absent")["changes"] == ["removed"]
+
+
+@needs_root
+def test_tasks_run_on_the_oldest_python(account_names, sysv_service):
+    """The host side on Python 3.6 (pyenv's), through the import hook."""
+    from conftest import available_pythons
+    pythons = available_pythons()
+    if not pythons or not pythons[0].endswith("3.6"):
+        pytest.skip("no pyenv Python 3.6")
+    name = account_names("o")
+    service_name, paths = sysv_service
+    with Local(python=pythons[0]) as host:
+        assert host.call(tasks.group, name)["changes"] == ["created"]
+        assert host.call(tasks.user, name, group=name, create_home=False)["changes"] == ["created"]
+        assert host.call(tasks.user, name, group=name, create_home=False)["changed"] is False
+        started = host.call(tasks.service, service_name, state="started", manager="sysvinit")
+        assert started["actions"] == ["start"] and pid_of(paths["pidfile"])
+        assert host.call(tasks.user, name, state="absent")["changes"] == ["removed"]
