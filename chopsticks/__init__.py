@@ -8,7 +8,7 @@ from .errors import (
     RemoteException, TunnelClosed,
 )
 
-__version__ = '2.0.0.dev0'
+__version__ = '2.0.0'
 
 __all__ = [
     'Tunnel', 'SSHTunnel', 'Local', 'Sudo', 'Docker', 'SubprocessTunnel', 'BaseTunnel',

@@ -117,7 +117,7 @@ def test_list_plugins():
     result = chopsticks("list-plugins")
     assert result.returncode == 0
     assert result.stdout.startswith("chopsticks  chopsticks ")
-    assert "facts  chopsticks-facts 0.1.0  ok\n" in result.stdout
+    assert f"facts  chopsticks-facts {chopsticks_facts.__version__}  ok\n" in result.stdout
     listed = json.loads(chopsticks("list-plugins", "--json").stdout)
     assert {"chopsticks", "facts"} <= {p["name"] for p in listed}
 

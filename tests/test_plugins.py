@@ -319,7 +319,7 @@ def test_raising_hook_is_isolated(chopsticks_plugin_manager):
     (UnimportableFact(), "could not import it as test_plugins._nested.<locals>.inner"),
     (TaskWithoutCheck(), "takes no 'check' keyword argument"),
     (BadScheme(), "registers the tunnel scheme 'Not A Scheme'"),
-    (DuplicateScheme(), "the tunnel 'local' is registered by both chopsticks 2.0.0.dev0 and "
+    (DuplicateScheme(), f"the tunnel 'local' is registered by both chopsticks {chopsticks.__version__} and "
                         "plugin 'bad' (registered in code); chopsticks' own is used"),
 ])
 def test_bad_registrations_are_refused(chopsticks_plugin_manager, plugin, message):

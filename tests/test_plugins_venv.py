@@ -26,6 +26,7 @@ if not os.environ.get("CI"):  # CI installs the plugins (.ci/run); elsewhere the
     pytest.importorskip("chopsticks_facts", reason="pip install -e plugins/chopsticks-facts")
 
 import chopsticks_facts
+import chopsticks_pkg
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugin-example" / "chopsticks-hello"
@@ -182,9 +183,9 @@ def python(venv, code, **kwargs):
 
 def test_list_plugins_shows_installed_distributions(venv):
     out = run(venv, "chopsticks", "list-plugins", check=0).stdout
-    assert out.splitlines()[0].startswith("chopsticks  chopsticks 2.0.0.dev0  ok")
-    assert "facts  chopsticks-facts 0.1.0  ok\n    facts: cpu, default_route, disks, fqdn, " in out
-    assert "pkg  chopsticks-pkg 0.1.0  ok\n    tasks: install, latest, remove, update_cache\n" in out
+    assert out.splitlines()[0].startswith(f"chopsticks  chopsticks {chopsticks.__version__}  ok")
+    assert f"facts  chopsticks-facts {chopsticks_facts.__version__}  ok\n    facts: cpu, default_route, disks, fqdn, " in out
+    assert f"pkg  chopsticks-pkg {chopsticks_pkg.__version__}  ok\n    tasks: install, latest, remove, update_cache\n" in out
     assert "    tunnels: docker://, local://, ssh://, sudo://\n" in out
 
 
@@ -199,7 +200,7 @@ def test_list_plugins_json(venv):
     result = run(venv, "chopsticks", "list-plugins", "--json", check=0)
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
     assert plugins["facts"]["distribution"] == "chopsticks-facts"
-    assert plugins["facts"]["version"] == "0.1.0"
+    assert plugins["facts"]["version"] == chopsticks_facts.__version__
     assert plugins["facts"]["module"] == "chopsticks_facts.plugin"
     assert plugins["facts"]["status"] == "ok" and plugins["facts"]["message"] is None
     assert "ip" in plugins["facts"]["facts"]
@@ -223,7 +224,7 @@ def test_broken_plugins_are_listed_with_their_errors(venv):
     assert plugins["broken-hook"]["message"] == "its hook raised RuntimeError: the broken hook raised"
     # A duplicate name is used by neither plugin; both say so, naming the other.
     duplicate = ("the fact 'hostname' is registered by both chopsticks-dupe 1.0 and "
-                 "chopsticks-facts 0.1.0; neither is used")
+                 f"chopsticks-facts {chopsticks_facts.__version__}; neither is used")
     for name in ("dupe", "facts"):
         assert plugins[name]["status"] == "error"
         assert plugins[name]["message"].startswith(duplicate)
@@ -231,7 +232,7 @@ def test_broken_plugins_are_listed_with_their_errors(venv):
     # Two distributions with one entry-point name: the second is refused, naming both.
     assert plugins["facts (chopsticks-other-facts)"]["status"] == "error"
     assert plugins["facts (chopsticks-other-facts)"]["message"] == (
-        "the plugin name 'facts' is already used by chopsticks-facts 0.1.0; "
+        f"the plugin name 'facts' is already used by chopsticks-facts {chopsticks_facts.__version__}; "
         "uninstall one of chopsticks-facts and chopsticks-other-facts")
     # The others are untouched.
     assert plugins["pkg"]["status"] == "ok"
@@ -243,7 +244,7 @@ def test_broken_plugins_are_listed_with_their_errors(venv):
 def test_broken_plugins_in_text_listing(venv):
     out = run(venv, "chopsticks", "list-plugins", broken=True, check=0).stdout
     assert "broken-import  chopsticks-broken-import 1.0  error: failed to load" in out
-    assert "pkg  chopsticks-pkg 0.1.0  ok" in out
+    assert f"pkg  chopsticks-pkg {chopsticks_pkg.__version__}  ok" in out
 
 
 def test_facts_work_beside_a_broken_plugin(venv):

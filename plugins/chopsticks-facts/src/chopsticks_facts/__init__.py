@@ -20,7 +20,7 @@ from chopsticks_facts.system import (
     service_manager, uptime, users, virtualization,
 )
 
-__version__ = "0.1.0"
+__version__ = "2.0.0"
 
 #: The facts this package registers, by name.
 FACTS = {f.__name__: f for f in (

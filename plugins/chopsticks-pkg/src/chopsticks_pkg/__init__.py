@@ -17,7 +17,7 @@ manager supports one); a task takes several, or lists of them.
 """
 from chopsticks_pkg.backends import BACKENDS, PackageError, get_backend
 
-__version__ = "0.1.0"
+__version__ = "2.0.0"
 __all__ = ["install", "remove", "latest", "update_cache", "PackageError", "BACKENDS", "TASKS"]
 
 
