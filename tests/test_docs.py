@@ -8,7 +8,8 @@
   any module that exports that same object.
 * Every hook in ``chopsticks/hookspecs.py`` has its entry in the hook
   reference.
-* Every ``.. code-block:: python`` on a page either runs or says why not.
+* Every ``.. code-block:: python`` on a page (and in README.rst) either
+  runs or says why not.
   Blocks marked ``:class: runnable`` run, page by page, top to bottom, as
   one script in a fresh interpreter (functions in it travel as source, as
   in a user's script), against ``Local`` tunnels and a loopback OpenSSH
@@ -42,7 +43,7 @@ from chopsticks import hookspecs  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PLUGIN_EXAMPLE = DOCS / "plugin-example" / "chopsticks-hello"
-PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
+PAGES = [ROOT / "README.rst"] + sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
 DOC_HOSTS = ("web1", "web2", "web3", "db1")
 
 # The packages of the plugin distributions whose tasks and facts the reference covers.
@@ -227,7 +228,7 @@ def page_script(page: Path) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_examples_run(page, doc_hosts, tmp_path):
     for example in (DOCS / "examples").iterdir():  # files the pages load: hosts.toml, ...
         shutil.copy(example, tmp_path / example.name)
