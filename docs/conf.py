@@ -75,6 +75,21 @@ def _resolve_reexports(app, env, node, contnode):
                                node['reftarget'], node, contnode)
 
 
+def _init_signature(app, what, name, obj, options, signature, return_annotation):
+    # BaseTunnel.__new__(cls, *args, **kwargs) records how to rebuild a tunnel
+    # on a relay; autodoc would show its catch-all signature for every tunnel.
+    if what == 'class' and signature == '(*args, **kwargs)' and '__init__' in dir(obj):
+        import inspect
+        try:
+            sig = inspect.signature(obj.__init__)
+        except (TypeError, ValueError):
+            return None
+        params = list(sig.parameters.values())[1:]  # without self
+        return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty)), None
+    return None
+
+
 def setup(app):
+    app.connect('autodoc-process-signature', _init_signature)
     app.connect('autodoc-process-docstring', _drop_module_docstrings)
     app.connect('missing-reference', _resolve_reexports)
