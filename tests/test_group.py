@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chopsticks import CallTimeout, ConnectError, Local, RemoteException
-from chopsticks import group as group_module
+from chopsticks import dispatch, operations
 from chopsticks.group import ErrorResult, Group, GroupFailures, GroupResult
 from remote_helpers import echo, fail
 
@@ -112,7 +112,7 @@ def test_a_wake_up_after_the_run_writes_nowhere():
     the run finishes later, a run interrupted by ^C leaves connects going.
     Their wake-up must not write to the fd number the run's pipe had: once
     closed, it belongs to whatever file is opened next."""
-    reader = group_module.ReplyReader()
+    reader = dispatch.ReplyReader()
     number = reader.wake_w
     reader.close()
     r, w = os.pipe()
@@ -159,8 +159,8 @@ def test_max_parallel_bounds_hosts_busy_at_once(locals4):
 
 def test_call_is_pickled_once_for_all_hosts(locals4, monkeypatch):
     calls = []
-    real = group_module.dumps_call
-    monkeypatch.setattr(group_module, 'dumps_call', lambda *a: calls.append(a) or real(*a))
+    real = operations.dumps_call
+    monkeypatch.setattr(operations, 'dumps_call', lambda *a: calls.append(a) or real(*a))
     from chopsticks import connection
     per_tunnel = []
     real_conn = connection.dumps_call
