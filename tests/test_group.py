@@ -441,6 +441,28 @@ def test_fetch_defaults_to_a_temporary_directory_per_host(locals4, tmp_path):
         assert open(value['local_path']).read() == '127.0.0.1 localhost\n'
 
 
+@needs_files
+def test_fetch_never_writes_outside_the_templates_directory(tmp_path):
+    """A host named '..' would make 'out/{host}/x' into 'x' beside 'out'; one
+    named 'a/../../b' into '../b/x'.  The first is refused, for that host
+    alone and naming it; the second stays one path component."""
+    source = tmp_path / 'secret.txt'
+    source.write_text('data')
+    tunnels = [Local('..'), Local('a/../../b'), Local('fine')]
+    try:
+        result = Group(tunnels).fetch(str(source), str(tmp_path / 'out' / '{host}' / 'x'))
+    finally:
+        for tunnel in tunnels:
+            tunnel.close()
+    assert isinstance(result['..'], ErrorResult)
+    assert str(result['..']).startswith("[..] ValueError: cannot fetch %s to " % source)
+    assert "the host name '..' would put the file outside the template's directory" in result['..'].msg
+    assert result['a/../../b']['local_path'] == str(tmp_path / 'out' / 'a_.._.._b' / 'x')
+    assert (tmp_path / 'out' / 'fine' / 'x').read_text() == 'data'
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*') if p.is_file())
+    assert written == ['out/a_.._.._b/x', 'out/fine/x', 'secret.txt']
+
+
 def test_fetch_template_must_name_the_host(locals4):
     with pytest.raises(ValueError, match='{host}'):
         Group(locals4[:2]).fetch('/etc/hostname', '/tmp/hostname')
