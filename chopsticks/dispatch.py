@@ -37,14 +37,16 @@ import random
 import threading
 import time
 from typing import (
-    TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union,
+    TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple,
+    Union,
 )
 
 from .connection import ReplyReader
 from .errors import CallTimeout, TunnelClosed
+from .operations import Operation, Settle, settle_when_done
 
 __all__ = [
-    'Dispatcher', 'Operation', 'Settle', 'settle_when_done',
+    'Dispatcher', 'Connected', 'Settled', 'Wake', 'ConnectThrottle', 'Timers',
     'CONNECT_RETRIES', 'RETRY_BACKOFF', 'HANDSHAKE_DROPPED',
 ]
 
@@ -75,48 +77,6 @@ if TYPE_CHECKING:  # typing.Protocol is Python 3.8+; this module must import on 
                        **kwargs: Any) -> 'concurrent.futures.Future[Any]': ...
 else:
     GroupTunnel = Any
-
-#: ``settle(value, exc)``: the outcome of one job (exc is None on success).
-Settle = Callable[[Any, Optional[BaseException]], None]
-
-
-class Operation(NamedTuple):
-    """What to do to each tunnel of a job.
-
-    With ``blocking=False``, ``work(tunnel, conn, settle)`` must not block:
-    it arranges for ``settle(value, exc)`` to be called with the outcome, on
-    any thread, and returns a handle with ``done()`` and ``cancel()`` (a
-    Future will do).  ``conn`` is the tunnel's own connection
-    (``tunnel.direct_connection``, maybe closed since) for a tunnel that
-    opens one itself, else None (a relayed tunnel, or another kind).
-
-    With ``blocking=True``, ``work(tunnel, report)`` is a blocking function
-    run on the dispatcher's pool.  ``report`` is what a transfer passes as
-    ``progress=`` to chopsticks.files: a callable ``report(bytes_done,
-    bytes_total)`` feeding the run's progress bar, False (progress turned
-    off) or None (no bar: not a terminal).
-    """
-    what: str
-    work: Callable[..., Any]
-    blocking: bool
-    # (fn, args, kwargs) of a call that may go out with the connect, right
-    # behind the agent (see Tunnel.open_connection): one round trip less per host.
-    first_call: Optional[Tuple[Callable[..., Any], tuple, dict]] = None
-
-
-def settle_when_done(future: 'concurrent.futures.Future[Any]', settle: Settle) -> 'concurrent.futures.Future[Any]':
-    """Pass ``future``'s outcome to ``settle(value, exc)`` once it has one
-    (a cancelled future's is a CancelledError)."""
-    def done(f: 'concurrent.futures.Future[Any]') -> None:
-        if f.cancelled():
-            settle(None, concurrent.futures.CancelledError())
-        elif f.exception() is not None:
-            settle(None, f.exception())
-        else:
-            settle(f.result(), None)
-    future.add_done_callback(done)
-    return future
-
 
 def dropped_at_handshake(exc: BaseException) -> bool:
     """Whether a connect failed the way sshd drops connections past MaxStartups."""
@@ -182,6 +142,74 @@ class TimerKind(enum.Enum):
     DEADLINE = 'deadline'   # a job's timeout
 
 
+class Timers(object):
+    """Deadlines of jobs and retries of connects, soonest first."""
+
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int, TimerKind, Any]] = []
+        self._seq = itertools.count()  # ties fire in the order they were set
+
+    def set(self, delay: float, kind: TimerKind, item: Any) -> None:
+        heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), kind, item))
+
+    def next_at(self) -> Optional[float]:
+        """When the soonest timer fires (time.monotonic()), or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def due(self) -> Iterator[Tuple[TimerKind, Any]]:
+        """Pop the timers whose time has come."""
+        now = time.monotonic()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, kind, item = heapq.heappop(heap)
+            yield kind, item
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+
+class ConnectThrottle(object):
+    """How many lanes may connect at once: the MaxStartups policy.
+
+    Up to ``max_connect``; each connect dropped at the handshake halves the
+    limit (down to 1) and each connect that succeeds adds one back.  Lanes
+    wait in ``waiting`` for their turn; a retried lane goes first.
+    """
+
+    def __init__(self, max_connect: int) -> None:
+        self.max_connect = max_connect
+        self.limit = max_connect
+        self.connecting = 0
+        self.waiting: Deque[Lane] = collections.deque()
+
+    def next_lane(self) -> Optional[Lane]:
+        """A waiting lane that may start connecting now (counted as connecting), or None."""
+        if self.waiting and self.connecting < self.limit:
+            self.connecting += 1
+            return self.waiting.popleft()
+        return None
+
+    def succeeded(self) -> None:
+        self.connecting -= 1
+        self.limit = min(self.max_connect, self.limit + 1)
+
+    def failed(self) -> None:
+        self.connecting -= 1
+
+    def dropped(self, lane: Lane) -> float:
+        """A connect dropped at the handshake: the seconds before ``lane`` retries."""
+        self.connecting -= 1
+        lane.attempts += 1
+        self.limit = max(1, self.limit // 2)
+        return RETRY_BACKOFF * 2 ** (lane.attempts - 1) * random.uniform(0.5, 1.5)
+
+    def reset(self) -> None:
+        """Forget the waiting lanes and the run's drops."""
+        self.waiting.clear()
+        self.connecting = 0
+        self.limit = self.max_connect
+
+
 class _NoProgress(object):
     """What a dispatcher shows without a progress factory: nothing."""
 
@@ -227,12 +255,9 @@ class Dispatcher(object):
         self._progress_factory = progress_factory
         self._lanes: Dict[int, Lane] = {}
         self._ready: Deque[Lane] = collections.deque()         # waiting for a slot
-        self._connect_wait: Deque[Lane] = collections.deque()  # holding a slot, to connect
+        self._connects = ConnectThrottle(max_connect)  # lanes holding a slot, to connect
         self._busy = 0          # lanes holding a slot
-        self._connecting = 0
-        self._connect_limit = max_connect
-        self._timers: List[Tuple[float, int, TimerKind, Any]] = []
-        self._seq = itertools.count()
+        self._timers = Timers()
         self._unsettled = 0
         self._settled = 0
         self._failed = 0
@@ -276,70 +301,11 @@ class Dispatcher(object):
     # --- driving
     def run(self) -> None:
         """Run until every job has settled."""
-        # This thread reads the replies to its calls itself (ReplyReader):
-        # their futures complete here and post their events without a
-        # thread switch.  Other threads (connects, transfers, the broker for
-        # transports that cannot be taken) post theirs and wake the reader.
-        events: Deque[Event] = collections.deque()
-        reader = self._reader = ReplyReader()
-        runner = threading.get_ident()
-
-        def post(event: Event) -> None:
-            events.append(event)
-            if threading.get_ident() != runner:
-                reader.wake()
-
-        self._begin(post)
-        try:
-            while True:
-                wait = self._step()
-                if wait is None:
-                    break
-                if not events:
-                    reader.wait(wait)
-                with self.lock:
-                    while events:
-                        self._handle(events.popleft())
-        except BaseException:
-            self._abandon()
-            raise
-        finally:
-            self._end()
-            self._reader = None
-            reader.close()
-        self._raise_callback_errors()
+        _run_here(self)
 
     async def arun(self) -> None:
         """``run()`` for a running event loop: the loop keeps running meanwhile."""
-        loop = asyncio.get_running_loop()
-        events: 'asyncio.Queue[Event]' = asyncio.Queue()
-
-        def post(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
-
-        self._begin(post)
-        try:
-            while True:
-                wait = self._step()
-                if wait is None:
-                    break
-                try:
-                    event = await asyncio.wait_for(events.get(), wait)
-                except asyncio.TimeoutError:
-                    continue
-                with self.lock:
-                    self._handle(event)
-                    while not events.empty():
-                        self._handle(events.get_nowait())
-        except BaseException:  # including cancellation of the awaiting task
-            self._abandon()
-            raise
-        finally:
-            self._end()
-        self._raise_callback_errors()
+        await _run_in_loop(self)
 
     def _begin(self, notify: Callable[[Event], None]) -> None:
         with self.lock:
@@ -358,7 +324,8 @@ class Dispatcher(object):
             self._pump()
             if self._unsettled == 0:
                 return None
-            wake = [self._timers[0][0]] if self._timers else []
+            next_timer = self._timers.next_at()
+            wake = [] if next_timer is None else [next_timer]
             start_at = self._progress.starts_at()
             if start_at is not None:
                 wake.append(start_at)
@@ -367,7 +334,7 @@ class Dispatcher(object):
     def _end(self) -> None:
         with self.lock:
             self._notify = None
-            self._connect_limit = self.max_connect
+            self._connects.reset()
             self._timers.clear()
             pool, self._pool = self._pool, None
             progress, self._progress = self._progress, None
@@ -386,8 +353,8 @@ class Dispatcher(object):
                         job.future.cancel()
             self._lanes.clear()  # (the pipes lanes were reading go back when run() closes its reader)
             self._ready.clear()
-            self._connect_wait.clear()
-            self._busy = self._connecting = self._unsettled = 0
+            self._connects.reset()
+            self._busy = self._unsettled = 0
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
 
@@ -404,8 +371,10 @@ class Dispatcher(object):
             lane = self._ready.popleft()
             self._busy += 1
             self._next(lane)
-        while self._connect_wait and self._connecting < self._connect_limit:
-            self._start_connect(self._connect_wait.popleft())
+        lane = self._connects.next_lane()
+        while lane is not None:
+            self._start_connect(lane)
+            lane = self._connects.next_lane()
 
     def _next(self, lane: Lane, just_connected: bool = False) -> None:
         """Start the lane's next job, or give its slot back."""
@@ -418,7 +387,7 @@ class Dispatcher(object):
                 self._settle(job, None, failure)
                 continue
             if not just_connected and not getattr(tunnel, 'connected', True):
-                self._connect_wait.append(lane)
+                self._connects.waiting.append(lane)
                 return
             self._start(job)
             return
@@ -460,11 +429,9 @@ class Dispatcher(object):
             settle(None, e)
         job.future = future
         if job.timeout is not None:
-            heapq.heappush(self._timers, (time.monotonic() + job.timeout, next(self._seq),
-                                          TimerKind.DEADLINE, job))
+            self._timers.set(job.timeout, TimerKind.DEADLINE, job)
 
     def _start_connect(self, lane: Lane) -> None:
-        self._connecting += 1
         job = lane.jobs[0] if lane.jobs else None
         if job is not None and job.op.first_call is not None and lane.direct:
             # The call goes with the connect; open_connection returns its CallFuture,
@@ -500,12 +467,11 @@ class Dispatcher(object):
             self._connected(event)
 
     def _connected(self, event: Connected) -> None:
-        self._connecting -= 1
         lane, future, job = event
         exc = future.exception()
         if exc is None:
             lane.attempts = 0
-            self._connect_limit = min(self.max_connect, self._connect_limit + 1)
+            self._connects.succeeded()
             first = future.result()[1] if job is not None else None
             if first is None or job is None:
                 self._next(lane, just_connected=True)
@@ -514,25 +480,21 @@ class Dispatcher(object):
             else:
                 self._start(job, first)
         elif dropped_at_handshake(exc) and lane.attempts < CONNECT_RETRIES:
-            lane.attempts += 1
-            self._connect_limit = max(1, self._connect_limit // 2)
-            delay = RETRY_BACKOFF * 2 ** (lane.attempts - 1) * random.uniform(0.5, 1.5)
+            delay = self._connects.dropped(lane)
             log.info('[%s] connection dropped during the handshake (sshd MaxStartups?); '
                      'retrying in %.1fs, at most %d connects at once', lane.tunnel.host, delay,
-                     self._connect_limit)
-            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), TimerKind.RETRY, lane))
+                     self._connects.limit)
+            self._timers.set(delay, TimerKind.RETRY, lane)
         else:
+            self._connects.failed()
             lane.attempts = 0
             self.connect_failures[lane.tunnel] = exc
             self._next(lane)
 
     def _fire_timers(self) -> None:
-        now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, kind, item = heapq.heappop(timers)
+        for kind, item in self._timers.due():
             if kind is TimerKind.RETRY:
-                self._connect_wait.appendleft(item)
+                self._connects.waiting.appendleft(item)
             elif not item.settled and not item.future.done():
                 self._expire(item)
         if self._progress is not None:
@@ -563,3 +525,74 @@ class Dispatcher(object):
             self._callback_errors.append(e)
         if self._progress is not None:
             self._progress.update(self._settled, self._settled + self._unsettled, self._failed)
+
+
+# --- the two drivers: the caller's thread, or an asyncio event loop ----------------------
+
+def _run_here(dispatcher: Dispatcher) -> None:
+    """Dispatcher.run: this thread waits for events, and reads replies meanwhile."""
+    # This thread reads the replies to its calls itself (ReplyReader):
+    # their futures complete here and post their events without a
+    # thread switch.  Other threads (connects, transfers, the broker for
+    # transports that cannot be taken) post theirs and wake the reader.
+    events: Deque[Event] = collections.deque()
+    reader = dispatcher._reader = ReplyReader()
+    runner = threading.get_ident()
+
+    def post(event: Event) -> None:
+        events.append(event)
+        if threading.get_ident() != runner:
+            reader.wake()
+
+    dispatcher._begin(post)
+    try:
+        while True:
+            wait = dispatcher._step()
+            if wait is None:
+                break
+            if not events:
+                reader.wait(wait)
+            with dispatcher.lock:
+                while events:
+                    dispatcher._handle(events.popleft())
+    except BaseException:
+        dispatcher._abandon()
+        raise
+    finally:
+        dispatcher._end()
+        dispatcher._reader = None
+        reader.close()
+    dispatcher._raise_callback_errors()
+
+
+async def _run_in_loop(dispatcher: Dispatcher) -> None:
+    """Dispatcher.arun: events arrive through the loop; the loop runs meanwhile."""
+    loop = asyncio.get_running_loop()
+    events: 'asyncio.Queue[Event]' = asyncio.Queue()
+
+    def post(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    dispatcher._begin(post)
+    try:
+        while True:
+            wait = dispatcher._step()
+            if wait is None:
+                break
+            try:
+                event = await asyncio.wait_for(events.get(), wait)
+            except asyncio.TimeoutError:
+                continue
+            with dispatcher.lock:
+                dispatcher._handle(event)
+                while not events.empty():
+                    dispatcher._handle(events.get_nowait())
+    except BaseException:  # including cancellation of the awaiting task
+        dispatcher._abandon()
+        raise
+    finally:
+        dispatcher._end()
+    dispatcher._raise_callback_errors()

@@ -36,9 +36,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from .dispatch import Dispatcher, GroupTunnel, Operation
+from .dispatch import Dispatcher, GroupTunnel
 from .errors import ChopsticksError, RemoteException
-from .operations import call_op, connect_op, fetch_op, fetch_paths, put_op
+from .operations import Operation, call_op, connect_op, fetch_op, fetch_paths, put_op
 
 __all__ = [
     'Group', 'GroupResult', 'ErrorResult', 'GroupFailures',

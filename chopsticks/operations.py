@@ -1,6 +1,6 @@
 """The operations a Group or a Queue runs on each tunnel: call, put, fetch, connect.
 
-Each function here builds a :class:`chopsticks.dispatch.Operation` once for
+Each function here builds an :class:`Operation` once for
 all the tunnels it will run on (a call is pickled once, for every host).
 
 This module runs on Python 3.6 too (a relay host may fan out from there).
@@ -10,13 +10,57 @@ import inspect
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
-from .dispatch import Operation, Settle, settle_when_done
 from .errors import TunnelClosed
 from .serialize import describe, dumps_call
 
-__all__ = ['call_op', 'put_op', 'fetch_op', 'connect_op', 'fetch_paths']
+__all__ = [
+    'Operation', 'Settle', 'settle_when_done', 'call_op', 'put_op', 'fetch_op', 'connect_op',
+    'fetch_paths',
+]
+
+
+#: ``settle(value, exc)``: the outcome of one job (exc is None on success).
+Settle = Callable[[Any, Optional[BaseException]], None]
+
+
+class Operation(NamedTuple):
+    """What to do to each tunnel of a job.
+
+    With ``blocking=False``, ``work(tunnel, conn, settle)`` must not block:
+    it arranges for ``settle(value, exc)`` to be called with the outcome, on
+    any thread, and returns a handle with ``done()`` and ``cancel()`` (a
+    Future will do).  ``conn`` is the tunnel's own connection
+    (``tunnel.direct_connection``, maybe closed since) for a tunnel that
+    opens one itself, else None (a relayed tunnel, or another kind).
+
+    With ``blocking=True``, ``work(tunnel, report)`` is a blocking function
+    run on the dispatcher's pool.  ``report`` is what a transfer passes as
+    ``progress=`` to chopsticks.files: a callable ``report(bytes_done,
+    bytes_total)`` feeding the run's progress bar, False (progress turned
+    off) or None (no bar: not a terminal).
+    """
+    what: str
+    work: Callable[..., Any]
+    blocking: bool
+    # (fn, args, kwargs) of a call that may go out with the connect, right
+    # behind the agent (see Tunnel.open_connection): one round trip less per host.
+    first_call: Optional[Tuple[Callable[..., Any], tuple, dict]] = None
+
+
+def settle_when_done(future: 'concurrent.futures.Future[Any]', settle: Settle) -> 'concurrent.futures.Future[Any]':
+    """Pass ``future``'s outcome to ``settle(value, exc)`` once it has one
+    (a cancelled future's is a CancelledError)."""
+    def done(f: 'concurrent.futures.Future[Any]') -> None:
+        if f.cancelled():
+            settle(None, concurrent.futures.CancelledError())
+        elif f.exception() is not None:
+            settle(None, f.exception())
+        else:
+            settle(f.result(), None)
+    future.add_done_callback(done)
+    return future
 
 
 def call_op(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Operation:

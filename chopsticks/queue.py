@@ -20,13 +20,12 @@ done it.
 """
 from typing import Any, Callable, Dict, List, Optional
 
-from .dispatch import Operation
 from .errors import ChopsticksError
 from .group import (
     DEFAULT_MAX_CONNECT, DEFAULT_MAX_PARALLEL, ErrorResult, Group, GroupResult, is_tunnel,
     new_dispatcher,
 )
-from .operations import call_op, connect_op, fetch_op, fetch_paths, put_op
+from .operations import Operation, call_op, connect_op, fetch_op, fetch_paths, put_op
 
 __all__ = ['Queue', 'AsyncResult', 'NotCompleted']
 
