@@ -132,8 +132,8 @@ def list_plugins(as_json: bool) -> None:
                 click.echo(f"    {kind}: " + ", ".join(n + suffix for n in names))
 
 
-def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float]]:
-    """{fact name: ('module:qualname', timeout)} for the facts asked for (default all)."""
+def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float | None]]:
+    """{fact name: ('module:qualname', timeout or None)} for the facts asked for (default all)."""
     pm = plugins.get_plugin_manager()
     registry = pm.facts
     if not registry:

@@ -67,9 +67,16 @@ if TYPE_CHECKING:  # typing.Protocol is Python 3.8+; this module must import on 
     from typing import Protocol
 
     class GroupTunnel(Protocol):
-        """What the scheduler uses of a tunnel (chopsticks.tunnel.BaseTunnel has it all)."""
-        host: str
-        connected: bool
+        """What the scheduler uses of a tunnel (chopsticks.tunnel.BaseTunnel has it all).
+
+        A tunnel that also has ``direct_connection`` (a property: its own
+        Connection or None) and ``open_connection(first_call)`` gets a
+        call pickled once for all hosts, sent with its connect.
+        """
+        @property
+        def host(self) -> str: ...
+        @property
+        def connected(self) -> bool: ...
 
         def connect(self) -> Any: ...
         def close(self) -> None: ...
@@ -91,7 +98,7 @@ class Job(object):
 
     __slots__ = ('lane', 'op', 'settle', 'timeout', 'future', 'settled')
 
-    def __init__(self, lane: 'Lane', op: Operation, settle: Settle, timeout: Optional[float]):
+    def __init__(self, lane: 'Lane', op: Operation, settle: Settle, timeout: Optional[float]) -> None:
         self.lane = lane
         self.op = op
         self.settle = settle
@@ -105,7 +112,7 @@ class Lane(object):
 
     __slots__ = ('tunnel', 'jobs', 'scheduled', 'attempts', 'reading', 'direct')
 
-    def __init__(self, tunnel: GroupTunnel):
+    def __init__(self, tunnel: GroupTunnel) -> None:
         self.tunnel = tunnel
         self.reading: Any = None  # the connection whose replies the dispatcher's thread reads
         self.jobs: Deque[Job] = collections.deque()
@@ -243,7 +250,7 @@ class Dispatcher(object):
 
     def __init__(self, max_parallel: int, max_connect: int, progress: bool = False,
                  connect_failures: Optional[Dict[Any, BaseException]] = None,
-                 what: str = '', progress_factory: Optional[Callable[[str, bool], Any]] = None):
+                 what: str = '', progress_factory: Optional[Callable[[str, bool], Any]] = None) -> None:
         if max_parallel < 1 or max_connect < 1:
             raise ValueError('max_parallel and max_connect must be at least 1')
         self.max_parallel = max_parallel
@@ -371,10 +378,10 @@ class Dispatcher(object):
             lane = self._ready.popleft()
             self._busy += 1
             self._next(lane)
-        lane = self._connects.next_lane()
-        while lane is not None:
-            self._start_connect(lane)
-            lane = self._connects.next_lane()
+        connecting = self._connects.next_lane()
+        while connecting is not None:
+            self._start_connect(connecting)
+            connecting = self._connects.next_lane()
 
     def _next(self, lane: Lane, just_connected: bool = False) -> None:
         """Start the lane's next job, or give its slot back."""
@@ -417,7 +424,7 @@ class Dispatcher(object):
                 report = self._progress.reporter(tunnel.host) if self._progress is not None else None
                 future = settle_when_done(self._executor().submit(job.op.work, tunnel, report), settle)
             else:
-                conn = tunnel.direct_connection if lane.direct else None
+                conn = tunnel.direct_connection if lane.direct else None  # type: ignore[attr-defined]
                 if self._reader is not None and lane.reading is None and conn is not None and not conn.closed:
                     # Taken before the call goes out: the broker never sees the reply.
                     if self._reader.take(conn):
@@ -436,7 +443,8 @@ class Dispatcher(object):
         if job is not None and job.op.first_call is not None and lane.direct:
             # The call goes with the connect; open_connection returns its CallFuture,
             # or None when it could not go before the agent's HELLO.
-            future = self._executor().submit(lane.tunnel.open_connection, job.op.first_call)
+            future = self._executor().submit(lane.tunnel.open_connection,  # type: ignore[attr-defined]
+                                             job.op.first_call)
         else:
             future = self._executor().submit(lane.tunnel.connect)
             job = None

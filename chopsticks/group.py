@@ -77,7 +77,7 @@ class ErrorResult(object):
 
     __slots__ = ('host', 'exception', 'msg', 'remote_traceback')
 
-    def __init__(self, host: str, exception: BaseException):
+    def __init__(self, host: str, exception: BaseException) -> None:
         self.host = host
         self.exception = exception
         if isinstance(exception, RemoteException):
@@ -136,7 +136,7 @@ class GroupFailures(RemoteException):
     as in chopsticks 1.x; ``host`` lists the failed hosts.
     """
 
-    def __init__(self, results: GroupResult):
+    def __init__(self, results: GroupResult) -> None:
         self.results = results
         self.failures = dict(results.failures())
         summary = '%d of %d hosts failed' % (len(self.failures), len(results))
@@ -388,11 +388,11 @@ class Group(object):
         self.connect()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     # --- operations
-    def call(self, fn: Callable, *args: Any, timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
         """Run ``fn(*args, **kwargs)`` on every host: ``{host: value or ErrorResult}``.
 
         The call is pickled once for all hosts.  ``timeout`` (seconds, per
@@ -401,7 +401,7 @@ class Group(object):
         """
         return self._run(call_op(fn, args, kwargs), timeout)
 
-    async def acall(self, fn: Callable, *args: Any, timeout: Any = _GROUP_TIMEOUT,
+    async def acall(self, fn: Callable[..., Any], *args: Any, timeout: Any = _GROUP_TIMEOUT,
                     **kwargs: Any) -> GroupResult:
         """``await group.acall(fn, ...)``: ``call`` without blocking the event loop."""
         return await self._arun(call_op(fn, args, kwargs), timeout)
@@ -515,8 +515,8 @@ class Group(object):
             return self._derive([other])
         return None
 
-    def _binary(name: str, reflected: bool = False):
-        def op(self, other):
+    def _binary(name: str, reflected: bool = False) -> Callable[['Group', Any], Any]:  # type: ignore[misc]
+        def op(self: 'Group', other: Any) -> Any:
             operand = self._operand(other)
             if operand is None:
                 return NotImplemented

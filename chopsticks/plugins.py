@@ -294,7 +294,8 @@ class PluginManager(pluggy.PluginManager):
         if name is None:
             name = self.get_name(plugin)
         result = super().unregister(plugin, name)
-        self._infos.pop(name, None)
+        if name is not None:
+            self._infos.pop(name, None)
         self._registries = None
         return result
 

@@ -18,6 +18,7 @@ Each operation returns an :class:`AsyncResult`.  An operation queued on a
 :class:`~chopsticks.group.GroupResult` once every host of the group has
 done it.
 """
+import functools
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ChopsticksError
@@ -126,7 +127,7 @@ class Queue(object):
         """Connect the target; the value is its ``remote_info`` (a GroupResult of them for a group)."""
         return self._enqueue(target, connect_op(), None)
 
-    def call(self, target: Any, fn: Callable, *args: Any, timeout: Optional[float] = None,
+    def call(self, target: Any, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None,
              **kwargs: Any) -> AsyncResult:
         """Queue ``fn(*args, **kwargs)`` on the target (pickled once for all of a group's hosts)."""
         return self._enqueue(target, call_op(fn, args, kwargs), timeout)
@@ -185,5 +186,4 @@ class Queue(object):
         if not tunnels:
             result._settle(GroupResult(), None)
         for tunnel in tunnels:
-            self._dispatcher.add(tunnel, op, lambda value, exc, host=tunnel.host: settle(host, value, exc),
-                                 timeout)
+            self._dispatcher.add(tunnel, op, functools.partial(settle, tunnel.host), timeout)
