@@ -425,7 +425,10 @@ class Group(object):
 
         ``local_path`` is a template in which ``{host}`` is replaced by each
         host's name (``'backup/{host}/passwd'``; missing directories are
-        made); it must give each host its own path.  By default each host's
+        made); it must give each host its own path.  A host name stands for
+        one path component (``/`` in it becomes ``_``); a host named ``..``
+        or ``.`` fails with an ErrorResult instead of writing beside the
+        others' directories.  By default each host's
         copy goes to ``<new temporary directory>/<host>/<file name>``: the
         result's ``local_path`` says where.
         """

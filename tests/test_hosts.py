@@ -7,6 +7,8 @@ Local relay and from the loopback sshd.
 """
 import os
 import pwd
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -98,3 +100,21 @@ def test_cli_host_strings_naming_one_host_are_a_usage_error(chopsticks_plugin_ma
     result = CliRunner().invoke(cli.main, ['facts', 'local', 'local://localhost', '-f', 'euid'])
     assert result.exit_code == 2
     assert "two different tunnels are named 'localhost'" in result.output
+
+
+def imported_after(statement):
+    code = ('import sys\n%s\nprint(" ".join(sorted(m for m in sys.modules if m == "pluggy" '
+            'or m.startswith("chopsticks."))))' % statement)
+    return set(subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
+                              text=True).stdout.split())
+
+
+def test_layers_import_downwards_only():
+    """A relay host (maybe Python 3.6, no pluggy) imports chopsticks.group;
+    the plugin manager must not drag in tunnels, nor groups the manager."""
+    group = imported_after('import chopsticks.group, chopsticks.queue')
+    assert not group & {'pluggy', 'chopsticks.plugins', 'chopsticks.hosts', 'chopsticks.tunnel'}
+    manager = imported_after('import chopsticks.plugins')
+    assert not manager & {'chopsticks.hosts', 'chopsticks.tunnel', 'chopsticks.group'}
+    hosts = imported_after('import chopsticks.hosts')
+    assert 'chopsticks.group' not in hosts
