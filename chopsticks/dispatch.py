@@ -85,6 +85,7 @@ if TYPE_CHECKING:  # typing.Protocol is Python 3.8+; this module must import on 
 else:
     GroupTunnel = Any
 
+
 def dropped_at_handshake(exc: BaseException) -> bool:
     """Whether a connect failed the way sshd drops connections past MaxStartups."""
     text = str(exc) + str(getattr(exc, 'stderr', '') or '')
@@ -118,8 +119,8 @@ class Lane(object):
         self.jobs: Deque[Job] = collections.deque()
         self.scheduled = False  # waiting for a slot, or holding one
         self.attempts = 0       # connects dropped at the handshake, in a row
-        # Checked once: a tunnel that opens its own connection (not a relay, not
-        # another kind of object) takes calls pickled once for every host.
+        # Checked once, not per call: chopsticks' own tunnels have it (a
+        # relayed one's is None); they take calls pickled once for every host.
         self.direct = hasattr(type(tunnel), 'direct_connection')
 
 
