@@ -11,13 +11,15 @@ import inspect
 import json
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import click
 
+from chopsticks import hosts as host_strings
 from chopsticks import plugins
 from chopsticks.errors import RemoteException
+from chopsticks.gather import gather
+from chopsticks.group import ErrorResult, Group
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -26,7 +28,7 @@ def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
     tunnels = {}
     for host in hosts:
         try:
-            tunnels[host] = plugins.tunnel_from_url(host)
+            tunnels[host] = host_strings.tunnel_from_url(host)
         except (ValueError, TypeError) as exc:
             raise click.UsageError(f"bad host {host!r}: {exc}") from None
     return tunnels
@@ -34,24 +36,25 @@ def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
 
 def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
                   timeout: float | None = None, **kwargs: Any) -> Dict[str, Tuple[bool, Any]]:
-    """``fn(*args, **kwargs)`` on every host in parallel: ``{host: (ok, result or exception)}``.
+    """``fn(*args, **kwargs)`` on every host in parallel, through a
+    :class:`~chopsticks.group.Group`: ``{host string: (ok, result or exception)}``.
 
-    The one place the CLI touches tunnels; ``chopsticks.group.Group`` can
-    replace it.
+    The one place the CLI touches tunnels; they are closed after the call.
     """
     tunnels = _tunnels(hosts)
-
-    def one(tunnel: Any) -> Tuple[bool, Any]:
-        try:
-            return True, tunnel.call(fn, *args, timeout=timeout, **kwargs)
-        except Exception as exc:  # reported per host; the others go on
-            return False, exc
-        finally:
-            tunnel.close()
-
-    with ThreadPoolExecutor(max_workers=min(32, len(tunnels))) as pool:
-        futures = {host: pool.submit(one, tunnel) for host, tunnel in tunnels.items()}
-        return {host: future.result() for host, future in futures.items()}
+    try:
+        group = Group(list(tunnels.values()), progress=False)
+    except ValueError as exc:  # two host strings name one host: results are keyed by name
+        raise click.UsageError(f"{exc} (hosts: {' '.join(hosts)})") from None
+    try:
+        results = group.call(fn, *args, timeout=timeout, **kwargs)
+    finally:
+        group.close()
+    outcomes = {}
+    for host, tunnel in tunnels.items():
+        value = results[tunnel.host]
+        outcomes[host] = (False, value.exception) if isinstance(value, ErrorResult) else (True, value)
+    return outcomes
 
 
 def _error_text(exc: BaseException) -> str:
@@ -100,7 +103,8 @@ def main() -> None:
 
     A HOST is an ssh_config alias or [user@]host[:port], or a tunnel URL:
     local, local://, sudo://USER, docker://NAME, or a scheme a plugin adds
-    (see list-plugins).
+    (see list-plugins).  ?via=HOST opens it from another host:
+    sudo://root?via=web1.
     """
 
 
@@ -128,8 +132,8 @@ def list_plugins(as_json: bool) -> None:
                 click.echo(f"    {kind}: " + ", ".join(n + suffix for n in names))
 
 
-def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float]]:
-    """{fact name: ('module:qualname', timeout)} for the facts asked for (default all)."""
+def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float | None]]:
+    """{fact name: ('module:qualname', timeout or None)} for the facts asked for (default all)."""
     pm = plugins.get_plugin_manager()
     registry = pm.facts
     if not registry:
@@ -160,12 +164,9 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
     mount) costs only itself.
     """
     refs = _fact_refs(fact_names)
-    try:
-        from chopsticks_facts import gather
-    except ImportError:
-        raise click.UsageError("`chopsticks facts` needs the chopsticks-facts plugin to gather "
-                               "facts on the host: pip install chopsticks-facts") from None
     timeouts = {ref: t if t is not None else timeout for ref, t in refs.values()}
+    # One round trip a host: chopsticks.gather runs every fact there, each
+    # with its own timeout.
     outcomes = call_on_hosts(hosts, gather, [ref for ref, _ in refs.values()], timeouts,
                              timeout=max(timeouts.values()) + 60)
     report: Dict[str, Any] = {}
@@ -228,9 +229,9 @@ def _task_arguments(task: Callable[..., Any], args: Sequence[str]) -> Tuple[List
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in params and key != "check":
-            keywords[key] = plugins.parse_value(value)
+            keywords[key] = host_strings.parse_value(value)
         else:
-            positional.append(plugins.parse_value(arg))
+            positional.append(host_strings.parse_value(arg))
     return positional, keywords
 
 

@@ -171,6 +171,14 @@ class BaseTunnel(object):
         return self._conn is not None and not self._conn.closed
 
     @property
+    def direct_connection(self):
+        """The Connection this tunnel opened itself (maybe closed since), or
+        None: before the first connect, and for a tunnel opened through a
+        relay.  Never connects.  chopsticks.dispatch sends one pickled call
+        to many hosts through it (``call_payload_then``)."""
+        return self._conn if self.via is None else None
+
+    @property
     def remote_info(self):
         """What the agent reported on start: pid, python, version, platform, hostname."""
         return dict(self.connection().remote)

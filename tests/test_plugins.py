@@ -16,9 +16,9 @@ import pytest
 import chopsticks
 from chopsticks import hookspecs
 from chopsticks.hookspecs import hookimpl
+from chopsticks.hosts import tunnel_from_url
 from chopsticks.plugins import (
     PluginError, PluginManager, PluginWarning, UnknownNameError, get_plugin_manager,
-    tunnel_from_url,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

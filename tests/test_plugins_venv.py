@@ -327,7 +327,7 @@ def test_documented_plugin_fact_task_and_tunnel(venv, tmp_path):
     result = python(venv, f"""
         import getpass
         from chopsticks import Local, facts, tasks
-        from chopsticks.plugins import tunnel_from_url
+        from chopsticks.hosts import tunnel_from_url
         with Local() as tunnel:
             assert tunnel.call(facts.whoami) == getpass.getuser()
             print(tunnel.call(tasks.touch, {str(marker)!r}, check=True)["changed"])
