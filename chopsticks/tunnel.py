@@ -268,6 +268,13 @@ class BaseTunnel(object):
         control.  Returns ``fn``'s value."""
         return self.connection().call_stream(fn, chunks, args, kwargs, timeout)
 
+    # --- shell commands (chopsticks.shell does the work)
+    def run(self, command, **kwargs):
+        """Run a shell command on the host: a :class:`~chopsticks.shell.CommandResult`,
+        or :class:`~chopsticks.errors.CommandFailed`; see ``chopsticks.shell.run``."""
+        from .shell import run
+        return run(self, command, **kwargs)
+
     # --- files (chopsticks.files does the work)
     def put(self, local_path, remote_path=None, mode=0o644, **kwargs):
         """Copy a local file (or directory tree) to the host; see ``chopsticks.files.put``."""
