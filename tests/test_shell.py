@@ -7,9 +7,11 @@ import time
 import uuid
 
 import pytest
+from click.testing import CliRunner
 
 import chopsticks
 from chopsticks import CommandFailed, CommandResult, CommandTimeout, Group, Local, Tunnel
+from chopsticks.cli import main
 from chopsticks.errors import CallTimeout, ChopsticksError
 from chopsticks.group import ErrorResult
 
@@ -176,13 +178,33 @@ def test_group_run_holds_an_error_result_for_a_failing_host(ssh_alias):
         group.close()
 
 
+def test_cli_exec_groups_output_and_fails_when_a_host_fails(sshd, ssh_alias):
+    runner = CliRunner()
+    result = runner.invoke(main, ['exec', 'local', ssh_alias, '--', 'echo', 'hi there'])
+    assert result.exit_code == 0, result.output
+    assert '[localhost]' in result.output and '[%s]' % ssh_alias in result.output
+    assert result.output.count('hi there') == 2
+    assert '2 ok' in result.output
+
+    result = runner.invoke(main, ['exec', '--json', 'local', '--', 'echo out; echo err >&2; exit 3'])
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert data['localhost']['returncode'] == 3 and data['localhost']['stdout'] == 'out\n'
+    assert data['localhost']['stderr'] == 'err\n' and data['localhost']['ok'] is False
+
+    result = runner.invoke(main, ['exec', 'local', 'local://other', '--', 'test', '-d', '/'])
+    assert result.exit_code == 0
+    result = runner.invoke(main, ['exec', 'local', '--', 'exit 1'])
+    assert result.exit_code == 1 and '1 failed' in result.output
+
+
 def test_host_half_runs_on_every_python(remote_python):
     """The host side is stdlib-only and Python 3.6+; become.py compiles there too (relays)."""
     with Local(python=remote_python) as tunnel:
         result = tunnel.run('echo $0; exit 3', check=False, timeout=30)
         assert (result.stdout, result.returncode) == ('/bin/sh\n', 3)
         assert tunnel.run(['cat'], input='x', stream=True).stdout == 'x'
-        for module in ('shell', 'become', 'errors', 'tunnel'):
+        for module in ('shell', 'errors', 'tunnel'):
             path = os.path.join(os.path.dirname(chopsticks.__file__), module + '.py')
             # raises RemoteException(SyntaxError) if it does not compile there
             tunnel.call(exec, 'compile(open(p).read(), p, "exec")', {'p': path})
