@@ -654,4 +654,7 @@ class CoreTunnels:
         register("ssh", _ssh_tunnel)
         register("local", _local_tunnel)
         register("sudo", _sudo_tunnel)
+        from .become import doas_tunnel, su_tunnel  # su://user, doas://user (issue 18)
+        register("su", su_tunnel)
+        register("doas", doas_tunnel)
         register("docker", _docker_tunnel)

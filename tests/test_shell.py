@@ -204,7 +204,7 @@ def test_host_half_runs_on_every_python(remote_python):
         result = tunnel.run('echo $0; exit 3', check=False, timeout=30)
         assert (result.stdout, result.returncode) == ('/bin/sh\n', 3)
         assert tunnel.run(['cat'], input='x', stream=True).stdout == 'x'
-        for module in ('shell', 'errors', 'tunnel'):
+        for module in ('shell', 'become', 'errors', 'tunnel'):
             path = os.path.join(os.path.dirname(chopsticks.__file__), module + '.py')
             # raises RemoteException(SyntaxError) if it does not compile there
             tunnel.call(exec, 'compile(open(p).read(), p, "exec")', {'p': path})
