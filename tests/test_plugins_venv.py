@@ -190,7 +190,7 @@ def test_list_plugins_shows_installed_distributions(venv):
     assert out.splitlines()[0].startswith("chopsticks  chopsticks 2.0.0.dev0  ok")
     assert "facts  chopsticks-facts 0.1.0  ok\n    facts: cpu, default_route, disks, fqdn, " in out
     assert "pkg  chopsticks-pkg 0.1.0  ok\n    tasks: install, latest, remove, update_cache\n" in out
-    assert "    tunnels: docker://, local://, ssh://, sudo://\n" in out
+    assert "    tunnels: doas://, docker://, local://, ssh://, su://, sudo://\n" in out
 
 
 @NEEDS_HOOKIMPL_EXPORT
