@@ -7,10 +7,8 @@
 """
 from __future__ import annotations
 
-import functools
 import getpass
 import json
-import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 

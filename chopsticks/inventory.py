@@ -40,12 +40,11 @@ from __future__ import annotations
 import ast
 import difflib
 import fnmatch
-import itertools
 import os
 import re
 import shlex
 import string
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 from .errors import ChopsticksError
 
@@ -88,6 +87,7 @@ class InventoryError(ChopsticksError, ValueError):
 
 # --- ranges -----------------------------------------------------------------------------
 
+_SUBSCRIPT = re.compile(r'^(.+)\[(-?\d*)(:)?(-?\d*)\]$')  # a group's hosts by position
 _RANGE = re.compile(r'\[([0-9a-zA-Z]+):([0-9a-zA-Z]+)(?::([0-9]+))?\]')
 
 
@@ -376,6 +376,9 @@ class Inventory(object):
             return set(self.group_hosts(term))
         if term in self.host_vars:
             return {term}
+        subscript = _SUBSCRIPT.match(term)
+        if subscript and subscript.group(1) in self.groups:
+            return self._subscript(term, subscript)
         if term.startswith('~'):
             try:
                 regex = re.compile(term[1:])
@@ -397,6 +400,18 @@ class Inventory(object):
         close = difflib.get_close_matches(term, list(self.groups) + list(self.host_vars), n=3)
         hint = ' (did you mean %s?)' % ', '.join(close) if close else ''
         raise InventoryError(self.path, 'no group or host named %r%s' % (term, hint), name=term)
+
+    def _subscript(self, term: str, match: Any) -> Set[str]:
+        """``web[0]``, ``web[-1]``, ``web[1:]``, ``web[0:2]`` (end excluded), as Ansible."""
+        hosts = self.group_hosts(match.group(1))
+        start, colon, end = match.group(2), match.group(3), match.group(4)
+        if colon is None:
+            index = int(start)
+            if not -len(hosts) <= index < len(hosts):
+                raise InventoryError(self.path, 'pattern %r: group %r has %d hosts'
+                                     % (term, match.group(1), len(hosts)), name=term)
+            return {hosts[index]}
+        return set(hosts[int(start) if start else None:int(end) if end else None])
 
     def _matching(self, test: Any) -> Set[str]:
         found: Set[str] = set()

@@ -1,6 +1,7 @@
 """Become: sudo with a password (a real user, a real sudoers rule that asks
 for it, sudo over the loopback sshd), su://, doas://, and the CLI's
 --become / -K."""
+import json
 import os
 import pwd
 import shutil
@@ -190,3 +191,13 @@ def test_inventory_become_settings(tmp_path, sudo_user, sshd):
     assert pw.run('id -un').stdout == 'root\n'
     pw.close()
     pw.via.close()
+
+
+def test_cli_facts_with_become(sudo_user):
+    result = CliRunner().invoke(main, ['facts', '--become=%s' % sudo_user, 'local', '-f', 'hostname',
+                                       '--json'])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.output)) == ['local']
+    result = CliRunner().invoke(main, ['facts', '--become=no-such-user-xyz', 'local', '-f',
+                                       'hostname'])
+    assert result.exit_code == 1 and 'no-such-user-xyz' in result.output

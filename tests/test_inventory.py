@@ -6,7 +6,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from chopsticks import Group, Local, SSHTunnel, Sudo, inventory
+from chopsticks import Group, SSHTunnel, inventory
 from chopsticks.cli import main
 from chopsticks.inventory import InventoryError
 
@@ -143,6 +143,10 @@ def test_ansible_inventory_hosts_ranges_and_groups(ansible_inventory):
     ('*', set(ALL_HOSTS)),
     ('web[01:02]', {'web01', 'web02'}),
     ('host3', {'host3'}),
+    ('webservers[0]', {'foo.example.com'}),  # subscripts, as Ansible: by position in the group
+    ('webservers[-1]', {'web03'}),
+    ('webservers[1:3]', {'web01', 'web02'}),
+    ('webservers[2:]', {'web02', 'web03'}),
 ])
 def test_patterns_as_ansible(ansible_inventory, pattern, expected):
     assert set(inventory.load(ansible_inventory).host_names(pattern)) == expected
