@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import click
 
+from chopsticks import cli_ops
 from chopsticks import hosts as host_strings
 from chopsticks import plugins
 from chopsticks.errors import RemoteException
@@ -27,6 +28,9 @@ EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
     tunnels = {}
     for host in hosts:
+        if not isinstance(host, str):  # resolved already (cli_ops.resolve_hosts)
+            tunnels[host.host] = host
+            continue
         try:
             tunnels[host] = host_strings.tunnel_from_url(host)
         except (ValueError, TypeError) as exc:
@@ -150,7 +154,8 @@ def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float | None]]:
     return refs
 
 
-@main.command()
+@main.command(cls=cli_ops.HostCommand)
+@cli_ops.host_options
 @click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
 @click.option("--fact", "-f", "fact_names", multiple=True, metavar="NAME",
               help="A fact to gather (repeatable); default: all registered facts.")
@@ -164,6 +169,7 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
     mount) costs only itself.
     """
     refs = _fact_refs(fact_names)
+    hosts = cli_ops.resolve_hosts(hosts)
     timeouts = {ref: t if t is not None else timeout for ref, t in refs.values()}
     # One round trip a host: chopsticks.gather runs every fact there, each
     # with its own timeout.
@@ -235,7 +241,8 @@ def _task_arguments(task: Callable[..., Any], args: Sequence[str]) -> Tuple[List
     return positional, keywords
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(cls=cli_ops.HostCommand, context_settings={"ignore_unknown_options": False})
+@cli_ops.host_options
 @click.argument("words", nargs=-1, required=True, metavar="HOST... TASK [ARGS]...")
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True,
@@ -252,6 +259,7 @@ def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = Fals
         chopsticks run web1 file /etc/motd content=hello --check --diff
     """
     hosts, task_name, args = _split_run_args(words)
+    hosts = cli_ops.resolve_hosts(hosts)
     task = plugins.get_plugin_manager().lookup("task", task_name)
     positional, keywords = _task_arguments(task, args)
     outcomes = call_on_hosts(hosts, task, *positional, check=check, **keywords)
@@ -285,6 +293,30 @@ def _summary(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {_short(v)}" for k, v in value.items())
     return _short(value)
+
+
+@main.command("exec", cls=cli_ops.HostCommand)
+@cli_ops.host_options
+@click.argument("words", nargs=-1, required=True, metavar="HOST... -- COMMAND")
+@click.option("--timeout", "-t", type=float, default=None, help="Seconds the command may run.")
+@click.option("--stream", is_flag=True, help="Show output lines as they come.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+def exec_(words: Sequence[str], timeout: float | None, stream: bool, as_json: bool) -> None:
+    """Run a shell command on hosts in parallel; output grouped per host.
+
+        chopsticks exec web1 web2 -- uptime
+        chopsticks exec -i hosts.ini 'web:!web3' --become -K -- apt-get update
+    """
+    cli_ops.exec_command(words, timeout, as_json, stream)
+
+
+@main.command("list-hosts", cls=cli_ops.HostCommand)
+@cli_ops.host_options
+@click.argument("patterns", nargs=-1, metavar="PATTERN...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+def list_hosts(patterns: Sequence[str], as_json: bool) -> None:
+    """Show the hosts a pattern selects (default: all), with each host's tunnel."""
+    cli_ops.list_hosts_command(patterns, as_json)
 
 
 if __name__ == "__main__":  # python -m chopsticks.cli

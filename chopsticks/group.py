@@ -538,6 +538,12 @@ class Group(object):
     __rxor__ = _binary('symmetric_difference', reflected=True)
     del _binary
 
+    def run(self, command: Any, **kwargs: Any) -> GroupResult:
+        """Run a shell command on every host at once: a GroupResult of
+        CommandResult; see ``chopsticks.shell.run_group``."""
+        from .shell import run_group
+        return run_group(self, command, **kwargs)
+
 
 def _store(results: Dict[str, Any], host: str, value: Any, exc: Optional[BaseException]) -> None:
     results[host] = value if exc is None else ErrorResult(host, exc)

@@ -132,3 +132,7 @@ class CoreTunnels:
         register("local", _local_tunnel)
         register("sudo", _sudo_tunnel)
         register("docker", _docker_tunnel)
+        from .become import doas_tunnel, su_tunnel  # su://user, doas://user
+
+        register("su", su_tunnel)
+        register("doas", doas_tunnel)

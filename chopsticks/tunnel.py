@@ -11,12 +11,14 @@ import sys
 import threading
 
 from . import bootstrap, cache
+from .become import BecomeTunnel
 from .connection import Connection, ProcessTransport
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
 from .modserver import MAGIC
 from .serialize import describe, dumps_call
 
-__all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
+__all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Su', 'Doas', 'Docker', 'SSHTunnel',
+           'Tunnel']
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 _OUR_VERSION = list(sys.version_info[:2])  # as an agent's hello and chopsticks.cache give it
@@ -276,6 +278,13 @@ class BaseTunnel(object):
         control.  Returns ``fn``'s value."""
         return self.connection().call_stream(fn, chunks, args, kwargs, timeout)
 
+    # --- shell commands (chopsticks.shell does the work)
+    def run(self, command, **kwargs):
+        """Run a shell command on the host: a :class:`~chopsticks.shell.CommandResult`,
+        or :class:`~chopsticks.errors.CommandFailed`; see ``chopsticks.shell.run``."""
+        from .shell import run
+        return run(self, command, **kwargs)
+
     # --- files (chopsticks.files does the work)
     def put(self, local_path, remote_path=None, mode=0o644, **kwargs):
         """Copy a local file (or directory tree) to the host; see ``chopsticks.files.put``."""
@@ -361,16 +370,62 @@ class Local(SubprocessTunnel):
         return bootstrap.python_argv(self.python or sys.executable, self.compiled_agent)
 
 
-class Sudo(SubprocessTunnel):
-    """A python running as another user on this machine, through ``sudo -n``
-    (never prompts: configure NOPASSWD, or the connection fails clearly)."""
+class Sudo(BecomeTunnel, SubprocessTunnel):
+    """A python running as another user on this machine (or on ``via``'s
+    host), through sudo.
 
-    def __init__(self, user='root', name=None, python=None, **kwargs):
-        self.user = user
-        super().__init__(name or '%s@localhost' % user, python=python, **kwargs)
+    Without ``password``, ``sudo -n`` never prompts: configure NOPASSWD, or
+    the connection fails saying a password is needed.  ``password`` (a str,
+    or a callable called once, when sudo asks) goes to ``sudo -S`` on its
+    stdin ahead of the bootstrap, never in argv, the environment, a log or
+    an error; a wrong one is a ConnectError at once.  See chopsticks.become.
+    """
+
+    method = 'sudo'
+
+    def __init__(self, user='root', name=None, python=None, password=None, **kwargs):
+        self._init_become(user, password)
+        via = kwargs.get('via')
+        where = 'localhost' if via is None else getattr(via, 'host', via)
+        super().__init__(name or '%s@%s' % (user, where), python=python, **kwargs)
+
+    def become_argv(self, prompt):
+        if prompt is None:
+            return ['sudo', '-n', '-H', '-u', self.user, '--']
+        # -k: a cached credential would let a wrong password through unnoticed.
+        return ['sudo', '-S', '-k', '-p', prompt, '-H', '-u', self.user, '--']
 
     def cmd_args(self):
-        return ['sudo', '-n', '-H', '-u', self.user, '--']
+        return self.become_argv(None)
+
+
+class Su(Sudo):
+    """A python running as another user through ``su`` (``su://user``).
+
+    su reads a password from a terminal only, so Su takes none: it works
+    where su lets the caller through without one (as root, say
+    ``Su('app', via=Sudo())``).  For a password, use :class:`Sudo`.
+    """
+
+    method = 'su'
+    accepts_password = False
+
+    def become_argv(self, prompt):
+        # su runs "$SHELL -c CMD ARGS": -s makes it sh, CMD execs the python
+        # argv that follows the user; '--' keeps su from reading its '-c'.
+        return ['su', '-s', '/bin/sh', '-c', 'exec "$0" "$@"', '--', self.user]
+
+
+class Doas(Sudo):
+    """A python running as another user through OpenBSD's ``doas -n``
+    (``doas://user``); doas reads passwords from a terminal only, so
+    configure ``permit nopass``."""
+
+    method = 'doas'
+    accepts_password = False
+
+    def become_argv(self, prompt):
+        return ['doas', '-n', '-u', self.user, '--']
 
 
 class Docker(SubprocessTunnel):

@@ -168,7 +168,7 @@ def test_builtin_schemes_make_core_tunnels(chopsticks_plugin_manager):
 def test_builtin_plugin_is_listed(chopsticks_plugin_manager):
     (info,) = chopsticks_plugin_manager.plugins()
     assert (info.name, info.builtin, info.status) == ("chopsticks", True, "ok")
-    assert info.tunnels == ["docker", "local", "ssh", "sudo"]
+    assert info.tunnels == ["doas", "docker", "local", "ssh", "su", "sudo"]
 
 
 def test_local_url_runs_calls(chopsticks_plugin_manager):
@@ -181,7 +181,7 @@ def test_local_url_runs_calls(chopsticks_plugin_manager):
 
 def test_unknown_scheme_names_the_known_ones(chopsticks_plugin_manager):
     with pytest.raises(ValueError, match=r"unknown tunnel scheme in host 'podman://x'.*"
-                                         r"docker://, local://, ssh://, sudo://"):
+                                         r"doas://, docker://, local://, ssh://, su://, sudo://"):
         tunnel_from_url("podman://x")
 
 
