@@ -43,6 +43,9 @@ class BaseTunnel(object):
         self.python = python
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        if isinstance(via, str):  # Sudo('root', via='web1'), as a host string would say it
+            from .hosts import tunnel_from_url
+            via = tunnel_from_url(via)
         self.via = via
         self._conn = None
         self._lock = threading.Lock()
