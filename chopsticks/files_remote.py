@@ -179,7 +179,13 @@ def open_file(dirs, rel, expected=None):
     (given ``expected`` (st_dev, st_ino) from walk) only if it is the file the
     walk saw: a file swapped after the walk is refused, not read."""
     fd_dir, name = dirs.parent(rel)
-    fd = os.open(name, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK | CLOEXEC, dir_fd=fd_dir)
+    try:
+        fd = os.open(name, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK | CLOEXEC, dir_fd=fd_dir)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, 'became a symlink while the transfer ran; refusing '
+                          'to read through it', dirs.path(rel))
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
