@@ -53,19 +53,18 @@ controller's half.
 """
 import errno
 import os
-import queue
 import re
 import stat
 import tempfile
-import threading
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import files_remote
 from .errors import ChopsticksError, RemoteException, TunnelClosed
 from .files_remote import (
-    CHUNK, CLOEXEC, FETCH_CHUNK, READ_AHEAD, Dirs, Flusher, TreeWriter, digest, digest_fd,
+    CLOEXEC, FETCH_CHUNK, Dirs, Flusher, TreeWriter, digest, digest_fd,
     discard, open_file, open_root, walk, write_all,
 )
+from .files_source import file_chunks, file_regions
 from .progress import ProgressSetting, TransferProgress
 
 __all__ = ['put', 'fetch', 'sync', 'TransferError', 'plan_sync', 'SyncPlan']
@@ -190,7 +189,7 @@ def put(tunnel: Any, local_path: PathLike, remote_path: Optional[PathLike] = Non
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                dirs, fd = Dirs(fd, local), None
+                dirs, fd = Dirs(fd, local), -1  # the Dirs closes it
                 with dirs:
                     return _put_tree(tunnel, dirs, remote, st, progress, durable)
             if not stat.S_ISREG(st.st_mode):
@@ -206,14 +205,14 @@ def put(tunnel: Any, local_path: PathLike, remote_path: Optional[PathLike] = Non
             spec = {'kind': 'file', 'name': name, 'files': [('', size, mode)],
                     'durable': durable}
             bar = TransferProgress(progress, '[%s] put %s' % (tunnel.host, name), size)
-            chunks = _file_regions(fd, local, size, bar, tunnel.host)
+            chunks = file_regions(fd, local, size, bar)
             try:
                 return tunnel.call_stream(files_remote.remote_receive, chunks, remote, spec)
             finally:
                 chunks.close()  # stops its hashing thread at once, even on errors
                 bar.close()
         finally:
-            if fd is not None:
+            if fd >= 0:
                 os.close(fd)
 
 
@@ -231,193 +230,12 @@ def _put_tree(tunnel, dirs, remote, st, progress, durable, contents=False, listi
             'dirs': found_dirs, 'files': files, 'links': links, 'skipped': skipped,
             'contents': contents, 'durable': durable}
     bar = TransferProgress(progress, '[%s] put %s' % (tunnel.host, spec['name']), total)
-    chunks = _file_chunks(dirs, [(rel, size, ids[rel]) for rel, size, _ in files], bar,
-                          tunnel.host)
+    chunks = file_chunks(dirs, [(rel, size, ids[rel]) for rel, size, _ in files], bar)
     try:
         return tunnel.call_stream(files_remote.remote_receive, chunks, remote, spec)
     finally:
         chunks.close()
         bar.close()
-
-
-class _Stopped(Exception):
-    pass
-
-
-def _file_chunks(dirs, files, progress, host):
-    """The bytes of ``files`` [(rel, size, (st_dev, st_ino))] below ``dirs``,
-    each followed by its SHA-1 digest, packed into CHUNK-sized pieces.
-
-    A helper thread reads and hashes up to READ_AHEAD pieces ahead, so the
-    pipe to the host never waits for the hash.  The pieces are views of a few
-    reused buffers: each is only valid until the next one is requested
-    (``call_stream`` has written it to the transport by then).
-    """
-    free = queue.Queue()  # type: queue.Queue
-    ready = queue.Queue()  # type: queue.Queue
-    for _ in range(READ_AHEAD):
-        free.put(_read_ahead_buffer())
-    reader = threading.Thread(target=_read_ahead, args=(dirs, files, host, free, ready),
-                              name='chopsticks-read', daemon=True)
-    reader.start()
-    sent = None
-    try:
-        while True:
-            if sent is not None:
-                free.put(sent)  # asked for more: the previous piece has been written
-                sent = None
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            buf, length, data_bytes = item
-            sent = buf
-            yield memoryview(buf)[:length]
-            progress.advance(data_bytes)
-    finally:
-        free.put(None)  # stops the reader if it is still running
-        reader.join()
-
-
-def _file_regions(fd, path, size, progress, host):
-    """One open file's bytes as FileRegions, which a pipe transport sends with
-    sendfile, then their SHA-1, from a thread that hashes them meanwhile.
-
-    The bytes then never pass through this process on their way out: a
-    256 MiB put was 6-7% faster than through _file_chunks (a fresh tunnel
-    per put 470 to 507 MB/s, faster in 9 of 10 alternated runs; a warm one
-    551 to 584 MB/s, 10 of 10).  The thread reads them for the hash; it
-    does not map the file, since a file truncated under a mapping kills
-    the process (SIGBUS).  (A read error in sendfile cannot be told from a
-    write error: it ends the connection, where _file_chunks' reader raises
-    a TransferError and the tunnel goes on.)
-    """
-    from .connection import FileRegion  # the controller's side only, as _read_ahead_buffer
-    hasher = _Hasher(fd, size)
-    try:
-        for offset in range(0, size, CHUNK):
-            length = min(CHUNK, size - offset)
-            yield FileRegion(fd, offset, length)
-            progress.advance(length)
-        sha1 = hasher.result()
-        if sha1 is None:
-            raise _shrank(host, path)
-        yield sha1
-    finally:
-        hasher.stop()
-
-
-def _shrank(host, path):
-    return TransferError('[%s] put %s failed: the file shrank while it was being sent'
-                         % (host, path), host, 'put')
-
-
-class _Hasher(object):
-    """The SHA-1 of the first ``size`` bytes of ``fd``, computed by a thread."""
-
-    def __init__(self, fd, size):
-        self.fd = fd
-        self.size = size
-        self.digest = None  # None when the file had fewer bytes
-        self.error = None  # an OSError reading it
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name='chopsticks-hash', daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        buf = _read_ahead_buffer()
-        hashed = digest()
-        offset = 0
-        while offset < self.size and not self.stopping:
-            try:
-                n = os.preadv(self.fd, [buf[:min(CHUNK, self.size - offset)]], offset)
-            except OSError as e:
-                self.error = e
-                return
-            if not n:
-                return
-            hashed.update(buf[:n])
-            offset += n
-        if offset == self.size:
-            self.digest = hashed.digest()
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.digest
-
-    def stop(self):
-        self.stopping = True
-        self.thread.join()
-
-
-def _read_ahead_buffer():
-    """A CHUNK-sized buffer for _read_ahead or _Hasher, 64 bytes into an mmap.
-
-    32-byte aligned, because the kernel copies a file into an unaligned
-    address two to three times slower (see wire.aligned_buffer; a
-    bytearray's data is 16 bytes into its block, and a fresh process's big
-    blocks are fresh mappings); but not at the page's start, because
-    writing from there to the pipe, behind the frame's 9-byte header, was
-    slow.  Measured here, a tunnel's first 256 MiB put: controller CPU 0.82-0.89
-    to 0.74-0.77 s; later puts unchanged.
-    """
-    from . import wire  # the controller's side only
-    return memoryview(wire.aligned_buffer(CHUNK + 64))[64:]
-
-
-def _read_ahead(dirs, files, host, free, ready):
-    """The reading thread of _file_chunks: fills buffers from ``free`` into ``ready``."""
-    def take():
-        buf = free.get()
-        if buf is None:
-            raise _Stopped()
-        return buf, memoryview(buf)
-
-    try:
-        buf, view = take()
-        pos = data = 0
-        for rel, size, identity in files:
-            hashed = digest()
-            fd = open_file(dirs, rel, identity)
-            try:
-                remaining = size
-                while remaining:
-                    if pos == CHUNK:
-                        ready.put((buf, pos, data))
-                        buf, view = take()
-                        pos = data = 0
-                    n = os.readv(fd, [view[pos:pos + min(remaining, CHUNK - pos)]])
-                    if not n:
-                        raise _shrank(host, dirs.path(rel))
-                    hashed.update(view[pos:pos + n])
-                    pos += n
-                    data += n
-                    remaining -= n
-            finally:
-                os.close(fd)
-            sha1 = hashed.digest()
-            while sha1:
-                if pos == CHUNK:
-                    ready.put((buf, pos, data))
-                    buf, view = take()
-                    pos = data = 0
-                n = min(len(sha1), CHUNK - pos)
-                view[pos:pos + n] = sha1[:n]
-                sha1 = sha1[n:]
-                pos += n
-        if pos:
-            ready.put((buf, pos, data))
-        ready.put(None)
-    except _Stopped:
-        pass
-    except OSError as e:
-        ready.put(TransferError('[%s] put %s failed: %s' % (host, dirs.root_path, e), host,
-                                'put', e.errno))
-    except BaseException as e:
-        ready.put(e)
 
 
 # ======================================================================================
@@ -659,6 +477,7 @@ def plan_sync(local: Listing, local_digests: Dict[str, str],
     local_dirs, local_files, local_links, _ = local
     # One row per local entry: (rel, kind, content, mode, listing row); content
     # is a file's digest or a link's target, mode None where it does not apply.
+    rows: List[Tuple[str, str, Any, Any, tuple]]
     rows = ([(rel, 'd', None, mode, (rel, mode)) for rel, mode in local_dirs]
             + [(rel, 'f', local_digests[rel], mode, (rel, size, mode))
                for rel, size, mode in local_files]

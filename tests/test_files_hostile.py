@@ -7,7 +7,6 @@ that another user owns part of must never be steered outside it.
 import os
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 from hypothesis import given, settings, strategies as st
