@@ -393,30 +393,34 @@ class Batch(object):
     def commit(self):
         pending, self.pending = self.pending, []
         self.size = 0
+        renamed = []  # directory descriptors, fsync'd once all renames are done
         try:
             if self.durable:
                 for fd, _, _, _ in pending:
                     os.fsync(fd)
-            synced = set()
             while pending:
                 fd, dir_fd, temp, name = pending[-1]
                 os.close(fd)
                 pending[-1] = (None, dir_fd, temp, name)
                 os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                pending.pop()
-                if self.durable:
-                    key = os.fstat(dir_fd)[1:3]
+                renamed.append(pending.pop()[1])
+            if self.durable:
+                synced = set()
+                for dir_fd in renamed:
+                    key = os.fstat(dir_fd)[1:3]  # (st_ino, st_dev)
                     if key not in synced:
                         synced.add(key)
                         try:
                             os.fsync(dir_fd)
                         except OSError:
                             pass
-                os.close(dir_fd)
         except BaseException:
             self.pending = pending
             self.discard()
             raise
+        finally:
+            for dir_fd in renamed:
+                os.close(dir_fd)
 
     def discard(self):
         pending, self.pending = self.pending, []
