@@ -90,7 +90,8 @@ def test_the_host_half_imports_only_the_stdlib_on_the_oldest_python(tmp_path):
 
 def test_modules_a_relay_host_imports_compile_on_the_oldest_python():
     python = oldest_python()
-    for module in (files, files_remote, sys.modules['chopsticks.progress']):
+    for module in (files, files_remote, sys.modules['chopsticks.files_source'],
+                   sys.modules['chopsticks.progress']):
         out = subprocess.run([python, '-I', '-S', '-c',
                               'import sys; compile(open(sys.argv[1]).read(), sys.argv[1], "exec")',
                               module.__file__], stderr=subprocess.PIPE, universal_newlines=True)
