@@ -416,6 +416,10 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
     dirs = _checked_entries(host, header.get('dirs'), ('rel', 'mode'))
     files = _checked_entries(host, header.get('files'), ('rel', 'size', 'mode'))
     links = _checked_entries(host, header.get('links'), ('rel', 'text'))
+    skipped = header.get('skipped') or []
+    if not (isinstance(skipped, list) and all(isinstance(rel, str) for rel in skipped)):
+        raise TransferError('[%s] fetch: the host sent a malformed list of skipped files %.200r'
+                            % (host, skipped), host, 'fetch')
     root_mode = header.get('mode')
     if local_path is None:
         root = tempfile.mkdtemp(prefix='chopsticks-')
@@ -445,7 +449,7 @@ def _fetch_tree(tunnel, items, header, remote, local_path, progress, durable):
     items.end()
     return {'local_path': root, 'remote_path': header.get('path'), 'size': total,
             'files': [f[0] for f in files], 'dirs': [d[0] for d in dirs],
-            'links': [l[0] for l in links], 'skipped': list(header.get('skipped') or [])}
+            'links': [l[0] for l in links], 'skipped': skipped}
 
 
 # ======================================================================================
@@ -573,6 +577,8 @@ def sync(tunnel: Any, local_dir: PathLike, remote_dir: PathLike, delete: bool = 
                 os.close(fd)
         state = remote_future.result()
         try:
+            if state is not None and not isinstance(state['entries'], dict):
+                raise TypeError('entries is a %s' % type(state['entries']).__name__)
             plan = plan_sync(listing, digests, state['entries'] if state else None, delete)
         except (LookupError, TypeError, ValueError, AttributeError) as e:
             raise TransferError('[%s] sync %s: the host sent a malformed tree state (%s: %s)'

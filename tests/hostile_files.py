@@ -47,3 +47,16 @@ def send_bad_dir_entry(path, chunk=None):
 def send_bad_size(path, chunk=None):
     """A tree whose file size is a string."""
     yield from _tree(path, [], [('f', '3', 0o644)], b'abc')
+
+
+def send_file_bad_mode(path, chunk=None):
+    """A single file whose mode is not a number."""
+    yield {'kind': 'file', 'path': path, 'size': 3, 'mode': 'rw-r--r--'}
+    yield b'abc'
+    import hashlib
+    yield {'size': 3, 'sha1sum': hashlib.sha1(b'abc').hexdigest()}
+
+
+def tree_state_malformed(path, sizes):
+    """A sync's tree state whose one entry is a bare number."""
+    return {'path': path, 'entries': {'sub': 7}}

@@ -350,3 +350,25 @@ def test_a_plan_with_delete_makes_the_host_equal_the_local_tree(local_entries, r
     changed = set(report['created']) | set(report['updated'])
     assert len(changed) + report['unchanged'] + sum(e[0] == 'd' for r, e in here.items()
                                                     if r + '/' not in changed) == len(here)
+
+
+def test_a_malformed_file_header_is_a_transfer_error(local, tmp_path, monkeypatch):
+    src = tmp_path / 'src'
+    src.write_bytes(b'abc')
+    monkeypatch.setattr(files_remote, 'remote_send', hostile_files.send_file_bad_mode)
+    with pytest.raises(TransferError) as info:
+        local.fetch(str(src), str(tmp_path / 'dest'))
+    assert str(info.value).startswith('[%s] fetch' % local.host) and 'rw-r--r--' in str(info.value)
+    assert not (tmp_path / 'dest').exists()
+    assert [p for p in os.listdir(str(tmp_path)) if '.chopsticks-' in p] == []
+
+
+def test_a_malformed_tree_state_is_a_transfer_error(local, tmp_path, monkeypatch):
+    src = local_tree(tmp_path)
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    monkeypatch.setattr(files_remote, 'remote_tree_state', hostile_files.tree_state_malformed)
+    with pytest.raises(TransferError) as info:
+        local.sync(str(src), str(dest), delete=True)
+    assert str(info.value).startswith('[%s] sync' % local.host)
+    assert 'malformed tree state' in str(info.value) and os.listdir(str(dest)) == []
