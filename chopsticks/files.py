@@ -56,7 +56,7 @@ import os
 import re
 import stat
 import tempfile
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import files_remote
 from .errors import ChopsticksError, RemoteException, TunnelClosed
@@ -66,6 +66,9 @@ from .files_remote import (
 )
 from .files_source import file_chunks, file_regions
 from .progress import ProgressSetting, TransferProgress
+
+if TYPE_CHECKING:
+    from .tunnel import BaseTunnel
 
 __all__ = ['put', 'fetch', 'sync', 'TransferError', 'plan_sync', 'SyncPlan']
 
@@ -160,7 +163,7 @@ def _local(path):
 # put
 # ======================================================================================
 
-def put(tunnel: Any, local_path: PathLike, remote_path: Optional[PathLike] = None,
+def put(tunnel: 'BaseTunnel', local_path: PathLike, remote_path: Optional[PathLike] = None,
         mode: Optional[int] = 0o644, progress: ProgressSetting = None,
         durable: bool = True) -> Dict[str, Any]:
     """Copy a local file or directory tree to the host.
@@ -342,7 +345,7 @@ def _receive_into(tree, rel, items, progress, host, mode, sweep=False):
     return size, trailer
 
 
-def fetch(tunnel: Any, remote_path: PathLike, local_path: Optional[PathLike] = None,
+def fetch(tunnel: 'BaseTunnel', remote_path: PathLike, local_path: Optional[PathLike] = None,
           mode: Optional[int] = None, progress: ProgressSetting = None,
           durable: bool = True) -> Dict[str, Any]:
     """Copy a file or directory tree from the host.
@@ -542,7 +545,7 @@ def _under(rel, directories):
     return any('/'.join(parts[:i]) in directories for i in range(1, len(parts)))
 
 
-def sync(tunnel: Any, local_dir: PathLike, remote_dir: PathLike, delete: bool = False,
+def sync(tunnel: 'BaseTunnel', local_dir: PathLike, remote_dir: PathLike, delete: bool = False,
          check: bool = False, progress: ProgressSetting = None,
          durable: bool = True) -> Dict[str, Any]:
     """Make ``remote_dir`` hold what ``local_dir`` holds, sending only files

@@ -62,7 +62,7 @@ def open_root(path, create=False, follow=False):
     try:
         return os.open(path, DIR_FLAGS & ~(0 if not follow else NOFOLLOW))
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and not follow and os.path.islink(path):
             raise OSError(errno.ELOOP, 'is a symlink; refusing to work through it', path)
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
             raise NotADirectoryError(errno.ENOTDIR, 'exists and is not a directory', path)
