@@ -372,3 +372,51 @@ def test_a_malformed_tree_state_is_a_transfer_error(local, tmp_path, monkeypatch
         local.sync(str(src), str(dest), delete=True)
     assert str(info.value).startswith('[%s] sync' % local.host)
     assert 'malformed tree state' in str(info.value) and os.listdir(str(dest)) == []
+
+
+def test_another_users_symlink_in_a_shared_directory_steers_no_root_sync(local, sudo_user,
+                                                                        tmp_path):
+    """The issue's case as it happens: another user (a real one, through a
+    Sudo tunnel) makes the destination in a directory both may write a link
+    to root's victim directory; root's ``sync(delete=True)`` refuses it."""
+    import shutil
+    import tempfile
+    from chopsticks import Sudo
+    victim = victim_dir(tmp_path)
+    before = snapshot(victim)
+    src = local_tree(tmp_path)
+    shared = tempfile.mkdtemp(prefix='chopsticks-shared-')
+    try:
+        os.chmod(shared, 0o777)  # writable by both, and not sticky (no kernel link protection)
+        dest = os.path.join(shared, 'tree')
+        with Sudo(sudo_user) as attacker:
+            attacker.call(os.symlink, str(victim), dest)
+        with pytest.raises(TransferError) as info:
+            local.sync(str(src), dest, delete=True)
+        assert str(info.value).startswith('[%s] sync' % local.host) and dest in str(info.value)
+        assert snapshot(victim) == before
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_wide_and_deep_trees_round_trip_without_leaking_descriptors(local, tmp_path):
+    """More directories than the descriptors a transfer keeps open (Dirs.CACHED)."""
+    src = tmp_path / 'src'
+    deep = src.joinpath(*['d%d' % i for i in range(files_remote.Dirs.CACHED + 4)])
+    deep.mkdir(parents=True)
+    (deep / 'bottom').write_bytes(b'deep')
+    for i in range(files_remote.Dirs.CACHED * 2):
+        wide = src / ('w%02d' % i)
+        wide.mkdir()
+        (wide / 'f').write_bytes(b'%d' % i)
+    local.call(len, '')
+    before = open_fds()
+    local.put(str(src), str(tmp_path / 'put'))
+    local.fetch(str(tmp_path / 'put'), str(tmp_path / 'fetched'))
+    report = local.sync(str(src), str(tmp_path / 'synced'))
+    cached = files_remote.Dirs.CACHED
+    assert len(report["created"]) == 2 * (cached * 2) + cached + 5  # dirs and files
+    assert local.sync(str(src), str(tmp_path / 'synced'))['unchanged'] == 2 * cached + 1
+    for copy in ('put', 'fetched', 'synced'):
+        assert snapshot(tmp_path / copy) == snapshot(src)
+    assert open_fds() <= before | {str(fd) for fd in range(3)}
