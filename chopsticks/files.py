@@ -56,7 +56,9 @@ import os
 import re
 import stat
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union,
+)
 
 from . import files_remote
 from .errors import ChopsticksError, RemoteException, TunnelClosed
@@ -489,9 +491,12 @@ def plan_sync(local: Listing, local_digests: Dict[str, str],
             + [(rel, 'f', local_digests[rel], mode, (rel, size, mode))
                for rel, size, mode in local_files]
             + [(rel, 'l', target, None, (rel, target)) for rel, target in local_links])
-    created, updated, deleted, conflicts = [], [], [], []  # type: List[str], List[str], List[str], List[str]
-    send = {'d': [], 'f': [], 'l': []}  # type: Dict[str, list]
-    chmods = []  # type: List[Tuple[str, int]]
+    created: List[str] = []
+    updated: List[str] = []
+    deleted: List[str] = []
+    conflicts: List[str] = []
+    send: Dict[str, list] = {'d': [], 'f': [], 'l': []}
+    chmods: List[Tuple[str, int]] = []
     unchanged = 0
     for rel, kind, content, mode, row in rows:
         shown = rel + '/' if kind == 'd' else rel
@@ -514,7 +519,7 @@ def plan_sync(local: Listing, local_digests: Dict[str, str],
         send[kind].append(row)
     if delete:
         local_names = {row[0] for row in rows}
-        gone = set()  # type: set  # directories removed whole: their contents go with them
+        gone: Set[str] = set()  # directories removed whole take their contents
         for rel in sorted(entries):
             if rel in local_names or _under(rel, gone):
                 continue
@@ -567,7 +572,7 @@ def sync(tunnel: 'BaseTunnel', local_dir: PathLike, remote_dir: PathLike, delete
     host = tunnel.host
     with _Guard(tunnel, 'sync', what), Dirs(open_root(local, follow=True), local) as dirs:
         st = os.fstat(dirs.root_fd)
-        ids = {}  # type: Dict[str, Tuple[int, int]]
+        ids: Dict[str, Tuple[int, int]] = {}
         listing = walk(dirs, ids)
         sizes = {rel: size for rel, size, _ in listing[1]}
         remote_future = tunnel.call_async(files_remote.remote_tree_state, remote, sizes)

@@ -31,8 +31,8 @@ def file_chunks(dirs, files, progress):
     Each file is opened with O_NOFOLLOW and must be the one the walk saw
     (``files_remote.open_file``); errors are OSErrors naming the file.
     """
-    free = queue.Queue()  # type: queue.Queue
-    ready = queue.Queue()  # type: queue.Queue
+    free: queue.Queue = queue.Queue()
+    ready: queue.Queue = queue.Queue()
     for _ in range(READ_AHEAD):
         free.put(_read_ahead_buffer())
     reader = threading.Thread(target=_read_ahead, args=(dirs, files, free, ready),
