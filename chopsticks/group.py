@@ -53,7 +53,7 @@ from typing import (
     Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple,
 )
 
-from .connection import ReplyReader
+from .replies import ReplyReader
 from .errors import CallTimeout, ChopsticksError, RemoteException, TunnelClosed
 from .serialize import describe, dumps_call
 
@@ -205,14 +205,14 @@ def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
     payload = _pickle_once(fn, args, kwargs)
 
     def work(tunnel, settle):
-        conn = getattr(tunnel, '_conn', None)
-        if payload is None or not hasattr(conn, 'call_payload_then'):  # a relayed tunnel
+        conn = getattr(tunnel, '_conn', None)  # a CallChannel: a Connection or a RelayConnection
+        if payload is None or conn is None:
             return _settle_when_done(tunnel.call_async(fn, *args, **kwargs), settle)
         if conn.closed:  # lost since it connected; never reconnect on the dispatcher's thread
             raise TunnelClosed('[%s] connection lost before %s was sent' % (tunnel.host, what))
         conn.send_modules_for(fn)
         # No Future: the reply goes straight to the dispatcher.
-        return conn.call_payload_then(payload, what, settle)
+        return conn.call_then(payload, what, settle)
 
     return _Operation('call ' + what, work, False, (fn, args, kwargs))
 
