@@ -23,14 +23,14 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, Optional, Set, Tuple, cast
 
 from . import bootstrap, codec, keepalive, wire
-from .broker import get_broker, on_broker_thread
-from .errors import ConnectError, ProtocolError, RemoteException, TunnelClosed, CallTimeout
+from .broker import on_broker_thread
+from .errors import ConnectError, ProtocolError, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
 from .outbox import CORK_MAX, Outbox  # noqa: F401  (CORK_MAX: re-exported)
 from .output import RemoteOutput
 from .replies import (  # noqa: F401  (ReplyReader: re-exported for chopsticks.group)
     CallFuture, CallHandler, Handler, IterHandler, ReplyCallback, ReplyHandler, ReplyReader,
-    Reading, Settle, Settles, StreamHandler, What, name_of, waiting_for_itself)
+    Reading, Settle, StreamHandler, What, name_of, waiting_for_itself)
 from .serialize import dumps_call, describe, importable
 from .transport import (  # noqa: F401  (FileRegion, ProcessTransport: re-exported)
     DirectReading, FileRegion, ProcessTransport, ReaderState, TakeResult, Transport)
@@ -46,10 +46,8 @@ MAX_FRAME = 1 << 30         # largest frame a remote may send (bytes)
 IMPORTS_IN_FLIGHT = 1000    # import requests one remote may have waiting for an answer
 
 _PARKED = ReaderState.PARKED
-_REPLY_OPS = frozenset((wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT))
-_LATE_OPS = _REPLY_OPS | {wire.PONG}  # replies to calls that timed out or were abandoned
 
-_import_pool = None  # type: Optional[concurrent.futures.ThreadPoolExecutor]
+_import_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _import_pool_lock = threading.Lock()
 
 
@@ -128,26 +126,28 @@ class Connection(object):
         self.host = host
         self.keepalive = keepalive  # seconds, or None: see chopsticks.keepalive
         self.last_rx = self.last_ping = 0.0  # time.monotonic() of the last bytes in, last PING
-        self.abort_error = None  # type: Optional[BaseException]  # why it was declared dead
+        self.abort_error: Optional[BaseException] = None  # why it was declared dead
         self.transport = transport
         # What the transport can do, looked at once (see chopsticks.transport).
         capabilities = transport.capabilities
-        self.direct = cast('DirectReading', transport) if capabilities.direct_reading else None  # type: Optional[DirectReading]
+        self.direct: Optional[DirectReading] = \
+            cast('DirectReading', transport) if capabilities.direct_reading else None
         self.file_regions = capabilities.file_regions
         self.settings = dict(settings or {})
         self.settings.setdefault('host', host)
         self.settings.setdefault('log_level', logging.getLogger().getEffectiveLevel())
         self.parser = wire.FrameParser(self.settings.get('max_frame', MAX_FRAME))
-        self.backlog = collections.deque()  # type: Deque[Tuple[int, int, Any]]  # frames read, not yet dispatched (see feed)
-        self.pending = {}  # type: Dict[int, Handler]
+        # Frames read, not yet dispatched (see feed).
+        self.backlog: Deque[Tuple[int, int, Any]] = collections.deque()
+        self.pending: Dict[int, Handler] = {}
         self.ids = itertools.count(1)
         self.futures_condition = threading.Condition()  # shared by its CallFutures
         self.modules = server_for_this_process()
-        self.preloaded = set()  # type: Set[str]  # modules of functions called so far
+        self.preloaded: Set[str] = set()  # modules of functions called so far
         self.hello = threading.Event()
-        self.remote = None  # type: Optional[Dict[str, Any]]  # the agent's HELLO
+        self.remote: Optional[Dict[str, Any]] = None  # the agent's HELLO
         self.closed = False
-        self.error = None  # type: Optional[BaseException]
+        self.error: Optional[BaseException] = None
         self.output = RemoteOutput(host)
         self.import_slots = threading.BoundedSemaphore(IMPORTS_IN_FLIGHT)
         # Writing (chopsticks.outbox): its methods, bound once, are this connection's.
@@ -287,7 +287,7 @@ class Connection(object):
 
     def dispatch(self, rid: int, op: int, payload: Any) -> None:
         handler = self.pending.get(rid)
-        if handler is not None and op in _REPLY_OPS:
+        if handler is not None and op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT):
             if handler.frame(op, payload):
                 self.pending.pop(rid, None)
         elif op == wire.IMPORT:
@@ -305,7 +305,7 @@ class Connection(object):
                 raise ValueError('bad HELLO')
             self.modules.remote_magic = self.remote.get('magic')
             self.hello.set()
-        elif op in _LATE_OPS:
+        elif op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT, wire.PONG):
             pass  # a reply to a request that timed out or was abandoned
         else:
             raise ValueError('unexpected op %d' % op)
@@ -324,17 +324,10 @@ class Connection(object):
         finally:
             self.import_slots.release()
 
-    def remote_exception(self, payload: Any) -> RemoteException:
-        info = codec.decode(payload)
-        if not isinstance(info, dict):
-            raise ValueError('bad error reply')
-        return RemoteException(self.host, str(info.get('type')), str(info.get('msg')),
-                               str(info.get('traceback') or ''))
-
     # --- calls (callers' threads; see CallChannel)
     def pickle_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
         try:
-            payload = dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))  # type: bytes
+            payload: bytes = dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
         except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as e:
             # Same type, so callers catching it still do; the message says where and what.
             try:

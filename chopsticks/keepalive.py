@@ -40,8 +40,8 @@ class KeepaliveWatch(object):
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.conns = set()  # type: Set[Watched]
-        self.thread = None  # type: Optional[threading.Thread]
+        self.conns: Set[Watched] = set()
+        self.thread: Optional[threading.Thread] = None
 
     def add(self, conn: Watched) -> None:
         with self.cond:

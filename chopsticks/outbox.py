@@ -32,7 +32,7 @@ class Outbox(object):
         self.direct = conn.direct
         self.file_regions = conn.file_regions
         self.lock = threading.Lock()  # held while writing; the connection's write_lock
-        self.frames = []  # type: List[Any]  # corked frames, sent by the broker thread
+        self.frames: List[Any] = []  # corked frames, sent by the broker thread
         self.flushing = False  # a helper thread is sending them (see flush)
 
     def send(self, rid: int, op: int, payload: Any) -> None:
@@ -79,7 +79,9 @@ class Outbox(object):
                 frame = self.frames + frame
                 self.frames = []
             try:
-                if self._reads_here():
+                direct = self.direct  # inlined _reads_here: this runs for every call
+                if direct is not None and direct.state is _CALLER and \
+                        direct.reader == threading.get_ident():
                     # This thread reads the replies (see Connection.call): it
                     # must not block here, so a helper thread sends what is left.
                     rest = self.transport.write_nowait(frame)
@@ -159,7 +161,7 @@ class Outbox(object):
         the host takes bytes now.  Whether it went out."""
         if not self.lock.acquire(blocking=False):
             return False
-        write_error = None  # type: Optional[BaseException]
+        write_error: Optional[BaseException] = None
         try:
             if self.conn.closed or self.frames:  # the outbox may hold half a frame
                 return False

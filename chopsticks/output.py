@@ -37,11 +37,11 @@ class OutputRelay(object):
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.queue = collections.deque()  # type: Deque[Tuple[Any, Optional[logging.LogRecord]]]
+        self.queue: Deque[Tuple[Any, Optional[logging.LogRecord]]] = collections.deque()
         self.queued = 0  # bytes, roughly
-        self.dropped = {}  # type: Dict[str, int]  # host -> lines dropped since the last note
+        self.dropped: Dict[str, int] = {}  # host -> lines dropped since the last note
         self.busy = False
-        self.thread = None  # type: Optional[threading.Thread]
+        self.thread: Optional[threading.Thread] = None
 
     def has_room(self) -> bool:
         return self.queued < RELAY_BUFFER
@@ -114,7 +114,7 @@ class OutputRelay(object):
             del texts[:]
 
 
-_relay = None  # type: Optional[OutputRelay]
+_relay: Optional[OutputRelay] = None
 _relay_lock = threading.Lock()
 
 
@@ -137,7 +137,7 @@ class RemoteOutput(object):
         self.tail = bytearray()     # the last STDERR_TAIL bytes of stderr
         self.partial = bytearray()  # a line not ended yet
         self.started = False  # the agent's mark came on stderr (wire.AGENT_STARTED)
-        self.log_names = set()  # type: Set[str]  # logger names this remote used
+        self.log_names: Set[str] = set()  # logger names this remote used
 
     def text(self) -> str:
         """The tail of stderr, for error messages."""
@@ -170,7 +170,7 @@ class RemoteOutput(object):
                 relay.drop(self.host, 1)
                 partial.clear()
             return
-        lines = partial.split(b'\n')  # type: List[Any]
+        lines: List[Any] = partial.split(b'\n')
         partial[:] = lines.pop()
         if len(partial) > STDERR_LINE_MAX:
             lines.append(bytes(partial))

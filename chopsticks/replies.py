@@ -26,7 +26,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterato
 
 from . import codec, wire
 from .broker import on_broker_thread
-from .errors import CallTimeout, TunnelClosed
+from .errors import CallTimeout, RemoteException, TunnelClosed
 from .serialize import describe
 from .transport import FileRegion, TakeResult, reading_buffer
 
@@ -57,6 +57,15 @@ def name_of(what: What) -> str:
     return what if isinstance(what, str) else describe(what)
 
 
+def remote_exception(host: str, payload: Any) -> RemoteException:
+    """The RemoteException an ERROR frame describes; ValueError if it does not."""
+    info = codec.decode(payload)
+    if not isinstance(info, dict):
+        raise ValueError('bad error reply')
+    return RemoteException(host, str(info.get('type')), str(info.get('msg')),
+                           str(info.get('traceback') or ''))
+
+
 Settle = Callable[[Any, Optional[BaseException]], None]  # (value, exc): exactly one is set
 
 
@@ -80,7 +89,7 @@ class _OneReply(object):
     """Handling of a call's one reply, RESULT or ERROR: ``frame`` and ``fail``
     settle it through ``settle(value, exc)``; ``conn`` names the host in errors."""
     __slots__ = ()
-    conn = None  # type: Connection
+    conn: 'Connection'
 
     def settle(self, value: Any, exc: Optional[BaseException]) -> None:
         raise NotImplementedError
@@ -89,7 +98,7 @@ class _OneReply(object):
         if op == wire.RESULT:
             self.settle(codec.decode(payload), None)
         elif op == wire.ERROR:
-            self.settle(None, self.conn.remote_exception(payload))
+            self.settle(None, remote_exception(self.conn.host, payload))
         else:
             return False
         return True
@@ -179,7 +188,7 @@ class ReplyCallback(_OneReply):
         self.conn = conn
         self.what = what
         self.callback = callback
-        self.rid = None  # type: Any  # the request id, once sent
+        self.rid: Any = None  # the request id, once sent
 
     def settle(self, value, exc):
         callback, self.callback = self.callback, None
@@ -245,16 +254,16 @@ class IterHandler(object):
     def __init__(self, conn, what):
         self.conn = conn
         self.what = what
-        self.items = collections.deque()  # type: Deque[Tuple[Any, Optional[BaseException]]]
+        self.items: Deque[Tuple[Any, Optional[BaseException]]] = collections.deque()
         self.cond = threading.Condition(threading.Lock())
 
     def frame(self, op, payload):
         if op == wire.ITEM:
-            item = (codec.decode(payload), None)
+            item: Tuple[Any, Optional[BaseException]] = (codec.decode(payload), None)
         elif op == wire.END:
             item = (self._END, None)
         elif op == wire.ERROR:
-            item = (self._END, self.conn.remote_exception(payload))
+            item = (self._END, remote_exception(self.conn.host, payload))
         else:
             return False
         with self.cond:
@@ -335,7 +344,7 @@ class StreamHandler(CallHandler):
         conn = self.conn
         future = self.future
         cond = self.cond
-        pieces = iter(())  # type: Iterator[Any]
+        pieces: Iterator[Any] = iter(())
         try:
             with conn.wide_pipe('send'):
                 for chunk in chunks:
@@ -391,9 +400,9 @@ class ReplyReader(object):
 
     def __init__(self) -> None:
         self.poller = select.poll()
-        self.taken = {}  # type: Dict[int, Connection]  # stdout fd -> connection
-        self.fds = {}    # type: Dict[Connection, int]  # connection -> stdout fd
-        self.borrowed = set()  # type: Set[Connection]  # already read by an outer reader here
+        self.taken: Dict[int, Connection] = {}  # stdout fd -> connection
+        self.fds: Dict[Connection, int] = {}    # connection -> stdout fd
+        self.borrowed: Set[Connection] = set()  # already read by an outer reader here
         self.wake_r, self.wake_w = os.pipe()
         # wake() may come from another thread after close(), when a late
         # event is posted (a connect that outlived its call's timeout):
@@ -480,7 +489,7 @@ class Reading(object):
     def __init__(self, conn: 'Connection') -> None:
         self.conn = conn
         # Used only once take() said TAKEN or NESTED, when it is not None.
-        self.direct = conn.direct  # type: DirectReading  # type: ignore[assignment]
+        self.direct: DirectReading = conn.direct  # type: ignore[assignment]
 
     def take(self) -> TakeResult:
         """This thread reads the replies from now on, if the transport allows

@@ -112,6 +112,9 @@ class ReaderState(enum.Enum):
     CLOSED = 'the transport closed; whoever still reads it closes the pipe'
 
 
+_CLOSED = ReaderState.CLOSED
+
+
 class TakeResult(enum.Enum):
     """What ``DirectReading.take_stdout`` did."""
     TAKEN = 'this thread reads stdout now, and gives it back when done'
@@ -169,9 +172,10 @@ _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP}
 # hosts round 9-11% more (ssh 4 µs and sshd 8 µs more per call, alternated
 # blocks on loopback: bench/RESULTS.md).
 if sys.version_info >= (3, 11):
-    _OWN_PROCESS_GROUP = {'process_group': 0}  # type: Dict[str, Any]
+    _OWN_PROCESS_GROUP: Dict[str, Any] = {'process_group': 0}
 else:
-    _OWN_PROCESS_GROUP = {'start_new_session': True}  # type: Dict[str, Any]  # preexec_fn is not safe with threads
+    # (preexec_fn is not safe with threads)
+    _OWN_PROCESS_GROUP: Dict[str, Any] = {'start_new_session': True}
 
 class ProcessTransport(object):
     """The agent runs in (or behind) a child process: local python, ssh, sudo, docker."""
@@ -182,7 +186,7 @@ class ProcessTransport(object):
         self.argv = argv
         self.env = env
         self.what = what or argv[0]
-        self.proc = None  # type: Any  # the subprocess.Popen, once started
+        self.proc: Any = None  # the subprocess.Popen, once started
         # Whoever reads stdout holds read_lock: the broker while it pumps, or
         # a caller waiting for its own reply (see take_stdout); ``reader`` is
         # that thread's ident.  state_lock guards the handover and ``state``.
@@ -195,7 +199,7 @@ class ProcessTransport(object):
         self.state_lock = threading.Lock()
         self.stderr_lock = threading.RLock()
         self.state = ReaderState.BROKER
-        self.reader = None  # type: Optional[int]
+        self.reader: Optional[int] = None
         self.stdout_poller = None
         self.broker = get_broker()  # looked up once: the call would cost every reply
 
@@ -274,7 +278,7 @@ class ProcessTransport(object):
             poller = self.stdout_poller = select.poll()  # only read_lock's holder uses it
             poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not future.done() and self.state is not ReaderState.CLOSED:
+        while not future.done() and self.state is not _CLOSED:
             # In slices, so a close() from another thread is seen soon.
             wait = DIRECT_READ_SLICE if deadline is None else \
                 min(DIRECT_READ_SLICE, deadline - time.monotonic())
