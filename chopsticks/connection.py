@@ -20,7 +20,8 @@ import pickle
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, Optional, Set, Tuple, cast
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set,
+                    Tuple, cast)
 
 from . import bootstrap, codec, keepalive, wire
 from .broker import on_broker_thread
@@ -33,7 +34,7 @@ from .replies import (  # noqa: F401  (ReplyReader: re-exported for chopsticks.g
     Reading, Settle, StreamHandler, What, name_of, waiting_for_itself)
 from .serialize import dumps_call, describe, importable
 from .transport import (  # noqa: F401  (FileRegion, ProcessTransport: re-exported)
-    DirectReading, FileRegion, ProcessTransport, ReaderState, TakeResult, Transport)
+    DirectReading, FileRegion, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink)
 
 if sys.version_info >= (3, 8):
     from typing import Protocol
@@ -456,3 +457,15 @@ class Connection(object):
         """A context manager for a bulk transfer: ``'send'`` or ``'receive'``
         (see wire.WidePipe).  Transports without pipes change nothing."""
         return self.transport.wide_pipe(direction)
+
+
+if TYPE_CHECKING:  # the checker proves that each implementation has its interface
+    from .relay import RelayConnection
+    from .ssh import ParamikoTransport
+
+    def _interfaces(conn: Connection, relayed: RelayConnection, process: ProcessTransport,
+                    paramiko: ParamikoTransport) -> None:
+        channels: List[CallChannel] = [conn, relayed]
+        transports: List[Transport] = [process, paramiko]
+        direct: DirectReading = process
+        sink: TransportSink = conn
