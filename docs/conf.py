@@ -37,6 +37,9 @@ nitpicky = False                # annotations name third-party types Sphinx cann
 
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
+# An override says what it does differently; the base class's text (say,
+# concurrent.futures.Future.result's) belongs to the base class's own docs.
+autodoc_inherit_docstrings = False
 autodoc_default_options = {
     'members': True,
     'show-inheritance': True,
