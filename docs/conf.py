@@ -33,6 +33,7 @@ templates_path = []
 root_doc = 'index'
 default_role = 'code'          # `x` reads as code, never as a failed cross-reference
 highlight_language = 'python3'
+smartquotes = False            # -- and ' in command lines stay as typed
 nitpicky = False                # annotations name third-party types Sphinx cannot resolve offline
 
 autodoc_member_order = 'bysource'
