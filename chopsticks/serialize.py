@@ -165,7 +165,11 @@ def dumps_call(fn, args, kwargs, remote_version=None):
         culprit = _what_cannot_travel(pickler.shipped, args, kwargs, remote_version)
         if culprit is None:
             raise
-        raise pickle.PicklingError('%s cannot travel: %s' % (culprit, e)) from e
+        try:  # the same type, so callers catching TypeError still do
+            error = type(e)('%s cannot travel: %s' % (culprit, e))
+        except Exception:
+            raise e
+        raise error from e
     return buf.getvalue()
 
 
