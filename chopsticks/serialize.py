@@ -290,13 +290,19 @@ def source_of(obj):
         node = _find_definition(tree, obj, firstlineno)
         if isinstance(obj, types.FunctionType):
             segment = _signature_without_values(text, node)
-            padding = _char_col(text.splitlines(True)[node.lineno - 1], node.col_offset)
+            padding = _char_col(_lines(text)[node.lineno - 1], node.col_offset)
             segment = textwrap.dedent(' ' * padding + segment)
         else:
             segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
         result = (segment + '\n', obj.__name__, filename, node.lineno)
     _source_cache[key] = result
     return result
+
+
+def _lines(text):
+    """Lines as ast numbers them: split at newlines only (str.splitlines
+    also splits at form feeds, which some source files hold)."""
+    return [line + '\n' for line in text.split('\n')]
 
 
 def _char_col(line, byte_col):
@@ -314,7 +320,7 @@ def _signature_without_values(text, node):
     local).  Their values travel beside the source instead (defaults) or not
     at all (annotations: the host's function has none).  Line breaks inside a
     replaced expression are kept so the host's line numbers stay right."""
-    lines = text.splitlines(True)
+    lines = _lines(text)
     starts = [0]
     for line in lines:
         starts.append(starts[-1] + len(line))
