@@ -3,8 +3,9 @@
 Both sides use this module: the remote encodes return values with it and the
 controller decodes them.  Decoding never executes code, never looks up a
 class by name, and checks every length against the bytes actually present,
-so a hijacked host can send garbage but cannot run code on the controller or
-make it allocate more than it sent.
+so a hijacked host can send garbage but cannot run code on the controller.
+Decoding costs CPU linear in the frame's size (hash-colliding keys are
+refused) and at most MEMORY_PER_BYTE bytes of objects per byte received.
 
 It is shipped to the remote as source, so it is stdlib-only and must run on
 Python 3.6.
