@@ -134,6 +134,8 @@ import_module = lambda name: __import__('importlib').import_module(name).__name_
 def controller_path(tmp_path, monkeypatch):
     """A directory on the controller's sys.path with one package, and secrets nearby."""
     root = tmp_path / 'on_sys_path'
+    # The user shares this package's files (data) with hosts: see ServePolicy.
+    monkeypatch.setenv('CHOPSTICKS_SERVE', 'victimpkg,*')
     pkg = root / 'victimpkg'
     (pkg / 'data').mkdir(parents=True)
     (pkg / '__init__.py').write_text('VALUE = 1\n')
