@@ -91,6 +91,12 @@ def test_site_builds_without_warnings(site):
     assert (site / "index.html").exists()
     for page in ("tutorial", "plugins", "changelog", "reference/cli", "reference/hooks"):
         assert (site / f"{page}.html").exists(), page
+    # Errors docutils or the theme put in a page rather than in the build's output:
+    # Furo shows a `.. contents::` (class "contents") as an error box.
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        for error in ('class="system-message"', 'class="contents'):
+            assert error not in text, f"{page.relative_to(site)} shows an error: {error}"
 
 
 # -- every public name has an entry ---------------------------------------------------
