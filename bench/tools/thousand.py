@@ -16,7 +16,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [REPO, os.path.join(REPO, 'bench', 'peers')]
+sys.path[:0] = [REPO, os.path.join(REPO, 'bench', 'peers'), HERE]
 
 from chopsticks.group import Group  # noqa: E402
 from chopsticks.tunnel import Local  # noqa: E402
@@ -49,6 +49,44 @@ def children_switches(pids):
             except OSError:
                 pass
     return total
+
+
+def compare_relays(direct, relays, per_relay, python, rounds, block=5):
+    """Alternate blocks of rounds: one call to the direct group, then one call
+    per relay that carries the relay's whole group (bench/tools/relay_fns.py)."""
+    import relay_fns
+    start = time.perf_counter()
+    first = relays.call(relay_fns.group_call, per_relay, python, remote_fns.noop)
+    failed = sum(1 for _ in first.failures()) + sum(
+        1 for v in first.values() if isinstance(v, dict) for x in v.values() if x is not None)
+    print('relays: %d x %d hosts connect + first call %.2fs, failed %d' % (
+        len(relays), per_relay, time.perf_counter() - start, failed))
+    errors = [x for v in first.values() if isinstance(v, dict) for x in v.values() if x is not None]
+    if errors:
+        print('  e.g.', errors[0][:300])
+    print('controller fds %d, threads %d, rss %.0f MiB' % (
+        fds(), len(os.listdir('/proc/self/task')), rss() / 2**20))
+    stats = {'direct': ([], []), 'relayed': ([], [])}
+    for b in range(rounds // block):
+        label = ('direct', 'relayed')[b % 2]
+        for _ in range(block):
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            if label == 'direct':
+                bad = sum(1 for _ in direct.call(remote_fns.noop).failures())
+            else:
+                r = relays.call(relay_fns.group_call, per_relay, python, remote_fns.noop)
+                bad = sum(1 for _ in r.failures()) + sum(
+                    1 for v in r.values() if isinstance(v, dict) for x in v.values() if x is not None)
+            stats[label][0].append(time.perf_counter() - t0)
+            stats[label][1].append(time.process_time() - c0)
+            if bad:
+                print('%s round: %d failed' % (label, bad))
+    for label, (ts, cs) in stats.items():
+        print('%s: one call to %d hosts, median %.1f ms (min %.1f), controller process cpu %.1f ms '
+              '(%d rounds)' % (label, len(direct), statistics.median(ts) * 1e3, min(ts) * 1e3,
+                               statistics.median(cs) * 1e3, len(ts)))
+    relays.call(relay_fns.close_groups)
 
 
 def compare_naps(group, pids, naps, rounds, block=5):
@@ -140,6 +178,13 @@ def main(argv):
     print('gc objects tracked: %d  (GC=%s)' % (len(gc.get_objects()), mode or 'on'))
     times, cpus = [], []
     pids = [t.direct_connection.transport.pid() for t in group.tunnels]
+    if os.environ.get('RELAYS'):
+        count = int(os.environ['RELAYS'])
+        relays = Group([Local('relay%d' % i) for i in range(count)], progress=False)
+        compare_relays(group, relays, n // count, python, rounds)
+        relays.close()
+        group.close()
+        return
     if os.environ.get('NAP', '').startswith('alt:'):
         compare_naps(group, pids, [float(x) for x in os.environ['NAP'][4:].split(',')], rounds)
         group.close()
