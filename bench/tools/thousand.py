@@ -89,6 +89,23 @@ def compare_relays(direct, relays, per_relay, python, rounds, block=5):
     relays.call(relay_fns.close_groups)
 
 
+def compare_parallel(group, values, rounds, block=5):
+    """Alternate blocks of rounds between max_parallel values."""
+    stats = {v: ([], []) for v in values}
+    for b in range(rounds // block):
+        value = values[b % len(values)]
+        group.max_parallel = value
+        for _ in range(block):
+            c0 = time.thread_time()
+            t0 = time.perf_counter()
+            group.call(remote_fns.noop)
+            stats[value][0].append(time.perf_counter() - t0)
+            stats[value][1].append(time.thread_time() - c0)
+    for value, (ts, cs) in stats.items():
+        print('max_parallel %d: round median %.1f ms (min %.1f), controller thread %.1f ms (%d rounds)' % (
+            value, statistics.median(ts) * 1e3, min(ts) * 1e3, statistics.median(cs) * 1e3, len(ts)))
+
+
 def compare_naps(group, pids, naps, rounds, block=5):
     """Alternate blocks of rounds between the agents' relief nap settings."""
     stats = {nap: {'t': [], 'cpu': [], 'kids': [], 'sw': []} for nap in naps}
@@ -114,16 +131,16 @@ def compare_naps(group, pids, naps, rounds, block=5):
 
 
 def children_cpu(pids):
-    tick = os.sysconf('SC_CLK_TCK')
+    """Seconds on CPU of every thread of ``pids`` (schedstat: nanoseconds, not ticks)."""
     total = 0
     for pid in pids:
         try:
-            with open('/proc/%d/stat' % pid) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            for tid in os.listdir('/proc/%d/task' % pid):
+                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
+                    total += int(f.read().split()[0])
         except OSError:
             pass
-    return total / tick
+    return total / 1e9
 
 
 def broker_cpu():
@@ -183,6 +200,10 @@ def main(argv):
         relays = Group([Local('relay%d' % i) for i in range(count)], progress=False)
         compare_relays(group, relays, n // count, python, rounds)
         relays.close()
+        group.close()
+        return
+    if os.environ.get('MP', '').startswith('alt:'):
+        compare_parallel(group, [int(x) for x in os.environ['MP'][4:].split(',')], rounds)
         group.close()
         return
     if os.environ.get('NAP', '').startswith('alt:'):

@@ -40,8 +40,21 @@ def processes():
             continue
         comm = text[text.index('(') + 1:text.rindex(')')]
         fields = text[text.rindex(')') + 2:].split()
-        out[int(name)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / TICK)
+        out[int(name)] = (int(fields[1]), comm, 0.0)
     return out
+
+
+def exact_cpu(pids):
+    """Seconds on CPU of every thread of ``pids`` (schedstat: nanoseconds, not ticks)."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir('/proc/%d/task' % pid):
+                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total / 1e9
 
 
 def descendants(procs, root):
@@ -95,19 +108,21 @@ def measure(n, rounds):
         start = time.perf_counter()
         result = group.call(remote_fns.noop)
         connect = time.perf_counter() - start
-        failed = sum(1 for _ in result.failures())
+        failures = [e for _, e in result.failures()]
+        failed = len(failures)
+        if failures:
+            print('  e.g. %s' % str(failures[0])[:400])
         by_kind, procs = kinds(sshd._proc.pid)
-        own = (processes()[os.getpid()][2])
+        own = time.process_time()
         times = []
-        before = processes()
+        before = {k: exact_cpu(p) for k, p in by_kind.items()}
         c0 = time.process_time()
         for _ in range(rounds):
             t0 = time.perf_counter()
             group.call(remote_fns.noop)
             times.append(time.perf_counter() - t0)
         controller = (time.process_time() - c0) / rounds
-        after = processes()
-        per_round = {k: (cpu(p, after) - cpu(p, before)) / rounds for k, p in by_kind.items()}
+        per_round = {k: (exact_cpu(p) - before[k]) / rounds for k, p in by_kind.items()}
         fds = len(os.listdir('/proc/self/fd')) - fd0
         pss = {k: sum(pss_kib(p) for p in pids) for k, pids in by_kind.items()}
         print('%d hosts: connect + first call %.1fs (%d failed), round median %.1f ms (min %.1f)'
