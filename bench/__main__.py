@@ -25,7 +25,7 @@ from .rows import COLUMNS, ROWS, ROW_BY_ID, label, tasks_for
 from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
-NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
+NOT_INTERLEAVED = ('memory', 'thousand')  # one long sample; nothing to take turns with
 # Short samples, one per turn, {task: turns per --repeat}.  A connect here
 # takes 290-320 ms, with one in seven or so at 350-380 ms (the floor's too),
 # whatever runs it; ours is about 8 ms above the floor (30 alternated pairs:
@@ -35,7 +35,7 @@ NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
 # floor's alike (2,000 calls in each of 12 processes: the floor 42-81 µs,
 # ours 64-108 µs, medians 1.29x apart; full-27's five gave 1.54x).
 ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'local_connect': 1}
-TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
+TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600, 'thousand': 1200}
 
 
 def parse_args(argv=None):
@@ -89,6 +89,8 @@ def settings(args):
         'many_call_rounds': 10 if quick else 100,  # 20 rounds per sample was too few to repeat
         'n_hosts': args.hosts or (8 if quick else 48),
         'mem_tunnels': args.mem_tunnels or (100 if quick else 1000),
+        'thousand_hosts': 100 if quick else 1000,
+        'thousand_rounds': 5 if quick else 20,  # rounds per sample of thousand_call
     }
 
 
@@ -189,6 +191,9 @@ def prepare(args, conf, sshd, workdir, control_dir):
     if conf['mem_tunnels'] > mem_cap:
         log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
         conf['mem_tunnels'] = mem_cap
+    if conf['thousand_hosts'] > mem_cap:
+        log('thousand rows: %d hosts (not %d): MemAvailable is low' % (mem_cap, conf['thousand_hosts']))
+        conf['thousand_hosts'] = mem_cap
     scratch = os.path.join(workdir, 'scratch')
     os.makedirs(scratch)
     return dict(conf, **{

@@ -45,6 +45,8 @@ def reference(row, cells, which):
 def target_met(row, cells, column_id):
     """True, False, or None when a reference is missing."""
     value = median_of(cells.get(column_id))
+    if value is not None and row.id == 'thousand_connect':
+        return _failed(cells[column_id]) == 0  # its target: none failing
     if value is None or not row.targets:
         return None
     for ref, factor in row.targets:
@@ -77,6 +79,8 @@ def cell_text(row, cells, column_id):
     extra = cell.get('extra') or {}
     if row.id == 'memory':
         text += ', +%d threads' % extra.get('threads_added', 0)
+    elif row.id == 'thousand_connect':
+        text += ', %d failed' % _failed(cell)
     elif row.id == 'reconnect' and extra.get('cold (first tunnel)'):
         # Only the first turn's is cold: its control master outlives the turn
         # (ControlPersist) and serves the "cold" tunnel of the later turns.
@@ -88,6 +92,11 @@ def cell_text(row, cells, column_id):
     if ref and column_id != row.ref:
         text += ' ×%.2f' % (cell['median'] / ref)
     return text
+
+
+def _failed(cell):
+    failed = (cell.get('extra') or {}).get('failed', 0)
+    return max(failed) if isinstance(failed, list) else failed
 
 
 def _median(values):

@@ -73,6 +73,12 @@ ROWS = (
         ref='best_peer', targets=(('best_peer', 0.5),), target_text='<= 0.5x best peer'),
     Row('local_connect', 'Local tunnel: connect + first call', 's', 'local_connect',
         targets=(('abs', 0.025),), target_text='<= 25 ms', transport_free=True),
+    Row('thousand_connect', 'Local: connect + first call on {thousand} hosts', 's',
+        'thousand', ref=None, target_text='none failing', transport_free=True),
+    Row('thousand_call', 'Local: one call to {thousand} connected hosts', 's', 'thousand', ref=None,
+        targets=(('abs', 0.1),), target_text='<= 100 ms', transport_free=True),
+    Row('thousand_memory', 'controller memory per connected Local host ({thousand})', 'MB',
+        'thousand', ref=None, transport_free=True),
     Row('memory', 'controller memory per idle Local tunnel ({tunnels})', 'MB', 'memory', ref=None,
         targets=(('abs', 2.0),), target_text='<= 2 MB, no thread per tunnel',
         transport_free=True),
@@ -84,7 +90,8 @@ ROW_BY_ID = {row.id: row for row in ROWS}
 def label(row, settings):
     """The row's label with this run's sizes filled in."""
     return row.label.format(file_mib=settings['file_size'] >> 20, hosts=settings['n_hosts'],
-                            tunnels=settings['mem_tunnels'])
+                            tunnels=settings['mem_tunnels'],
+                            thousand='{:,}'.format(settings.get('thousand_hosts', 1000)))
 
 
 def tasks_for(row_ids):

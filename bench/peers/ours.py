@@ -231,6 +231,41 @@ def local_connect(ctx):
     return Result(h.samples(ctx.local_repeat, once), 's')
 
 
+def thousand(ctx):
+    """A thousand Local hosts in one Group: connect + first call (failures
+    counted), then rounds of one call to all of them; controller memory."""
+    _need_core()
+    from chopsticks.group import Group
+    n = ctx.thousand_hosts
+    gc.collect()
+    rss0 = h.rss_bytes()
+    group = Group([Local('local%d' % i, python=ctx.local_python) for i in range(n)], progress=False)
+    try:
+        start = clock()
+        result = group.call(remote_fns.noop)
+        connect = clock() - start
+        failed = [str(e) for _, e in result.failures()]
+        if failed:
+            ctx.log('%d of %d hosts failed, e.g. %s' % (len(failed), n, failed[0]))
+        gc.collect()
+        per_host = (h.rss_bytes() - rss0) / n / 1e6
+
+        def call_all():
+            bad = sum(1 for _ in group.call(remote_fns.noop).failures())
+            if bad:
+                raise RuntimeError('%d of %d hosts failed a call' % (bad, n))
+
+        call = h.samples(ctx.repeat, lambda: h.per_op(call_all, ctx.thousand_rounds))
+    finally:
+        group.close()
+    return {
+        'thousand_connect': Result([connect], 's', note='%d failed' % len(failed),
+                                   extra={'failed': len(failed), 'hosts': n}),
+        'thousand_call': Result(call, 's', note='Group.call, %d hosts' % n),
+        'thousand_memory': Result([per_host], 'MB', note='RSS after connect, per host'),
+    }
+
+
 def memory(ctx):
     """Controller RSS and threads added by idle, connected Local tunnels."""
     _need_core()
