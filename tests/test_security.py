@@ -104,8 +104,8 @@ def test_endless_line_is_shown_in_pieces(capfd):
     with Local('oneline') as t:
         assert t.call(no_newline)
         assert t.call(echo, 'still here') == 'still here'
-        assert len(t._conn.stderr_partial) <= 1 << 20
-        assert len(t._conn.stderr_tail) <= 64 * 1024
+        assert len(t._conn.output.partial) <= 1 << 20
+        assert len(t._conn.output.tail) <= 64 * 1024
 
 
 def test_log_flood_is_relayed_off_the_broker_thread(caplog):
@@ -134,6 +134,8 @@ import_module = lambda name: __import__('importlib').import_module(name).__name_
 def controller_path(tmp_path, monkeypatch):
     """A directory on the controller's sys.path with one package, and secrets nearby."""
     root = tmp_path / 'on_sys_path'
+    # The user shares this package's files (data) with hosts: see ServePolicy.
+    monkeypatch.setenv('CHOPSTICKS_SERVE', 'victimpkg,*')
     pkg = root / 'victimpkg'
     (pkg / 'data').mkdir(parents=True)
     (pkg / '__init__.py').write_text('VALUE = 1\n')

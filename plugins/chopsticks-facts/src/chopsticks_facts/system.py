@@ -223,7 +223,9 @@ def service_manager():
     init = read_text("/proc/1/comm")
     if init == "systemd":
         return "systemd"
-    if init in ("runit", "runsvdir") or os.path.isdir("/run/runit"):
+    # PID 1's name decides; /run/runit alone is no proof (Debian's runit
+    # package creates it on a host whose init is something else).
+    if init in ("runit", "runsvdir") or (init is None and os.path.isdir("/run/runit")):
         return "runit"
     if os.path.exists("/run/openrc") or init == "openrc-init":
         return "openrc"
