@@ -34,13 +34,20 @@ def app_dir(root, host):
 
 
 def run_command(command):
-    """The command step until chopsticks has a core one: run it through the shell."""
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, universal_newlines=True)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise RuntimeError('%r exited with %d: %s' % (command, proc.returncode, err.strip()))
-    return {'changed': True, 'rc': proc.returncode, 'stdout': out, 'stderr': err}
+    """The command step, through chopsticks' own host half of ``tunnel.run``
+    (``chopsticks.shell.run_on_host``: its own process group, killed by a
+    watchdog if the agent dies), as a task: it changed something each run."""
+    try:
+        from chopsticks.shell import run_on_host
+    except ImportError:  # a chopsticks before shell commands (issue 18)
+        proc = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        raw = {'returncode': proc.returncode, 'stdout': proc.stdout, 'stderr': proc.stderr}
+    else:
+        raw = run_on_host(['/bin/sh', '-c', command])
+    if raw['returncode']:
+        raise RuntimeError('%r exited with %d: %s' % (command, raw['returncode'],
+                                                      raw['stderr'].decode('utf-8', 'replace')))
+    return {'changed': True, 'returncode': 0, 'stdout': raw['stdout'].decode('utf-8', 'replace')}
 
 
 def deploy_tasks(directory_path):
@@ -48,15 +55,11 @@ def deploy_tasks(directory_path):
     from chopsticks_files import directory, file, line
     from chopsticks_pkg import install
 
-    try:
-        from chopsticks.shell import run as command_task
-    except ImportError:
-        command_task = run_command
     results = {
         'directory': directory(directory_path, mode='0755'),
         'file': file(directory_path + '/app.conf', CONTENT, mode='0644'),
         'line': line(directory_path + '/hosts', LINE, match=MATCH, create=True),
-        'command': command_task(COMMAND.format(dir=directory_path)),
+        'command': run_command(COMMAND.format(dir=directory_path)),
         'package': install(PACKAGE),
     }
     return sorted(name for name, result in results.items() if result['changed'])
