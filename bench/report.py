@@ -106,12 +106,15 @@ def _median(values):
 
 def table(results, settings):
     """A markdown table (readable in a terminal too)."""
-    titles = [c.title for c in COLUMNS]
+    # A column with no cell in any row shown (the deployment tools in a run
+    # without the deployment rows, and the other way round) is left out.
+    columns = [c for c in COLUMNS if any(cells.get(c.id) for cells in results.values())]
+    titles = [c.title for c in columns]
     head = ['metric'] + titles + ['target', 'met (openssh / paramiko)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row_id, cells in results.items():
         row = ROW_BY_ID[row_id]
-        cols = [cell_text(row, cells, c.id) for c in COLUMNS]
+        cols = [cell_text(row, cells, c.id) for c in columns]
         met = []
         for column_id in OURS:
             ok = target_met(row, cells, column_id)
