@@ -21,11 +21,11 @@ import time
 
 from . import fixtures, report
 from .fixtures import log
-from .rows import COLUMNS, ROWS, ROW_BY_ID, label, tasks_for
+from .rows import COLUMNS, ROWS, ROW_BY_ID, label, measures, tasks_for
 from .peers._harness import RESULT_PREFIX
 
 MiB = 1 << 20
-NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
+NOT_INTERLEAVED = ('memory', 'thousand')  # one long sample; nothing to take turns with
 # Short samples, one per turn, {task: turns per --repeat}.  A connect here
 # takes 290-320 ms, with one in seven or so at 350-380 ms (the floor's too),
 # whatever runs it; ours is about 8 ms above the floor (30 alternated pairs:
@@ -35,13 +35,19 @@ NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
 # floor's alike (2,000 calls in each of 12 processes: the floor 42-81 µs,
 # ours 64-108 µs, medians 1.29x apart; full-27's five gave 1.54x).
 ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'local_connect': 1}
-TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
+# A deployment task is three samples of two runs; Ansible's on 48 hosts took
+# 3-4 minutes a run on these loaded cores.
+TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600,
+                'deploy': 1800, 'deploy_many': 3600, 'thousand': 1200}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--hosts', type=int, default=None,
                    help='hosts for the many-host rows (default 48; 8 with --quick)')
+    p.add_argument('--deploy-hosts', type=int, default=None,
+                   help='hosts for the smaller whole-deployment rows (default 16; 4 with --quick); '
+                        'the larger ones take --hosts')
     p.add_argument('--repeat', type=int, default=None,
                    help='repetitions per figure, median reported (default 5; 3 with --quick); '
                         'file, WAN and many-host rows use at most 3')
@@ -88,7 +94,10 @@ def settings(args):
         'file_size': (args.file_mib or (32 if quick else 256)) * MiB,
         'many_call_rounds': 10 if quick else 100,  # 20 rounds per sample was too few to repeat
         'n_hosts': args.hosts or (8 if quick else 48),
+        'deploy_hosts': args.deploy_hosts or (4 if quick else 16),
         'mem_tunnels': args.mem_tunnels or (100 if quick else 1000),
+        'thousand_hosts': 100 if quick else 1000,
+        'thousand_rounds': 5 if quick else 20,  # rounds per sample of thousand_call
     }
 
 
@@ -189,11 +198,16 @@ def prepare(args, conf, sshd, workdir, control_dir):
     if conf['mem_tunnels'] > mem_cap:
         log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
         conf['mem_tunnels'] = mem_cap
+    if conf['thousand_hosts'] > mem_cap:
+        log('thousand rows: %d hosts (not %d): MemAvailable is low' % (mem_cap, conf['thousand_hosts']))
+        conf['thousand_hosts'] = mem_cap
     scratch = os.path.join(workdir, 'scratch')
     os.makedirs(scratch)
     return dict(conf, **{
         'ssh_config': sshd.ssh_config, 'wan_ssh_config': wan_config,
-        'host': sshd.aliases[0], 'hosts': list(sshd.aliases), 'many_hosts': list(sshd.aliases),
+        'host': sshd.aliases[0], 'hosts': list(sshd.aliases),
+        'many_hosts': list(sshd.aliases[:conf['n_hosts']]),
+        'deploy_hosts': list(sshd.aliases[:conf['deploy_hosts']]),
         'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
         'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
         # One absolute interpreter for every column: over ssh, 'python3' may be
@@ -210,7 +224,8 @@ def measure(args, conf, base_ctx, peer_python, peer_problem, env, workdir, logdi
     for task in tasks_for(args.rows):
         task_rows = [r for r in args.rows if ROW_BY_ID[r].task == task]
         columns = [c for c in COLUMNS if c.id in args.column_ids and not (
-            c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))]
+            c.id == 'ours-paramiko' and all(ROW_BY_ID[r].transport_free for r in task_rows))
+            and any(measures(c, ROW_BY_ID[r]) for r in task_rows)]
         # The columns take turns, a few samples each, so that a burst of load from
         # elsewhere on the machine does not land on one column's samples only.
         if task in NOT_INTERLEAVED:
@@ -259,8 +274,9 @@ def main(argv=None):
     # As pip installs it: byte-compiled, even where PYTHONDONTWRITEBYTECODE is
     # set (the peers in their environment are).
     fixtures.byte_compile(os.path.join(fixtures.REPO, 'chopsticks'))
-    log('starting loopback sshd with %d aliases' % conf['n_hosts'])
-    sshd = fixtures.start_sshd(['host%d' % i for i in range(1, conf['n_hosts'] + 1)])
+    n_aliases = max(conf['n_hosts'], conf['deploy_hosts'])
+    log('starting loopback sshd with %d aliases' % n_aliases)
+    sshd = fixtures.start_sshd(['host%d' % i for i in range(1, n_aliases + 1)])
     try:
         peer_python, peer_problem = fixtures.ensure_peer_env()
         base_ctx = prepare(args, conf, sshd, workdir, control_dir)

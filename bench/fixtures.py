@@ -19,7 +19,9 @@ REPO = os.path.dirname(BENCH_DIR)
 PEERS_DIR = os.path.join(BENCH_DIR, 'peers')
 PEER_ENV = os.path.join(BENCH_DIR, '.env-peers')
 # chopsticks 1.0 has the same distribution name as this project: hence its own venv.
-PEER_REQUIREMENTS = ['chopsticks==1.0', 'mitogen', 'execnet', 'fabric']
+# pyinfra and ansible-core: the whole-deployment rows (peer_pyinfra.py, peer_ansible.py).
+PEER_REQUIREMENTS = ['chopsticks==1.0', 'mitogen', 'execnet', 'fabric', 'pyinfra==3.10.*',
+                     'ansible-core==2.19.*']
 TREE_PKG = 'chopsticks_bench_tree'
 
 
@@ -140,7 +142,8 @@ def ensure_peer_env():
 
 def peer_versions(python):
     code = ('import importlib.metadata as m\n'
-            'for d in ("chopsticks", "mitogen", "execnet", "fabric", "paramiko"):\n'
+            'for d in ("chopsticks", "mitogen", "execnet", "fabric", "paramiko", "pyinfra",\n'
+            '          "ansible-core"):\n'
             '    print(d, m.version(d))')
     out = subprocess.run([python, '-c', code], capture_output=True, text=True, cwd='/')
     return dict(line.split() for line in out.stdout.splitlines())

@@ -45,6 +45,8 @@ def reference(row, cells, which):
 def target_met(row, cells, column_id):
     """True, False, or None when a reference is missing."""
     value = median_of(cells.get(column_id))
+    if value is not None and row.id == 'thousand_connect':
+        return _failed(cells[column_id]) == 0  # its target: none failing
     if value is None or not row.targets:
         return None
     for ref, factor in row.targets:
@@ -77,6 +79,8 @@ def cell_text(row, cells, column_id):
     extra = cell.get('extra') or {}
     if row.id == 'memory':
         text += ', +%d threads' % extra.get('threads_added', 0)
+    elif row.id == 'thousand_connect':
+        text += ', %d failed' % _failed(cell)
     elif row.id == 'reconnect' and extra.get('cold (first tunnel)'):
         # Only the first turn's is cold: its control master outlives the turn
         # (ControlPersist) and serves the "cold" tunnel of the later turns.
@@ -90,6 +94,11 @@ def cell_text(row, cells, column_id):
     return text
 
 
+def _failed(cell):
+    failed = (cell.get('extra') or {}).get('failed', 0)
+    return max(failed) if isinstance(failed, list) else failed
+
+
 def _median(values):
     import statistics
     return statistics.median(values)
@@ -97,12 +106,15 @@ def _median(values):
 
 def table(results, settings):
     """A markdown table (readable in a terminal too)."""
-    titles = [c.title for c in COLUMNS]
+    # A column with no cell in any row shown (the deployment tools in a run
+    # without the deployment rows, and the other way round) is left out.
+    columns = [c for c in COLUMNS if any(cells.get(c.id) for cells in results.values())]
+    titles = [c.title for c in columns]
     head = ['metric'] + titles + ['target', 'met (openssh / paramiko)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row_id, cells in results.items():
         row = ROW_BY_ID[row_id]
-        cols = [cell_text(row, cells, c.id) for c in COLUMNS]
+        cols = [cell_text(row, cells, c.id) for c in columns]
         met = []
         for column_id in OURS:
             ok = target_met(row, cells, column_id)

@@ -17,6 +17,7 @@ class Column:
     venv: bool = False        # runs in bench/.env-peers, not the project's interpreter
     options: dict = field(default_factory=dict)
     peer: bool = False        # counts for "best peer"
+    dedicated: bool = False   # measures only the rows that name it in Row.columns
 
 
 COLUMNS = (
@@ -27,6 +28,13 @@ COLUMNS = (
     Column('execnet', 'execnet', 'peer_execnet.py', venv=True, peer=True),
     Column('mitogen', 'mitogen', 'peer_mitogen.py', venv=True, peer=True),
     Column('fabric', 'fabric', 'peer_fabric.py', venv=True),
+    # The whole-deployment rows only: the same five steps written by hand with
+    # the standard library and sent the same way (the floor of those rows),
+    # and the two configuration-management tools.
+    Column('hand-written', 'hand-written function', 'ours.py', dedicated=True,
+           options={'transport': 'openssh', 'deploy': 'hand'}),
+    Column('pyinfra', 'pyinfra', 'peer_pyinfra.py', venv=True, peer=True, dedicated=True),
+    Column('ansible', 'Ansible', 'peer_ansible.py', venv=True, peer=True, dedicated=True),
 )
 OURS = ('ours-openssh', 'ours-paramiko')
 
@@ -45,6 +53,7 @@ class Row:
     targets: Tuple[Tuple[str, float], ...] = ()
     target_text: str = ''
     transport_free: bool = False  # Local rows: the paramiko column has nothing to add
+    columns: Tuple[str, ...] = ()  # the columns that measure this row; () for all but dedicated ones
 
 
 ROWS = (
@@ -73,18 +82,50 @@ ROWS = (
         ref='best_peer', targets=(('best_peer', 0.5),), target_text='<= 0.5x best peer'),
     Row('local_connect', 'Local tunnel: connect + first call', 's', 'local_connect',
         targets=(('abs', 0.025),), target_text='<= 25 ms', transport_free=True),
+    Row('thousand_connect', 'Local: connect + first call on {thousand} hosts', 's',
+        'thousand', ref=None, target_text='none failing', transport_free=True),
+    Row('thousand_call', 'Local: one call to {thousand} connected hosts', 's', 'thousand', ref=None,
+        targets=(('abs', 0.1),), target_text='<= 100 ms', transport_free=True),
+    Row('thousand_memory', 'controller memory per connected Local host ({thousand})', 'MB',
+        'thousand', ref=None, transport_free=True),
     Row('memory', 'controller memory per idle Local tunnel ({tunnels})', 'MB', 'memory', ref=None,
         targets=(('abs', 2.0),), target_text='<= 2 MB, no thread per tunnel',
         transport_free=True),
 )
 
+# A deployment of five operations (bench/peers/deploy_fns.py): a directory, a
+# file's content, a line in a file, a command and a package present, each
+# host in its own directory.  Every column runs it from a fresh process, as
+# its users would: first on hosts that have none of it, then again.
+DEPLOY_COLUMNS = ('ours-openssh', 'hand-written', 'pyinfra', 'ansible')
+_DEPLOY = dict(unit='s', ref='hand-written', columns=DEPLOY_COLUMNS, transport_free=True,
+               targets=(('hand-written', 1.2), ('pyinfra', 0.3)),
+               target_text='<= 1.2x hand-written and <= 0.3x pyinfra')
+ROWS += (
+    Row('deploy_first', 'deployment of 5 operations, {deploy_hosts} hosts, first run',
+        task='deploy', **_DEPLOY),
+    Row('deploy_second', 'deployment of 5 operations, {deploy_hosts} hosts, second run',
+        task='deploy', **_DEPLOY),
+    Row('deploy_first_many', 'deployment of 5 operations, {hosts} hosts, first run',
+        task='deploy_many', **_DEPLOY),
+    Row('deploy_second_many', 'deployment of 5 operations, {hosts} hosts, second run',
+        task='deploy_many', **_DEPLOY),
+)
+
 ROW_BY_ID = {row.id: row for row in ROWS}
+
+
+def measures(column, row):
+    """Whether ``column`` has a cell in ``row``."""
+    return column.id in row.columns if row.columns else not column.dedicated
 
 
 def label(row, settings):
     """The row's label with this run's sizes filled in."""
     return row.label.format(file_mib=settings['file_size'] >> 20, hosts=settings['n_hosts'],
-                            tunnels=settings['mem_tunnels'])
+                            tunnels=settings['mem_tunnels'],
+                            thousand='{:,}'.format(settings.get('thousand_hosts', 1000)),
+                            deploy_hosts=settings.get('deploy_hosts', '?'))
 
 
 def tasks_for(row_ids):

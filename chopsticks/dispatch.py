@@ -43,6 +43,7 @@ from typing import (
 
 from .replies import ReplyReader
 from .errors import CallTimeout, TunnelClosed
+from .fdlimit import check_descriptors
 from .operations import Operation, Settle, settle_when_done
 
 __all__ = [
@@ -309,11 +310,19 @@ class Dispatcher(object):
     # --- driving
     def run(self) -> None:
         """Run until every job has settled."""
+        self._check_descriptors()
         _run_here(self)
 
     async def arun(self) -> None:
         """``run()`` for a running event loop: the loop keeps running meanwhile."""
+        self._check_descriptors()
         await _run_in_loop(self)
+
+    def _check_descriptors(self) -> None:
+        # A group too big for RLIMIT_NOFILE fails here, not host by host.
+        with self.lock:
+            tunnels = [lane.tunnel for lane in self._lanes.values()]
+        check_descriptors(tunnels, self.max_connect, self.what or 'connecting')
 
     def _begin(self, notify: Callable[[Event], None]) -> None:
         with self.lock:

@@ -3,6 +3,7 @@
 __all__ = [
     'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed',
     'CallTimeout', 'ProtocolError', 'DepthLimitExceeded', 'CommandFailed', 'CommandTimeout',
+    'FileLimitError',
 ]
 
 
@@ -63,6 +64,21 @@ class CallTimeout(ChopsticksError, TimeoutError):
 
 class DepthLimitExceeded(ChopsticksError):
     """Tunnels opened through tunnels nested deeper than the configured limit."""
+
+
+class FileLimitError(ChopsticksError, OSError):
+    """A group needs more file descriptors than ``RLIMIT_NOFILE`` lets this
+    process open; raised before any of its hosts connects.
+
+    ``limit`` (what may be open), ``needed`` (about what the group would
+    have open) and ``hosts`` (how many would connect).
+    """
+
+    def __init__(self, msg, limit=0, needed=0, hosts=0):
+        super().__init__(msg)
+        self.limit = limit
+        self.needed = needed
+        self.hosts = hosts
 
 
 class CommandFailed(ChopsticksError):

@@ -134,6 +134,73 @@ def _proc_status(key):
     raise KeyError(key)
 
 
+def deploy_rows(ctx, task, run_once):
+    """The whole-deployment rows (``bench/peers/deploy_fns.py``) of one column.
+
+    ``run_once(hosts, root)`` runs the column's deployment of every host in
+    ``hosts`` under ``root`` once, from a fresh process, as its users run it,
+    and returns ``{host: operations changed}`` as the tool reported them.
+    Each sample starts from nothing (the hosts' directories removed): a
+    first run, where four operations change (the package is there already),
+    then a second on what it left, where only the command does (it runs
+    every time).  Both runs are checked on disk and against those counts.
+    Returns ``{row_id: Result}`` for ``task``'s rows.
+    """
+    import shutil
+    hosts = ctx.deploy_hosts if task == 'deploy' else ctx.many_hosts
+    root = os.path.join(ctx.scratch, 'deploy-%s' % ctx.subject)
+    first, second = [], []
+    for _ in range(ctx.heavy_repeat):
+        shutil.rmtree(root, ignore_errors=True)
+        for seconds, expected in ((first, 4), (second, 1)):
+            start = clock()
+            changed = run_once(hosts, root)
+            seconds.append(clock() - start)
+            check_deployed(root, hosts)
+            wrong = {host: changed.get(host) for host in hosts if changed.get(host) != expected}
+            if wrong:
+                raise AssertionError('%d operations should have changed on each host, not %s'
+                                     % (expected, wrong))
+    shutil.rmtree(root, ignore_errors=True)
+    suffix = '' if task == 'deploy' else '_many'
+    note = '%d hosts' % len(hosts)
+    return {'deploy_first' + suffix: Result(first, 's', note=note),
+            'deploy_second' + suffix: Result(second, 's', note=note)}
+
+
+def check_deployed(root, hosts):
+    """A deployment that did not do its work must not be reported as fast."""
+    import deploy_fns
+    for host in hosts:
+        directory = deploy_fns.app_dir(root, host)
+        with open(os.path.join(directory, 'app.conf')) as f:
+            if f.read() != deploy_fns.CONTENT:
+                raise AssertionError('%s/app.conf: not the content deployed' % directory)
+        with open(os.path.join(directory, 'hosts')) as f:
+            lines = f.read().splitlines()
+        if lines.count(deploy_fns.LINE) != 1:
+            raise AssertionError('%s/hosts: %d times %r' % (directory, lines.count(deploy_fns.LINE),
+                                                             deploy_fns.LINE))
+        for name, mode in (('', 0o755), ('app.conf', 0o644)):
+            got = os.stat(os.path.join(directory, name)).st_mode & 0o7777
+            if got != mode:
+                raise AssertionError('%s: mode %o, not %o' % (os.path.join(directory, name), got, mode))
+
+
+def run_logged(argv, log_path, env=None, cwd=None):
+    """Run a deployment command, its output appended to ``log_path``; raise if it fails."""
+    import subprocess
+    with open(log_path, 'a') as log:
+        log.write('$ %s\n' % ' '.join(argv))
+        log.flush()
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=env, cwd=cwd)
+    if proc.returncode:
+        with open(log_path) as f:
+            tail = f.read().strip().splitlines()[-5:]
+        raise RuntimeError('%s exited with %d: %s' % (argv[0], proc.returncode, ' | '.join(tail)))
+
+
 def main(namespace):
     parser = argparse.ArgumentParser()
     parser.add_argument('task')

@@ -231,6 +231,41 @@ def local_connect(ctx):
     return Result(h.samples(ctx.local_repeat, once), 's')
 
 
+def thousand(ctx):
+    """A thousand Local hosts in one Group: connect + first call (failures
+    counted), then rounds of one call to all of them; controller memory."""
+    _need_core()
+    from chopsticks.group import Group
+    n = ctx.thousand_hosts
+    gc.collect()
+    rss0 = h.rss_bytes()
+    group = Group([Local('local%d' % i, python=ctx.local_python) for i in range(n)], progress=False)
+    try:
+        start = clock()
+        result = group.call(remote_fns.noop)
+        connect = clock() - start
+        failed = [str(e) for _, e in result.failures()]
+        if failed:
+            ctx.log('%d of %d hosts failed, e.g. %s' % (len(failed), n, failed[0]))
+        gc.collect()
+        per_host = (h.rss_bytes() - rss0) / n / 1e6
+
+        def call_all():
+            bad = sum(1 for _ in group.call(remote_fns.noop).failures())
+            if bad:
+                raise RuntimeError('%d of %d hosts failed a call' % (bad, n))
+
+        call = h.samples(ctx.repeat, lambda: h.per_op(call_all, ctx.thousand_rounds))
+    finally:
+        group.close()
+    return {
+        'thousand_connect': Result([connect], 's', note='%d failed' % len(failed),
+                                   extra={'failed': len(failed), 'hosts': n}),
+        'thousand_call': Result(call, 's', note='Group.call, %d hosts' % n),
+        'thousand_memory': Result([per_host], 'MB', note='RSS after connect, per host'),
+    }
+
+
 def memory(ctx):
     """Controller RSS and threads added by idle, connected Local tunnels."""
     _need_core()
@@ -266,6 +301,48 @@ def memory(ctx):
     return Result([per_tunnel], 'MB', note='%d Local tunnels' % n, extra={
         'threads_added': threads1 - threads0, 'threads_total': threads1,
         'tunnels': n, 'open_seconds': opened})
+
+
+def _deploy(ctx, task):
+    """A whole deployment, one call per host: chopsticks' tasks, or the
+    same steps hand-written (the ``hand-written`` column), run by
+    ``deploy_ours.py`` in a fresh process as a user's script would be."""
+    import json
+    import subprocess
+    _need_core()
+    mode = ctx.options.get('deploy', 'tasks')
+    spec_path = os.path.join(ctx.scratch, 'deploy-%s.json' % ctx.subject)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'deploy_ours.py')
+
+    def run_once(hosts, root):
+        with open(spec_path, 'w') as f:
+            json.dump({'hosts': hosts, 'root': root, 'ssh_config': ctx.ssh_config,
+                       'remote_python': ctx.remote_python}, f)
+        proc = subprocess.run([sys.executable, script, mode, spec_path], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+        if proc.returncode:
+            raise RuntimeError('deploy_ours.py %s: %s' % (mode, proc.stderr.strip()[-2000:]))
+        return {host: len(changed) for host, changed in json.loads(proc.stdout).items()}
+
+    # The first connect of a run compiles the agent on the host (an empty
+    # chopsticks.cache): not part of a deployment, and it would fall on
+    # whichever column came first.
+    warm = tunnel(ctx)
+    warm.call(remote_fns.noop)
+    warm.close()
+    rows = h.deploy_rows(ctx, task, run_once)
+    for result in rows.values():
+        result.note = ('the five steps by hand (stdlib)' if mode == 'hand' else
+                       'chopsticks_files/chopsticks_pkg tasks') + ' in one function, %s, one call per host through Queue' % result.note
+    return rows
+
+
+def deploy(ctx):
+    return _deploy(ctx, 'deploy')
+
+
+def deploy_many(ctx):
+    return _deploy(ctx, 'deploy_many')
 
 
 if __name__ == '__main__':
