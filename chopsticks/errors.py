@@ -15,8 +15,10 @@ class RemoteException(ChopsticksError):
 
     ``host`` is the tunnel's host name, ``type_name`` the remote exception's
     qualified type name (``'KeyError'``, ``'subprocess.CalledProcessError'``),
-    ``msg`` its message and ``remote_traceback`` the remote traceback as text.
-    The tunnel remains usable.
+    ``msg`` its message and ``remote_traceback`` the remote traceback as text,
+    as the host sent them.  ``str()`` escapes their control characters
+    (tabs and line breaks kept; ``chopsticks.display.printable``): printed
+    on a terminal, a host's text cannot repaint it.  The tunnel remains usable.
     """
 
     def __init__(self, host, type_name, msg, remote_traceback=''):
@@ -27,10 +29,17 @@ class RemoteException(ChopsticksError):
         super().__init__(host, type_name, msg, remote_traceback)
 
     def __str__(self):
-        text = '[%s] %s: %s' % (self.host, self.type_name, self.msg)
+        text = '[%s] %s: %s' % (self.host, _escaped(self.type_name), _escaped(self.msg))
         if self.remote_traceback:
-            text += '\n\nRemote traceback (from %s):\n%s' % (self.host, self.remote_traceback.rstrip())
+            text += '\n\nRemote traceback (from %s):\n%s' % (
+                self.host, _escaped(str(self.remote_traceback).rstrip()))
         return text
+
+
+def _escaped(text):
+    """A host's ``text`` with control characters escaped, line by line."""
+    from .display import printable  # only when shown: it imports json
+    return '\n'.join(printable(line) for line in str(text).split('\n'))
 
 
 class ConnectError(ChopsticksError, ConnectionError):
