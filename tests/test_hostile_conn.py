@@ -72,6 +72,27 @@ def test_a_reply_slow_to_decode_holds_up_no_other_tunnel(slow_decoding):
         assert attacker.call(echo, 'after') == 'after'
 
 
+def big_from(pid, big):
+    import os
+    return big if os.getpid() == pid else 'fine'
+
+
+def test_a_group_call_returns_while_one_hosts_reply_is_still_decoding(slow_decoding):
+    """One thread reads every host of a group call; the attacker's reply,
+    slow to decode, neither delays the honest host's nor the call's timeout."""
+    from chopsticks import CallTimeout, Group
+    started, release, finished = slow_decoding
+    big = b'\0' * (2 << 20) + SLOW_MARK
+    with Local('attacker') as attacker, Local('honest') as honest:
+        results = Group([attacker, honest]).call(big_from, attacker.remote_info['pid'], big,
+                                                 timeout=5)
+        assert started.is_set() and not finished.is_set()  # returned during the slow decode
+        assert results['honest'] == 'fine'
+        assert isinstance(results['attacker'].exception, CallTimeout)
+        release.set()
+        assert attacker.call(echo, 'after') == 'after'
+
+
 # --- item 6: generator credit is enforced -------------------------------------------------
 
 def test_a_generator_outrunning_its_credit_closes_its_tunnel_only():
