@@ -117,20 +117,23 @@ class CallChannel(Protocol):
     def close(self) -> None: ...
 
 
+# The fields of the agent's HELLO (chopsticks.agent.main): type, and longest length.
+_HELLO_FIELDS: Tuple[Tuple[str, type, Optional[int]], ...] = (
+    ('pid', int, None), ('python', str, 4096), ('platform', str, 64), ('hostname', str, 255),
+    ('magic', bytes, 16))
+
+
 def checked_hello(hello: Any) -> Dict[str, Any]:
     """The agent's HELLO with the type and size of each field checked
     (ValueError if one is wrong), before anything uses or caches it."""
     if not isinstance(hello, dict):
         raise ValueError('bad HELLO: not a dict')
     checked: Dict[str, Any] = {}
-    for field, types, longest in (('pid', int, None), ('python', str, 4096),
-                                  ('platform', str, 64), ('hostname', str, 255),
-                                  ('magic', bytes, 16)):
+    for field, kind, longest in _HELLO_FIELDS:
         value = hello.get(field)
-        if not isinstance(value, types) or isinstance(value, bool) or \
-                (longest is not None and len(value) > longest):
+        if type(value) is not kind or (longest is not None and len(cast(Any, value)) > longest):
             raise ValueError('bad HELLO: %s is not a %s%s' % (
-                field, types.__name__, '' if longest is None else ' of at most %d' % longest))
+                field, kind.__name__, '' if longest is None else ' of at most %d' % longest))
         checked[field] = value
     version = hello.get('version')
     if not (isinstance(version, (tuple, list)) and 2 <= len(version) <= 5 and
@@ -371,7 +374,7 @@ class Connection(object):
             backlog.clear()
             self.invalid_data(e)
 
-    def invalid_data(self, exc: BaseException) -> ProtocolError:
+    def invalid_data(self, exc: BaseException) -> TunnelClosed:
         """The remote sent something that is not protocol (``exc`` says
         what): close the tunnel, failing its pending calls; the error."""
         self.lost(ProtocolError('[%s] the remote sent invalid data (%s: %s); '

@@ -25,7 +25,7 @@ LOGGER_DEPTH_MAX = 8        # ...dotted parts in it (each part is a placeholder 
 LOGGER_NAMES_MAX = 1000     # ...and how many new names all remotes together bring into being
 REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
 # A record's fields, with the types a remote may give them (others are left out).
-LOG_FIELDS = {'name': str, 'levelno': int, 'msg': str, 'pathname': str, 'lineno': int,
+LOG_FIELDS: Dict[str, type] = {'name': str, 'levelno': int, 'msg': str, 'pathname': str, 'lineno': int,
               'funcName': str, 'created': float, 'threadName': str, 'process': int,
               'exc_text': str}
 TEXT_FIELDS = ('pathname', 'funcName', 'threadName')  # shown by formatters that ask
@@ -240,7 +240,7 @@ class RemoteOutput(object):
         """A LOG frame's record (a dict); ValueError if it is not one."""
         if not isinstance(record, dict):
             raise ValueError('bad log record')
-        fields = {}
+        fields: Dict[str, Any] = {}
         for key, kind in LOG_FIELDS.items():
             value = record.get(key)
             if kind is float and type(value) is int:
