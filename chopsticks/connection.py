@@ -25,6 +25,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterato
 
 from . import bootstrap, codec, keepalive, wire
 from .broker import on_broker_thread
+from .display import printable
 from .errors import ConnectError, ProtocolError, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
 from .outbox import CORK_MAX, Outbox  # noqa: F401  (CORK_MAX: re-exported)
@@ -325,7 +326,7 @@ class Connection(object):
 
     def eof(self) -> None:
         tail = self.stderr_text().strip().splitlines()
-        detail = (': ' + tail[-1]) if tail else ''
+        detail = (': ' + printable(tail[-1])) if tail else ''
         self.lost(TunnelClosed('[%s] connection lost%s' % (self.host, detail)))
 
     def stderr_text(self) -> str:

@@ -54,7 +54,7 @@ class ConnectError(ChopsticksError, ConnectionError):
         self.stderr = stderr
         text = '[%s] could not connect: %s' % (host, msg)
         if stderr.strip():
-            text += '\n' + '\n'.join('  ' + line for line in stderr.strip().splitlines()[-30:])
+            text += '\n' + '\n'.join('  ' + _escaped(line) for line in stderr.strip().splitlines()[-30:])
         super().__init__(text)
 
 
@@ -95,7 +95,7 @@ class CommandFailed(ChopsticksError):
     def __str__(self):
         text = '[%s] command %r %s' % (self.host, self.command, self._what())
         if self.stderr.strip():
-            text += '\n' + '\n'.join('  ' + line for line in self.stderr.strip().splitlines())
+            text += '\n' + '\n'.join('  ' + _escaped(line) for line in self.stderr.strip().splitlines())
         return text
 
 

@@ -260,3 +260,16 @@ def test_remote_exception_text_is_escaped_when_shown():
     assert not any(c in shown for c in '\r\x1b')
     assert '[web1] ValueError: ok\\r\\x1b[31m[db1] FORGED\nsecond line' in shown
     assert info.value.msg == 'ok\r\x1b[31m[db1] FORGED\nsecond line'  # raw, for programs
+
+
+def test_a_connect_errors_remote_stderr_is_escaped(tmp_path):
+    path = tmp_path / 'python'
+    path.write_text('#!/bin/sh\nprintf "fine\\r\\033[2Jforged\\n" >&2\nexit 1\n')
+    path.chmod(0o755)
+    t = Local('web1', python=str(path))
+    with pytest.raises(ConnectError) as info:
+        t.connect()
+    shown = str(info.value)
+    assert '\x1b' not in shown and '\r' not in shown
+    assert '\n  \\x1b[2Jforged' in shown  # on a line of its own, indented under the error
+    assert info.value.stderr.startswith('fine\r\x1b[2J')  # raw, for programs
