@@ -185,7 +185,17 @@ def log_levels(count):
     return count
 
 
-def test_remote_logger_names_are_bounded_per_process(caplog):
+@pytest.fixture
+def fresh_logger_budget():
+    """The process's budget of logger names for remotes, spent here and
+    given back after, so that other tests' remote loggers keep their names."""
+    names = set(output_module._remote_logger_names)
+    yield
+    output_module._remote_logger_names.clear()
+    output_module._remote_logger_names.update(names)
+
+
+def test_remote_logger_names_are_bounded_per_process(caplog, fresh_logger_budget):
     loggers = logging.Logger.manager.loggerDict
     before = len(loggers)
     with caplog.at_level(logging.WARNING):
