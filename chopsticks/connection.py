@@ -282,7 +282,7 @@ class Connection(object):
             self.close()
             raise ConnectError(self.host, 'no answer from the remote python within %ss' % timeout,
                                self.stderr_text())
-        if self.remote is None or self.closed:
+        if self.remote is None:  # (a malformed HELLO leaves it None: see dispatch_now)
             self.close()
             reason = self.error.args[0] if isinstance(self.error, ProtocolError) else \
                 'the remote process exited before the agent started'

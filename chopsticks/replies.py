@@ -264,13 +264,12 @@ class IterHandler(object):
     25 MB to 3 GB).
     """
 
-    _END = object()
     decodes_in_frame = False  # see Handler
 
     def __init__(self, conn, what):
         self.conn = conn
         self.what = what
-        # (payload, op) as they came; op END or None (then payload is an exception)
+        # (payload, op) as they came (ITEM, END, ERROR); op None: payload is why the tunnel ended
         self.items: Deque[Tuple[Any, Optional[int]]] = collections.deque()
         self.cond = threading.Condition(threading.Lock())
         self.unacknowledged = 0  # items received and not yet given credit back for
