@@ -22,7 +22,8 @@ STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
 RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines are dropped
 LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
 LOGGER_DEPTH_MAX = 8        # ...dotted parts in it (each part is a placeholder logger)...
-LOGGER_NAMES_MAX = 1000     # ...and how many new names all remotes together bring into being
+LOGGER_NAMES_MAX = 1000     # ...how many new names all remotes together bring into being...
+LOGGER_NAMES_PER_CONNECTION = 200  # ...and one connection of them (one host cannot take all)
 REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
 # A record's fields, with the types a remote may give them (others are left out).
 LOG_FIELDS: Dict[str, type] = {'name': str, 'levelno': int, 'msg': str, 'pathname': str, 'lineno': int,
@@ -147,24 +148,25 @@ _logger_names_lock = threading.Lock()
 _remote_logger_names: Set[str] = set()  # names remote records brought into being, all connections
 
 
-def remote_logger(name: str) -> logging.Logger:
-    """The controller's logger for a remote record named ``name``: the
-    logger of that name, if the controller has it or it may be made (a
-    plain dotted name, at most LOGGER_NAME_MAX characters and
-    LOGGER_DEPTH_MAX parts, while the process has made fewer than
-    LOGGER_NAMES_MAX for remotes), else REMOTE_LOGGER.  Loggers live as
-    long as the process, with a placeholder per dotted prefix: 1,000 dotted
-    names per connection once made ~96,000 at every reconnect."""
+def remote_logger(name: str, may_create: bool = True) -> Tuple[logging.Logger, bool]:
+    """The controller's logger for a remote record named ``name``, and
+    whether it was made for it: the logger of that name, if the controller
+    has it, or if ``may_create`` and it may be made (a plain dotted name, at
+    most LOGGER_NAME_MAX characters and LOGGER_DEPTH_MAX parts, while the
+    process has made fewer than LOGGER_NAMES_MAX for remotes); else
+    REMOTE_LOGGER.  Loggers live as long as the process, with a placeholder
+    per dotted prefix: 1,000 dotted names per connection once made ~96,000
+    at every reconnect."""
     existing = logging.Logger.manager.loggerDict.get(name)
     if isinstance(existing, logging.Logger):
-        return existing  # the controller's own, or one made for a remote before
+        return existing, False  # the controller's own, or one made for a remote before
     with _logger_names_lock:
-        if len(name) > LOGGER_NAME_MAX or len(_remote_logger_names) >= LOGGER_NAMES_MAX or \
+        if not may_create or len(name) > LOGGER_NAME_MAX or \
+                len(_remote_logger_names) >= LOGGER_NAMES_MAX or \
                 name.count('.') >= LOGGER_DEPTH_MAX or not _LOGGER_NAME.match(name):
-            name = REMOTE_LOGGER
-        else:
-            _remote_logger_names.add(name)
-    return logging.getLogger(name)
+            return logging.getLogger(REMOTE_LOGGER), False
+        _remote_logger_names.add(name)
+    return logging.getLogger(name), True
 
 
 def prefixed_lines(prefix: str, text: str) -> str:
@@ -188,6 +190,7 @@ class RemoteOutput(object):
         self.tail = bytearray()     # the last STDERR_TAIL bytes of stderr
         self.partial = bytearray()  # a line not ended yet
         self.started = False  # the agent's mark came on stderr (wire.AGENT_STARTED)
+        self.loggers_made = 0  # logger names this connection brought into being
 
     def text(self) -> str:
         """The tail of stderr, for error messages."""
@@ -253,7 +256,8 @@ class RemoteOutput(object):
             raise ValueError('bad log record')
         fields['levelno'] = levelno = standard_level(levelno)
         fields['levelname'] = logging.getLevelName(levelno)
-        logger = remote_logger(name)
+        logger, made = remote_logger(name, self.loggers_made < LOGGER_NAMES_PER_CONNECTION)
+        self.loggers_made += made
         fields['name'] = logger.name
         if logger.name != name:
             fields['remote_name'] = printable(name[:LOGGER_NAME_MAX])
