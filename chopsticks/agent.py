@@ -40,7 +40,7 @@ ModuleSpec = _bootstrap.ModuleSpec
 MAGIC_NUMBER = _bootstrap_external.MAGIC_NUMBER
 
 IMPORT_TIMEOUT = 120.0  # seconds to wait for the controller to serve a module
-ITER_WINDOW = 64        # items a generator may run ahead of the controller
+ITER_WINDOW = 64        # items a generator may send ahead of the controller's credit (its replies.ITER_WINDOW)
 WORKER_IDLE_EXIT = 30.0  # seconds an idle worker thread waits before exiting
 RELIEF_TICK = 0.002     # seconds a call may run on the reader thread before reading moves on
 # Longest sleep between the relief thread's looks while calls come.  Its
@@ -945,10 +945,11 @@ class Agent(object):
             fn, args, kwargs = load_call(payload)
             iterator = iter(fn(*args, **kwargs))
             for item in iterator:
-                self.channel.send_value(rid, wire.ITEM, item)
+                # Credit first: the controller refuses an item beyond ITER_WINDOW.
                 credits.acquire()
                 if rid in self.cancelled:
                     break
+                self.channel.send_value(rid, wire.ITEM, item)
             self.channel.send(rid, wire.END)
         except BaseException as e:
             self.send_error(rid, e)

@@ -25,13 +25,14 @@ from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterato
 
 from . import bootstrap, codec, keepalive, wire
 from .broker import on_broker_thread
+from .display import printable
 from .errors import ConnectError, ProtocolError, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
 from .outbox import CORK_MAX, Outbox  # noqa: F401  (CORK_MAX: re-exported)
 from .output import RemoteOutput
 from .replies import (  # noqa: F401  (ReplyReader: re-exported for chopsticks.group)
     CallFuture, CallHandler, Handler, IterHandler, ReplyCallback, ReplyHandler, ReplyReader,
-    Reading, Settle, StreamHandler, What, name_of, waiting_for_itself)
+    Reading, Settle, StreamHandler, What, name_of, reads_alone, waiting_for_itself)
 from .serialize import dumps_call, describe, importable
 from .transport import (  # noqa: F401  (FileRegion, ProcessTransport: re-exported)
     DirectReading, FileRegion, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink)
@@ -45,6 +46,14 @@ log = logging.getLogger('chopsticks')
 
 MAX_FRAME = 1 << 30         # largest frame a remote may send (bytes)
 IMPORTS_IN_FLIGHT = 1000    # import requests one remote may have waiting for an answer
+# Frames larger than this are decoded on the connection's decode thread
+# (DecodeLane) when the thread that read them serves other tunnels too: a
+# hostile 640 KB reply once cost 8.5 s of decoding on the broker thread, and
+# every tunnel waited.  Small replies, nearly all of them, stay on the hot path.
+INLINE_DECODE_MAX = 64 << 10
+DECODE_LANE_IDLE = 1.0      # seconds a decode thread waits for more work before it exits
+HELLO_MAX = 4096            # bytes in an agent's HELLO (ours is ~150)
+_REPLY_OPS = frozenset((wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT))
 
 _PARKED = ReaderState.PARKED
 
@@ -109,6 +118,86 @@ class CallChannel(Protocol):
     def close(self) -> None: ...
 
 
+# The fields of the agent's HELLO (chopsticks.agent.main): type, and longest length.
+_HELLO_FIELDS: Tuple[Tuple[str, type, Optional[int]], ...] = (
+    ('pid', int, None), ('python', str, 4096), ('platform', str, 64), ('hostname', str, 255),
+    ('magic', bytes, 16))
+
+
+def checked_hello(hello: Any) -> Dict[str, Any]:
+    """The agent's HELLO with the type and size of each field checked
+    (ValueError if one is wrong), before anything uses or caches it."""
+    if not isinstance(hello, dict):
+        raise ValueError('bad HELLO: not a dict')
+    checked: Dict[str, Any] = {}
+    for field, kind, longest in _HELLO_FIELDS:
+        value = hello.get(field)
+        if type(value) is not kind or (longest is not None and len(cast(Any, value)) > longest):
+            raise ValueError('bad HELLO: %s is not a %s%s' % (
+                field, kind.__name__, '' if longest is None else ' of at most %d' % longest))
+        checked[field] = value
+    version = hello.get('version')
+    if not (isinstance(version, (tuple, list)) and 2 <= len(version) <= 5 and
+            all(type(n) is int and 0 <= n < 1000 for n in version)):
+        raise ValueError('bad HELLO: version is not a short sequence of small integers')
+    checked['version'] = tuple(version)
+    return checked
+
+
+class DecodeLane(object):
+    """A connection's large frames, decoded and handled on a thread of its
+    own, in the order they came (see INLINE_DECODE_MAX).
+
+    The thread starts with the first such frame and exits after
+    DECODE_LANE_IDLE seconds without one.  A done-callback of a large
+    reply's future runs on it: it must not wait for another large reply of
+    the same tunnel (as one running on the broker thread must not wait at all).
+    """
+
+    def __init__(self, conn: 'Connection') -> None:
+        self.conn = conn
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: Deque[Tuple[int, int, Any]] = collections.deque()
+        self.thread: Optional[threading.Thread] = None
+        self.working = False
+
+    def busy(self) -> bool:
+        return bool(self.queue) or self.working
+
+    def put(self, rid: int, op: int, payload: Any) -> None:
+        with self.cond:
+            self.queue.append((rid, op, payload))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name='chopsticks-decode-%s' % self.conn.host)
+                self.thread.start()
+            else:
+                self.cond.notify()
+
+    def _run(self):
+        conn = self.conn
+        while True:
+            with self.cond:
+                self.working = False
+                if not self.queue and not conn.closed:
+                    self.cond.wait(DECODE_LANE_IDLE)
+                if not self.queue or conn.closed:
+                    self.queue.clear()
+                    self.thread = None
+                    return
+                rid, op, payload = self.queue.popleft()
+                self.working = True
+            try:
+                conn.dispatch_now(rid, op, payload)
+            except PROTOCOL_ERRORS as e:
+                conn.invalid_data(e)
+            except Exception:
+                log.exception('chopsticks: handling a reply from %s failed', conn.host)
+
+
+PROTOCOL_ERRORS = (wire.FrameError, codec.DecodeError, KeyError, TypeError, ValueError)
+
+
 class Connection(object):
     """One agent on one host, from start to close; see the module docstring.
 
@@ -150,6 +239,7 @@ class Connection(object):
         self.closed = False
         self.error: Optional[BaseException] = None
         self.output = RemoteOutput(host)
+        self.decoding = DecodeLane(self)
         self.import_slots = threading.BoundedSemaphore(IMPORTS_IN_FLIGHT)
         # Writing (chopsticks.outbox): its methods, bound once, are this connection's.
         self.outbox = outbox = Outbox(self)
@@ -192,7 +282,7 @@ class Connection(object):
             self.close()
             raise ConnectError(self.host, 'no answer from the remote python within %ss' % timeout,
                                self.stderr_text())
-        if self.remote is None:
+        if self.remote is None:  # (a malformed HELLO leaves it None: see dispatch_now)
             self.close()
             reason = self.error.args[0] if isinstance(self.error, ProtocolError) else \
                 'the remote process exited before the agent started'
@@ -236,7 +326,7 @@ class Connection(object):
 
     def eof(self) -> None:
         tail = self.stderr_text().strip().splitlines()
-        detail = (': ' + tail[-1]) if tail else ''
+        detail = (': ' + printable(tail[-1])) if tail else ''
         self.lost(TunnelClosed('[%s] connection lost%s' % (self.host, detail)))
 
     def stderr_text(self) -> str:
@@ -281,14 +371,32 @@ class Connection(object):
             while backlog:
                 rid, op, payload = backlog.popleft()
                 self.dispatch(rid, op, payload)
-        except (wire.FrameError, codec.DecodeError, KeyError, TypeError, ValueError) as e:
+        except PROTOCOL_ERRORS as e:
             backlog.clear()
-            self.lost(ProtocolError('[%s] the remote sent invalid data (%s: %s); '
-                                    'the tunnel was closed' % (self.host, type(e).__name__, e)))
+            self.invalid_data(e)
+
+    def invalid_data(self, exc: BaseException) -> TunnelClosed:
+        """The remote sent something that is not protocol (``exc`` says
+        what): close the tunnel, failing its pending calls; the error."""
+        self.lost(ProtocolError('[%s] the remote sent invalid data (%s: %s); '
+                                'the tunnel was closed' % (self.host, type(exc).__name__, exc)))
+        error = self.error
+        return error if isinstance(error, ProtocolError) else self.closed_error()
 
     def dispatch(self, rid: int, op: int, payload: Any) -> None:
+        """Handle a frame now, or, if it is large and this thread reads other
+        tunnels too (the broker, a group's reader), on the decode thread."""
+        if len(payload) > INLINE_DECODE_MAX and not reads_alone(self):
+            handler = self.pending.get(rid)
+            # A generator's items are decoded by their consumer: in order, and never here.
+            if handler is None or op not in _REPLY_OPS or handler.decodes_in_frame:
+                self.decoding.put(rid, op, payload)
+                return
+        self.dispatch_now(rid, op, payload)
+
+    def dispatch_now(self, rid: int, op: int, payload: Any) -> None:
         handler = self.pending.get(rid)
-        if handler is not None and op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT):
+        if handler is not None and op in _REPLY_OPS:
             if handler.frame(op, payload):
                 self.pending.pop(rid, None)
         elif op == wire.IMPORT:
@@ -301,10 +409,13 @@ class Connection(object):
         elif op == wire.LOG:
             self.output.log(codec.decode(payload))
         elif op == wire.HELLO:
-            self.remote = codec.decode(payload)
-            if not isinstance(self.remote, dict):
-                raise ValueError('bad HELLO')
-            self.modules.remote_magic = self.remote.get('magic')
+            if self.remote is not None:
+                raise ValueError('a second HELLO')
+            if len(payload) > HELLO_MAX:  # refused before decoding (a 256 MB one took 2.3 GB)
+                raise ValueError('a HELLO of %d bytes' % len(payload))
+            hello = checked_hello(codec.decode(payload))  # remote stays None if it is bad
+            self.modules.remote_magic = hello['magic']
+            self.remote = hello
             self.hello.set()
         elif op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT, wire.PONG):
             pass  # a reply to a request that timed out or was abandoned

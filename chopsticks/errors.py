@@ -16,8 +16,10 @@ class RemoteException(ChopsticksError):
 
     ``host`` is the tunnel's host name, ``type_name`` the remote exception's
     qualified type name (``'KeyError'``, ``'subprocess.CalledProcessError'``),
-    ``msg`` its message and ``remote_traceback`` the remote traceback as text.
-    The tunnel remains usable.
+    ``msg`` its message and ``remote_traceback`` the remote traceback as text,
+    as the host sent them.  ``str()`` escapes their control characters
+    (tabs and line breaks kept; ``chopsticks.display.printable``): printed
+    on a terminal, a host's text cannot repaint it.  The tunnel remains usable.
     """
 
     def __init__(self, host, type_name, msg, remote_traceback=''):
@@ -28,10 +30,17 @@ class RemoteException(ChopsticksError):
         super().__init__(host, type_name, msg, remote_traceback)
 
     def __str__(self):
-        text = '[%s] %s: %s' % (self.host, self.type_name, self.msg)
+        text = '[%s] %s: %s' % (self.host, _escaped(self.type_name), _escaped(self.msg))
         if self.remote_traceback:
-            text += '\n\nRemote traceback (from %s):\n%s' % (self.host, self.remote_traceback.rstrip())
+            text += '\n\nRemote traceback (from %s):\n%s' % (
+                self.host, _escaped(str(self.remote_traceback).rstrip()))
         return text
+
+
+def _escaped(text):
+    """A host's ``text`` with control characters escaped, line by line."""
+    from .display import printable  # only when shown: it imports json
+    return '\n'.join(printable(line) for line in str(text).split('\n'))
 
 
 class ConnectError(ChopsticksError, ConnectionError):
@@ -46,7 +55,7 @@ class ConnectError(ChopsticksError, ConnectionError):
         self.stderr = stderr
         text = '[%s] could not connect: %s' % (host, msg)
         if stderr.strip():
-            text += '\n' + '\n'.join('  ' + line for line in stderr.strip().splitlines()[-30:])
+            text += '\n' + '\n'.join('  ' + _escaped(line) for line in stderr.strip().splitlines()[-30:])
         super().__init__(text)
 
 
@@ -102,7 +111,7 @@ class CommandFailed(ChopsticksError):
     def __str__(self):
         text = '[%s] command %r %s' % (self.host, self.command, self._what())
         if self.stderr.strip():
-            text += '\n' + '\n'.join('  ' + line for line in self.stderr.strip().splitlines())
+            text += '\n' + '\n'.join('  ' + _escaped(line) for line in self.stderr.strip().splitlines())
         return text
 
 

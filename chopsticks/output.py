@@ -9,20 +9,29 @@ process writes them, so a slow stderr never stalls the broker thread.
 import atexit
 import collections
 import logging
+import re
 import sys
 import threading
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from . import wire
+from .display import printable
 
 STDERR_TAIL = 64 * 1024     # stderr kept for error messages
 STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
 RELAY_BUFFER = 1 << 20      # remote output waiting for our stderr before lines are dropped
 LOGGER_NAME_MAX = 200       # characters in a logger name a remote may use...
-LOGGER_NAMES_MAX = 1000     # ...and how many names one connection may bring into being
+LOGGER_DEPTH_MAX = 8        # ...dotted parts in it (each part is a placeholder logger)...
+LOGGER_NAMES_MAX = 1000     # ...how many new names all remotes together bring into being...
+LOGGER_NAMES_PER_CONNECTION = 200  # ...and one connection of them (one host cannot take all)
 REMOTE_LOGGER = 'chopsticks.remote'  # where records with other names go
-LOG_FIELDS = frozenset(('name', 'levelno', 'msg', 'pathname', 'lineno', 'funcName', 'created',
-                        'threadName', 'process', 'exc_text'))
+# A record's fields, with the types a remote may give them (others are left out).
+LOG_FIELDS: Dict[str, type] = {'name': str, 'levelno': int, 'msg': str, 'pathname': str, 'lineno': int,
+              'funcName': str, 'created': float, 'threadName': str, 'process': int,
+              'exc_text': str}
+TEXT_FIELDS = ('pathname', 'funcName', 'threadName')  # shown by formatters that ask
+STANDARD_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+_LOGGER_NAME = re.compile(r'[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z')
 
 
 class OutputRelay(object):
@@ -128,16 +137,60 @@ def output_relay() -> OutputRelay:
     return _relay
 
 
+def standard_level(levelno: int) -> int:
+    """The standard level nearest ``levelno`` (ties go up): a logger caches
+    every level it is asked about, for as long as the process lives, and a
+    remote could ask about millions (2 M levels held 180 MB)."""
+    return min(STANDARD_LEVELS, key=lambda level: (abs(level - levelno), -level))
+
+
+_logger_names_lock = threading.Lock()
+_remote_logger_names: Set[str] = set()  # names remote records brought into being, all connections
+
+
+def remote_logger(name: str, may_create: bool = True) -> Tuple[logging.Logger, bool]:
+    """The controller's logger for a remote record named ``name``, and
+    whether it was made for it: the logger of that name, if the controller
+    has it, or if ``may_create`` and it may be made (a plain dotted name, at
+    most LOGGER_NAME_MAX characters and LOGGER_DEPTH_MAX parts, while the
+    process has made fewer than LOGGER_NAMES_MAX for remotes); else
+    REMOTE_LOGGER.  Loggers live as long as the process, with a placeholder
+    per dotted prefix: 1,000 dotted names per connection once made ~96,000
+    at every reconnect."""
+    existing = logging.Logger.manager.loggerDict.get(name)
+    if isinstance(existing, logging.Logger):
+        return existing, False  # the controller's own, or one made for a remote before
+    with _logger_names_lock:
+        if not may_create or len(name) > LOGGER_NAME_MAX or \
+                len(_remote_logger_names) >= LOGGER_NAMES_MAX or \
+                name.count('.') >= LOGGER_DEPTH_MAX or not _LOGGER_NAME.match(name):
+            return logging.getLogger(REMOTE_LOGGER), False
+        _remote_logger_names.add(name)
+    return logging.getLogger(name), True
+
+
+def prefixed_lines(prefix: str, text: str) -> str:
+    """``text`` with its control characters escaped and ``prefix`` before
+    each line (lines joined with newlines, no newline at the end)."""
+    return '\n'.join(prefix + printable(line) for line in text.split('\n'))
+
+
 class RemoteOutput(object):
     """One connection's stderr and log records (see the module docstring).
-    Called on the thread that reads the transport."""
+    Called on the thread that reads the transport.
+
+    What a host sends is shown escaped (``chopsticks.display.printable``)
+    and each line carries the host's prefix: a ``\\r``, ANSI or OSC escape,
+    or a newline inside a log message, cannot repaint the terminal nor
+    make a line look as if another host sent it."""
 
     def __init__(self, host: str) -> None:
         self.host = host
+        self.prefix = '[%s] ' % host
         self.tail = bytearray()     # the last STDERR_TAIL bytes of stderr
         self.partial = bytearray()  # a line not ended yet
         self.started = False  # the agent's mark came on stderr (wire.AGENT_STARTED)
-        self.log_names: Set[str] = set()  # logger names this remote used
+        self.loggers_made = 0  # logger names this connection brought into being
 
     def text(self) -> str:
         """The tail of stderr, for error messages."""
@@ -176,8 +229,9 @@ class RemoteOutput(object):
             lines.append(bytes(partial))
             partial.clear()
         if lines:
-            prefix = '[%s] ' % self.host
-            text = ''.join(prefix + line.decode('utf-8', 'replace') + '\n' for line in lines)
+            prefix = self.prefix
+            text = ''.join(prefix + printable(line.decode('utf-8', 'replace')) + '\n'
+                           for line in lines)
             relay.text(self.host, text, len(lines))
 
     def end(self) -> None:
@@ -189,21 +243,32 @@ class RemoteOutput(object):
         """A LOG frame's record (a dict); ValueError if it is not one."""
         if not isinstance(record, dict):
             raise ValueError('bad log record')
-        fields = {k: v for k, v in record.items() if k in LOG_FIELDS}
+        fields: Dict[str, Any] = {}
+        for key, kind in LOG_FIELDS.items():
+            value = record.get(key)
+            if kind is float and type(value) is int:
+                value = float(value)
+            if type(value) is kind:
+                fields[key] = value
         levelno = fields.get('levelno')
-        if not isinstance(levelno, int) or not isinstance(fields.get('name'), str):
+        name = fields.get('name')
+        if levelno is None or name is None:
             raise ValueError('bad log record')
+        fields['levelno'] = levelno = standard_level(levelno)
         fields['levelname'] = logging.getLevelName(levelno)
-        fields['msg'] = '[%s] %s' % (self.host, fields.get('msg'))
+        logger, made = remote_logger(name, self.loggers_made < LOGGER_NAMES_PER_CONNECTION)
+        self.loggers_made += made
+        fields['name'] = logger.name
+        if logger.name != name:
+            fields['remote_name'] = printable(name[:LOGGER_NAME_MAX])
+        prefix = self.prefix
+        fields['msg'] = prefixed_lines(prefix, fields.get('msg', ''))
+        if 'exc_text' in fields:
+            fields['exc_text'] = prefixed_lines(prefix, fields['exc_text'].rstrip('\n'))
+        for key in TEXT_FIELDS:
+            if key in fields:
+                fields[key] = printable(fields[key])
         fields['args'] = None
         fields['host'] = self.host
-        # Loggers live as long as the process, with a placeholder for each dotted
-        # prefix: a remote must not make us create unboundedly many or long ones.
-        name = fields['name']
-        if name not in self.log_names:
-            if len(name) > LOGGER_NAME_MAX or len(self.log_names) >= LOGGER_NAMES_MAX:
-                name = fields['name'] = REMOTE_LOGGER
-            self.log_names.add(name)
-        logger = logging.getLogger(name)
         if logger.isEnabledFor(levelno):
             output_relay().log(self.host, logger, logging.makeLogRecord(fields))

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .transport import DirectReading
 
 ITER_CREDIT_BATCH = 32      # generator items acknowledged at a time
+ITER_WINDOW = 64            # items a remote generator may send ahead of credit (the agent's ITER_WINDOW)
 STREAM_WINDOW = 8 << 20     # input-stream bytes in flight before the sender waits
 STREAM_CHUNK = 1 << 20      # the largest DATA frame we send
 STREAM_ABORT_WAIT = 5.0     # seconds a failed input stream waits for the host to clean up
@@ -76,6 +77,10 @@ class Settles(Protocol):
 
 class Handler(Protocol):
     """What a Connection's ``pending`` holds: the handler of one call's replies."""
+    # Whether frame() decodes the payload: then the connection hands a large
+    # one to its decode thread rather than stall a thread that reads every
+    # tunnel (see Connection.dispatch).  False: frame() only queues the bytes.
+    decodes_in_frame: bool
 
     def frame(self, op: int, payload: memoryview) -> bool:
         """Handle a reply frame (RESULT, ERROR, ITEM, END or CREDIT); True
@@ -90,6 +95,7 @@ class _OneReply(object):
     settle it through ``settle(value, exc)``; ``conn`` names the host in errors."""
     __slots__ = ()
     conn: 'Connection'
+    decodes_in_frame = True
 
     def settle(self, value: Any, exc: Optional[BaseException]) -> None:
         raise NotImplementedError
@@ -165,6 +171,7 @@ class CallFuture(_OneReply, concurrent.futures.Future):
 class CallHandler(object):
     """A call's reply, for handlers that do more than settle its future."""
     __slots__ = ('conn', 'future', 'what')
+    decodes_in_frame = True
 
     def __init__(self, conn, what):
         self.conn = conn
@@ -247,33 +254,42 @@ def _settle(future, result, exc):
 
 
 class IterHandler(object):
-    """Items of a remote generator, queued for the consuming thread."""
+    """Items of a remote generator, queued for the consuming thread.
 
-    _END = object()
+    Items are kept as the bytes that came and decoded by the consumer
+    (``each``), never on the thread that reads the transport, which may
+    serve every tunnel (the broker).  The host may run ITER_WINDOW items
+    ahead of what was acknowledged: one more is a ProtocolError for the
+    tunnel, not controller memory (a host that ignored credit grew it from
+    25 MB to 3 GB).
+    """
+
+    decodes_in_frame = False  # see Handler
 
     def __init__(self, conn, what):
         self.conn = conn
         self.what = what
-        self.items: Deque[Tuple[Any, Optional[BaseException]]] = collections.deque()
+        # (payload, op) as they came (ITEM, END, ERROR); op None: payload is why the tunnel ended
+        self.items: Deque[Tuple[Any, Optional[int]]] = collections.deque()
         self.cond = threading.Condition(threading.Lock())
+        self.unacknowledged = 0  # items received and not yet given credit back for
 
     def frame(self, op, payload):
-        if op == wire.ITEM:
-            item: Tuple[Any, Optional[BaseException]] = (codec.decode(payload), None)
-        elif op == wire.END:
-            item = (self._END, None)
-        elif op == wire.ERROR:
-            item = (self._END, remote_exception(self.conn.host, payload))
-        else:
+        if op not in (wire.ITEM, wire.END, wire.ERROR):
             return False
         with self.cond:
-            self.items.append(item)
+            if op == wire.ITEM:
+                self.unacknowledged += 1
+                if self.unacknowledged > ITER_WINDOW:
+                    raise ValueError('%s sent more than %d items without waiting for credit'
+                                     % (name_of(self.what), ITER_WINDOW))
+            self.items.append((payload, op))
             self.cond.notify()
         return op != wire.ITEM
 
     def fail(self, exc):
         with self.cond:
-            self.items.append((self._END, exc))
+            self.items.append((exc, None))
             self.cond.notify()
 
     def next(self, timeout):
@@ -283,6 +299,12 @@ class IterHandler(object):
                                   % (self.conn.host, name_of(self.what), timeout))
             return self.items.popleft()
 
+    def acknowledge(self, rid: int, consumed: int) -> None:
+        """Give the host credit for ``consumed`` more items."""
+        with self.cond:  # before it can send them: frame() counts them
+            self.unacknowledged -= consumed
+        self.conn.send(rid, wire.CREDIT, codec.encode(consumed))
+
     def each(self, rid: int, timeout: Optional[float]) -> Iterator[Any]:
         """The items of call ``rid`` as they come, granting the host credit
         for more every ITER_CREDIT_BATCH; cancels the call if left early."""
@@ -291,16 +313,26 @@ class IterHandler(object):
         finished = False
         try:
             while True:
-                item, exc = self.next(timeout)
-                if item is IterHandler._END:
+                payload, op = self.next(timeout)
+                if op is None:  # the connection was lost
                     finished = True
-                    if exc is not None:
-                        raise exc
+                    raise payload
+                if op == wire.END:
+                    finished = True
                     return
-                yield item
+                try:  # here, not on the thread that read it (see the class docstring)
+                    value = codec.decode(payload) if op == wire.ITEM else \
+                        remote_exception(conn.host, payload)
+                except (codec.DecodeError, KeyError, TypeError, ValueError) as e:
+                    finished = True
+                    raise conn.invalid_data(e)
+                if op == wire.ERROR:
+                    finished = True
+                    raise value
+                yield value
                 consumed += 1
                 if consumed >= ITER_CREDIT_BATCH:
-                    conn.send(rid, wire.CREDIT, codec.encode(consumed))
+                    self.acknowledge(rid, consumed)
                     consumed = 0
         finally:
             if not finished:
@@ -481,6 +513,15 @@ def waiting_for_itself(host: str, what: What) -> RuntimeError:
         'every tunnel; use call_async, or wait from another thread' % (host, name_of(what)))
 
 
+_reading_alone = threading.local()  # .conn: the one connection this thread reads (read_until_done)
+
+
+def reads_alone(conn: 'Connection') -> bool:
+    """Whether this thread reads ``conn`` and no other tunnel: a caller
+    waiting for its own reply, which may as well decode it itself."""
+    return getattr(_reading_alone, 'conn', None) is conn
+
+
 class Reading(object):
     """Who reads one connection's replies: the broker, or the thread waiting
     for one, when the transport can be read directly (``conn.direct``).
@@ -512,6 +553,10 @@ class Reading(object):
         """Read replies on this thread until ``future`` is done, if the
         transport lets this thread read (else whoever reads settles it).
         Returns what is left of ``timeout``."""
+        if self.conn.decoding.busy() and not on_broker_thread():
+            # Its reply may be on the decode thread, which settles it; a
+            # reader here would only notice at its next slice (half a second).
+            return timeout
         reading = self.take()
         if reading is TakeResult.REFUSED:
             if on_broker_thread() and not future.done():
@@ -527,6 +572,8 @@ class Reading(object):
         yet: the time is up, or the tunnel is closing (and is about to fail it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = self.conn
+        outer = getattr(_reading_alone, 'conn', None)
+        _reading_alone.conn = conn
         try:
             if conn.outbox.frames:
                 # What is corked goes out now, not when the broker gets to it:
@@ -534,6 +581,7 @@ class Reading(object):
                 conn.flush()
             self.direct.read_until(conn, future, timeout)
         finally:
+            _reading_alone.conn = outer
             if give_back:
                 self.give_back()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
