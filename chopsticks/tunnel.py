@@ -258,12 +258,13 @@ class BaseTunnel(object):
 
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
-        ``concurrent.futures.Future``.  Many may be in flight at once."""
+        ``concurrent.futures.Future`` at once.  Many may be in flight at once.
+        A tunnel not connected yet connects in the background (see
+        chopsticks.connecting); a connect error comes through the future."""
         conn = self._conn
         if conn is None or conn.closed:
-            conn, first = self.open_connection((fn, args, kwargs))
-            if first is not None:
-                return first
+            from .connecting import background_connects
+            return background_connects().call_async(self, fn, args, kwargs)
         return conn.call_async(fn, args, kwargs)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
@@ -309,8 +310,7 @@ class BaseTunnel(object):
 
     async def acall(self, fn, *args, timeout=None, **kwargs):
         """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
-        await self.aconnect()
-        future = asyncio.wrap_future(self.connection().call_async(fn, args, kwargs))
+        future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
         if timeout is None:
             return await future
         try:
