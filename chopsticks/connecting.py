@@ -84,7 +84,7 @@ class BackgroundConnects(object):
         with self.lock:
             fn, args, kwargs, _ = job.calls[0]
         try:
-            conn, sent = tunnel.open_connection((fn, args, kwargs))
+            sent = tunnel.open_connection((fn, args, kwargs))[1]
         except BaseException as exc:
             self._failed(job, exc)
             return
@@ -99,7 +99,7 @@ class BackgroundConnects(object):
                 _follow(sent, future)
                 continue
             try:
-                _follow(conn.call_async(fn, args, kwargs), future)
+                _follow(tunnel.call_async(fn, *args, **kwargs), future)
             except BaseException as exc:  # cannot pickle it, or the tunnel closed meanwhile
                 _settle(future, None, exc)
 
