@@ -89,7 +89,7 @@ def _make_password_transport():
             deadline = time.monotonic() + self._timeout
             asked = 0
             while True:
-                seen = bytes(conn.stderr_tail)
+                seen = bytes(conn.output.tail)
                 if self._mark in seen:
                     self._forget(conn)
                     return
@@ -109,9 +109,9 @@ def _make_password_transport():
                         self.write([password + b'\n'])
                     del password
                 if conn.closed or (self.proc is not None and self.proc.poll() is not None
-                                   and self._mark not in bytes(conn.stderr_tail)):
+                                   and self._mark not in bytes(conn.output.tail)):
                     time.sleep(0.05)  # the rest of its stderr
-                    seen = bytes(conn.stderr_tail)
+                    seen = bytes(conn.output.tail)
                     if self._mark in seen:
                         continue
                     text = self._clean(seen)
@@ -129,7 +129,7 @@ def _make_password_transport():
 
         def _forget(self, conn):
             """Take the prompt and the mark out of the stderr a later error shows."""
-            tail = conn.stderr_tail
+            tail = conn.output.tail
             for token in (self._mark, self._prompt):
                 at = tail.find(token)
                 while at >= 0:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import click
 
-from chopsticks import cli_ops
+from chopsticks import cli_ops, display
 from chopsticks import hosts as host_strings
 from chopsticks import plugins
 from chopsticks.errors import RemoteException
@@ -190,12 +190,14 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
         for host, values in report.items():
             click.echo(host)
             if "error" in values and len(values) == 1:
-                click.echo(f"    FAILED: {values['error']}")
+                click.echo(f"    FAILED: {display.printable(values['error'])}")
                 continue
             width = max(len(name) for name in values)
             for name, value in values.items():
-                text = f"error: {value['error']}" if _is_error(value) else _short(value)
-                click.echo(f"    {name.ljust(width)}  {text}")
+                if _is_error(value):
+                    value = f"error: {value['error']}"
+                for line in display.value_lines(name, value, "    ", width):
+                    click.echo(line)
     sys.exit(EXIT_HOST_FAILED if failed else EXIT_OK)
 
 
@@ -278,14 +280,15 @@ def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = Fals
         width = max(len(host) for host in report)
         for host, result in report.items():
             if "error" in result and "changed" not in result:
-                click.echo(f"{host.ljust(width)}  failed   {result['error']}")
+                click.echo(f"{host.ljust(width)}  failed   {display.printable(result['error'])}")
                 continue
             state = ("would change" if check else "changed") if result["changed"] else "ok"
             details = "  ".join(f"{k}: {_summary(v)}" for k, v in result.items()
                                 if k not in ("changed", "check", "diff") and v not in (None, "", [], {}))
-            click.echo(f"{host.ljust(width)}  {state.ljust(7)}  {details}".rstrip())
+            click.echo(f"{host.ljust(width)}  {state.ljust(7)}  {display.printable(details)}".rstrip())
             if show_diff and isinstance(result.get("diff"), str) and result["diff"]:
-                click.echo("".join("    " + text for text in result["diff"].splitlines(True)).rstrip("\n"))
+                for text in result["diff"].rstrip("\n").split("\n"):
+                    click.echo("    " + display.printable(text))
     sys.exit(EXIT_HOST_FAILED if failed else EXIT_OK)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
+from chopsticks.display import printable
+
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -169,13 +171,19 @@ def exec_command(words: Sequence[str], timeout: Optional[float], as_json: bool,
 def _show_host(host: str, result: Any) -> None:
     from chopsticks.group import ErrorResult
     if isinstance(result, ErrorResult):
-        click.echo(f'[{host}] FAILED: {result.msg}')
+        click.echo(f'[{host}] FAILED: {printable(result.msg)}')
         return
     click.echo(f'[{host}] {"ok" if result.ok else "FAILED"} ({result.status()})')
-    for line in result.stdout.splitlines():
-        click.echo(f'    {line}')
-    for line in result.stderr.splitlines():  # marked, and kept with its host
-        click.echo(f'  ! {line}')
+    # The host's text is escaped line by line: a \r or an escape sequence in
+    # it cannot repaint another host's lines.
+    for line in _lines(result.stdout):
+        click.echo(f'    {printable(line)}')
+    for line in _lines(result.stderr):  # marked, and kept with its host
+        click.echo(f'  ! {printable(line)}')
+
+
+def _lines(text: str) -> List[str]:
+    return text[:-1].split('\n') if text.endswith('\n') else text.split('\n') if text else []
 
 
 # --- list-hosts ---------------------------------------------------------------------------

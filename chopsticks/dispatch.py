@@ -41,7 +41,7 @@ from typing import (
     Union,
 )
 
-from .connection import ReplyReader
+from .replies import ReplyReader
 from .errors import CallTimeout, TunnelClosed
 from .operations import Operation, Settle, settle_when_done
 

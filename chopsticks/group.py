@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from .dispatch import Dispatcher, GroupTunnel
 from .errors import ChopsticksError, RemoteException
 from .operations import Operation, call_op, connect_op, fetch_op, fetch_paths, put_op
+from .progress import GroupProgress  # one module draws every progress bar
 
 __all__ = [
     'Group', 'GroupResult', 'ErrorResult', 'GroupFailures',
@@ -47,7 +48,6 @@ __all__ = [
 
 DEFAULT_MAX_PARALLEL = 64   # hosts busy at once
 DEFAULT_MAX_CONNECT = 16    # hosts connecting at once
-PROGRESS_DELAY = 0.5        # seconds an operation runs before it shows progress
 
 _GROUP_TIMEOUT: Any = object()   # "the group's own timeout"
 
@@ -151,100 +151,6 @@ class GroupFailures(RemoteException):
         return '\n'.join(lines)
 
 
-# --- the progress bar ------------------------------------------------------------------
-
-class _Progress(object):
-    """A transient progress bar on stderr for an operation that runs longer
-    than PROGRESS_DELAY, when stderr is a terminal and rich is installed:
-    hosts done, failures, and the bytes that file transfers moved."""
-
-    def __init__(self, what: str, enabled: bool):
-        self.what = what or 'chopsticks'
-        self.enabled = enabled
-        self.start_at = time.monotonic() + PROGRESS_DELAY if enabled and _stderr_is_terminal() else None
-        self.bar = None
-        self.task = None
-        self.lock = threading.Lock()   # transfers report bytes from their own threads
-        self.transfers: Dict[str, Tuple[int, int]] = {}
-        self.done = 0
-        self.failed = 0
-
-    def starts_at(self) -> Optional[float]:
-        return self.start_at if self.bar is None else None
-
-    def reporter(self, host: str) -> Any:
-        """``progress=`` for one host's transfer (see _Operation)."""
-        if self.start_at is None:
-            return None if self.enabled else False
-
-        def report(done, total):
-            with self.lock:
-                self.transfers[host] = (done, total)
-                if self.bar is not None:
-                    self.bar.update(self.task, completed=self._completed(), detail=self._detail())
-        return report
-
-    def _completed(self) -> float:
-        # Hosts done, plus the fractions of the transfers under way: the bar moves.
-        return self.done + sum(d / t for d, t in self.transfers.values() if 0 < d < t)
-
-    def _detail(self) -> str:
-        parts = []
-        if self.transfers:
-            from rich.filesize import decimal
-            done = sum(d for d, _ in self.transfers.values())
-            total = sum(t for _, t in self.transfers.values())
-            parts.append('%s/%s' % (decimal(done), decimal(total)))
-        if self.failed:
-            parts.append('[red]%d failed[/]' % self.failed)
-        return '  '.join(parts)
-
-    def update(self, done: int, total: int, failed: int):
-        if self.start_at is None:
-            return
-        with self.lock:
-            self.done = done
-            self.failed = failed
-            if self.bar is None:
-                if time.monotonic() < self.start_at or done >= total:
-                    return
-                self._open(total)
-                if self.bar is None:
-                    return
-            self.bar.update(self.task, completed=self._completed(), total=total, detail=self._detail())
-
-    def _open(self, total: int):
-        try:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-            )
-            bar = Progress(
-                SpinnerColumn(), TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
-                TextColumn('hosts'), TextColumn('{task.fields[detail]}'), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True)
-            self.task = bar.add_task(self.what, total=total, detail='')
-            bar.start()
-        except Exception:  # no rich, or another live display is running
-            self.start_at = None
-            return
-        self.bar = bar
-
-    def close(self):
-        with self.lock:
-            bar, self.bar = self.bar, None
-            self.start_at = None
-        if bar is not None:
-            bar.stop()
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # --- groups ---------------------------------------------------------------------------
 
 def new_dispatcher(max_parallel: int = DEFAULT_MAX_PARALLEL, max_connect: int = DEFAULT_MAX_CONNECT,
@@ -252,7 +158,7 @@ def new_dispatcher(max_parallel: int = DEFAULT_MAX_PARALLEL, max_connect: int = 
                    what: str = '') -> Dispatcher:
     """A :class:`~chopsticks.dispatch.Dispatcher` that shows the group's progress bar."""
     return Dispatcher(max_parallel, max_connect, progress, connect_failures, what,
-                      progress_factory=_Progress)
+                      progress_factory=GroupProgress)
 
 
 def _tunnel_from_string(host: str, via: Optional[Tunnel] = None) -> Tunnel:

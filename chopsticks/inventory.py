@@ -305,6 +305,7 @@ class Inventory(object):
         if via:
             common['via'] = self._via(host, str(via))
         transport = str(settings.get('transport') or 'ssh')
+        tunnel: tunnels.BaseTunnel
         if transport == 'local':
             tunnel = tunnels.Local(host, **common)
         elif transport in ('ssh', 'openssh', 'paramiko', 'smart'):
@@ -314,7 +315,7 @@ class Inventory(object):
             port = settings.get('port')
             tunnel = tunnels.SSHTunnel(
                 str(settings.get('address') or host), user=settings.get('user') or None,
-                port=int(port) if port not in (None, '') else None,
+                port=int(str(port)) if port not in (None, '') else None,
                 transport='paramiko' if transport == 'paramiko' else 'openssh',
                 **common, **options)
             tunnel.host = host  # named as the inventory names it, not by its address
@@ -591,7 +592,7 @@ def parse_yaml(text: str, path: str = '<string>') -> Inventory:
     """An Ansible YAML inventory: top-level groups (usually ``all``), each a
     mapping of ``hosts`` (name -> variables or nothing), ``children``
     (name -> group) and ``vars``."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -679,9 +680,9 @@ def parse_toml(text: str, path: str = '<string>') -> Inventory:
     ``connect_timeout``, ``ssh_options``.  Any other key is an error.
     """
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # Python < 3.11
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

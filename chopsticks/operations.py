@@ -75,7 +75,7 @@ def call_op(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Operation:
             raise TunnelClosed('[%s] connection lost before %s was sent' % (tunnel.host, what))
         conn.send_modules_for(fn)
         # No Future: the reply goes straight to the dispatcher.
-        return conn.call_payload_then(payload, what, settle)
+        return conn.call_then(payload, what, settle)
 
     return Operation('call ' + what, work, False, (fn, args, kwargs))
 

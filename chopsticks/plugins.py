@@ -70,7 +70,11 @@ KNOWN_PROVIDERS: Dict[str, Dict[str, str]] = {
         ).split(),
         "chopsticks-facts",
     ),
-    "task": dict.fromkeys("install remove latest update_cache".split(), "chopsticks-pkg"),
+    "task": {
+        **dict.fromkeys("install remove latest update_cache".split(), "chopsticks-pkg"),
+        **dict.fromkeys("file directory line link".split(), "chopsticks-files"),
+        **dict.fromkeys("service user group".split(), "chopsticks-system"),
+    },
     "tunnel": {},
 }
 

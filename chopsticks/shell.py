@@ -119,7 +119,7 @@ class CommandResult(object):
             return NotImplemented
         return self.as_dict() == other.as_dict()
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # equal by value, so unhashable
 
 
 def command_argv(command, shell=None):

@@ -11,11 +11,13 @@ import sys
 import threading
 
 from . import bootstrap, cache
+from .aio import loop_calls
 from .become import BecomeTunnel
-from .connection import Connection, ProcessTransport
+from .connection import Connection
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
 from .modserver import MAGIC
 from .serialize import describe, dumps_call
+from .transport import ProcessTransport
 
 __all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Su', 'Doas', 'Docker', 'SSHTunnel',
            'Tunnel']
@@ -43,6 +45,9 @@ class BaseTunnel(object):
         self.python = python
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        if isinstance(via, str):  # Sudo('root', via='web1'), as a host string would say it
+            from .hosts import tunnel_from_url
+            via = tunnel_from_url(via)
         self.via = via
         self._conn = None
         self._lock = threading.Lock()
@@ -146,7 +151,7 @@ class BaseTunnel(object):
                     fn = first_call[0]
                     try:
                         conn.send_modules_for(fn)
-                        first = conn.call_async_payload(payload, fn)
+                        first = conn.call_async(payload, fn)
                     except TunnelClosed:
                         pass  # the process is gone already: wait_started says why
                 conn.wait_started(self.connect_timeout)
@@ -177,7 +182,7 @@ class BaseTunnel(object):
         """The Connection this tunnel opened itself (maybe closed since), or
         None: before the first connect, and for a tunnel opened through a
         relay.  Never connects.  chopsticks.dispatch sends one pickled call
-        to many hosts through it (``call_payload_then``)."""
+        to many hosts through it (``call_then``)."""
         return self._conn if self.via is None else None
 
     @property
@@ -254,7 +259,7 @@ class BaseTunnel(object):
             conn, first = self.open_connection((fn, args, kwargs))
             if first is not None:
                 return conn.wait(first, timeout, describe(fn))
-        return conn.call(fn, args, kwargs, timeout)
+        return conn.call(conn.pickle_call(fn, args, kwargs), fn, timeout)
 
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
@@ -265,19 +270,21 @@ class BaseTunnel(object):
         if conn is None or conn.closed:
             from .connecting import background_connects
             return background_connects().call_async(self, fn, args, kwargs)
-        return conn.call_async(fn, args, kwargs)
+        return conn.call_async(conn.pickle_call(fn, args, kwargs), fn)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
         """Iterate on the controller over what ``fn(*args, **kwargs)`` yields on the
         host, as it is produced.  The remote runs at most a small window ahead
         of the consumer.  ``timeout`` bounds the wait for each item."""
-        return self.connection().call_iter(fn, args, kwargs, timeout)
+        conn = self.connection()
+        return conn.call_iter(conn.pickle_call(fn, args, kwargs), describe(fn), timeout)
 
     def call_stream(self, fn, chunks, *args, timeout=None, **kwargs):
         """Run ``fn(stream, *args, **kwargs)`` on the host, where ``stream``
         iterates over the bytes objects of ``chunks`` sent from here with flow
         control.  Returns ``fn``'s value."""
-        return self.connection().call_stream(fn, chunks, args, kwargs, timeout)
+        conn = self.connection()
+        return conn.call_stream(conn.pickle_call(fn, args, kwargs), chunks, describe(fn), timeout)
 
     # --- shell commands (chopsticks.shell does the work)
     def run(self, command, **kwargs):
@@ -310,7 +317,11 @@ class BaseTunnel(object):
 
     async def acall(self, fn, *args, timeout=None, **kwargs):
         """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
-        future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
+        conn = self._conn
+        if conn is None or conn.closed:  # connects in the background, as call_async does
+            future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
+        else:
+            future = loop_calls(conn).call(fn, args, kwargs)
         if timeout is None:
             return await future
         try:

@@ -177,7 +177,7 @@ def test_a_group_call_goes_out_with_each_connect(monkeypatch):
     from chopsticks import wire
     from chopsticks.connection import Connection
     events = {}
-    send, dispatch = Connection.request_payload, Connection.dispatch
+    send, dispatch = Connection.request, Connection.dispatch
 
     def recording_send(self, op, handler, payload):
         events.setdefault(self.host, []).append('call sent')
@@ -188,7 +188,7 @@ def test_a_group_call_goes_out_with_each_connect(monkeypatch):
             events.setdefault(self.host, []).append('hello received')
         return dispatch(self, rid, op, payload)
 
-    monkeypatch.setattr(Connection, 'request_payload', recording_send)
+    monkeypatch.setattr(Connection, 'request', recording_send)
     monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
     tunnels = [Local('first%d' % i) for i in range(3)]
     try:

@@ -118,3 +118,13 @@ def test_layers_import_downwards_only():
     assert not manager & {'chopsticks.hosts', 'chopsticks.tunnel', 'chopsticks.group'}
     hosts = imported_after('import chopsticks.hosts')
     assert 'chopsticks.group' not in hosts
+
+
+def test_tunnel_constructed_with_a_via_string(sudo_user, uid_of):
+    # Sudo(user, via='local') is the constructor spelling of 'sudo://user?via=local'.
+    tunnel = Sudo(sudo_user, via='local')
+    try:
+        assert isinstance(tunnel.via, Local)
+        assert tunnel.call(os.geteuid) == uid_of
+    finally:
+        tunnel.close()

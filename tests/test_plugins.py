@@ -224,6 +224,15 @@ def test_unknown_task_names_chopsticks_pkg(chopsticks_plugin_manager):
         tasks.install
 
 
+@pytest.mark.parametrize("name, distribution", [("file", "chopsticks-files"),
+                                                ("service", "chopsticks-system")])
+def test_unknown_task_names_its_distribution(chopsticks_plugin_manager, name, distribution):
+    from chopsticks import tasks
+
+    with pytest.raises(UnknownNameError, match="provided by " + distribution):
+        getattr(tasks, name)
+
+
 def test_dunder_lookups_are_plain_attribute_errors(chopsticks_plugin_manager):
     from chopsticks import facts
 

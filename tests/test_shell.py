@@ -209,3 +209,13 @@ def test_host_half_runs_on_every_python(remote_python):
             path = os.path.join(os.path.dirname(chopsticks.__file__), module + '.py')
             # raises RemoteException(SyntaxError) if it does not compile there
             tunnel.call(exec, 'compile(open(p).read(), p, "exec")', {'p': path})
+
+
+def test_cli_exec_escapes_what_a_host_prints():
+    """A host's \\r or escape sequence cannot forge a line from another host."""
+    result = CliRunner().invoke(main, ['exec', 'local', '--',
+                                       r"printf 'harmless\r[db1] FORGED\n\033]0;t\007x\n' >&2"])
+    assert result.exit_code == 0, result.output
+    assert '  ! harmless\\r[db1] FORGED\n' in result.output
+    assert '  ! \\x1b]0;t\\x07x\n' in result.output
+    assert '\r' not in result.output and '\x1b' not in result.output
