@@ -1,63 +1,88 @@
 """Calls awaited on an asyncio event loop: ``BaseTunnel.acall`` on a connected tunnel.
 
-``asyncio.wrap_future`` over a call's concurrent future cost each reply two
-thread hand-offs (the broker thread read it, then woke the loop through its
-self-pipe) and the loop three callbacks more: 2,000 acalls in one
-``gather`` ran at a quarter to a third of the rate of as many ``call_async``
-on the same tunnel.  Here the loop's own thread reads the replies while it
-awaits any, as a thread blocked in ``call`` does: it takes the transport's
-stdout from the broker (``take_reading``), watches it with
-``loop.add_reader``, and settles each asyncio future where it reads its
-reply.  It gives stdout back once no reply is awaited.  When the transport
-cannot be read that way (paramiko, a relay) or another thread reads it just
-then, replies arrive from that thread in batches: one wake-up of the loop
-for all the replies one read brought.
+``acall`` used to be an ``async def`` awaiting ``asyncio.wrap_future`` of
+``call_async``: per call a Task to drive the coroutine, a concurrent future,
+an asyncio future chained to it, and a wake-up of the loop through its
+self-pipe for every reply.  2,000 of them in one ``gather`` ran at 0.2-0.3x
+the rate of as many ``call_async`` on the same tunnel.  Now:
+
+* The call's future is an :class:`AsyncCall`, which asyncio also takes for
+  a coroutine (``create_task``, ``asyncio.run``): ``gather`` and ``await``
+  use it as the future it is, with no Task to drive it.  The Task and its
+  callbacks cost as much as the call itself.
+* Its reply comes through a ``ReplyCallback`` (``Connection.call_then``) to
+  the loop's :class:`LoopInbox`, which wakes the loop once for all the
+  replies that arrive meanwhile, not once per reply.
+
+The broker thread keeps reading the replies: on two cores its decoding runs
+beside the loop's work.  (The loop reading the pipe itself, as a thread
+blocked in ``call`` does, measured slower: 0.6-0.9x call_async against
+0.95-1.08x, and a loop that stops with calls in flight would keep the pipe.)
 """
 import asyncio
 import collections
+import collections.abc
 import threading
-import weakref
 
-from .transport import ReaderState, TakeResult, reading_buffer
-
-__all__ = ['LoopCalls', 'loop_calls']
+__all__ = ['AsyncCall', 'LoopInbox', 'loop_inbox']
 
 
-class LoopCalls(object):
-    """The calls one event loop awaits on one connection.  Used on the loop's thread."""
+class AsyncCall(asyncio.Future):
+    """The future of one ``acall``, which asyncio also takes for a coroutine
+    (``create_task``, ``asyncio.run``, ``iscoroutine``): as a coroutine it
+    waits for itself.  Unlike an ``async def``'s coroutine, the call went out
+    when it was made, not when it is first awaited."""
 
-    def __init__(self, loop, conn):
+    _steps = None  # its __await__ iterator, once driven as a coroutine
+
+    def send(self, value):
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self.__await__()
+        return steps.send(value)
+
+    def throw(self, typ, val=None, tb=None):
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self.__await__()
+        if val is None and tb is None:
+            return steps.throw(typ)
+        return steps.throw(typ, val, tb)
+
+    def close(self):
+        self._steps = None
+
+
+collections.abc.Coroutine.register(AsyncCall)
+
+
+class LoopInbox(object):
+    """Replies for the calls one event loop awaits, on every connection."""
+
+    def __init__(self, loop):
         self.loop = loop
-        self.conn = conn
-        self.direct = getattr(conn, 'direct', None)  # None (paramiko, a relay): another thread reads
         self.thread = threading.get_ident()  # the loop's (made from a coroutine on it)
-        self.awaited = 0  # calls sent whose reply has not been settled here
-        self.fd = None    # stdout's file descriptor while this loop reads it
-        self.inbox = collections.deque()  # (future, value, exc) read by other threads
+        self.replies = collections.deque()   # (future, value, exc) read by other threads
         self.drain_scheduled = False
 
-    def call(self, fn, args, kwargs):
-        """Send ``fn(*args, **kwargs)``; an asyncio future of its value."""
-        conn = self.conn
-        payload = conn.pickle_call(fn, args, kwargs)
-        future = self.loop.create_future()
-        if self.fd is None and self.direct is not None:
-            self._read_here()
-        self.awaited += 1
+    def call(self, conn, fn, args, kwargs):
+        """Send ``fn(*args, **kwargs)`` on ``conn``: its AsyncCall.  An error
+        sending it (it cannot be pickled, the tunnel closed) is raised where
+        it is awaited."""
+        future = AsyncCall(loop=self.loop)
         try:
-            conn.call_then(payload, fn, lambda value, exc: self._settled(future, value, exc))
-        except BaseException:
-            self._one_less()
-            raise
+            conn.call_then(conn.pickle_call(fn, args, kwargs), fn,
+                           lambda value, exc: self.settled(future, value, exc))
+        except Exception as exc:
+            future.set_exception(exc)
         return future
 
-    def _settled(self, future, value, exc):
+    def settled(self, future, value, exc):
         """A reply, on the thread that read it."""
         if threading.get_ident() == self.thread:
-            self._one_less()
-            _set(future, value, exc)
+            _set(future, value, exc)  # read here (a blocking call made on the loop)
             return
-        self.inbox.append((future, value, exc))
+        self.replies.append((future, value, exc))
         if not self.drain_scheduled:
             self.drain_scheduled = True
             try:
@@ -68,35 +93,9 @@ class LoopCalls(object):
     def _drain(self):
         # Unscheduled first: a reply appended from now on schedules another drain.
         self.drain_scheduled = False
-        inbox = self.inbox
-        while inbox:
-            future, value, exc = inbox.popleft()
-            self._one_less()
-            _set(future, value, exc)
-
-    def _one_less(self):
-        self.awaited -= 1
-        if not self.awaited and self.fd is not None:
-            self._stop_reading()
-
-    def _read_here(self):
-        # TAKEN only: REFUSED, another thread reads (the broker, this very
-        # moment, or a thread in call()) and our replies come from it; NESTED,
-        # this thread reads already, inside a blocking call made on the loop.
-        if self.conn.take_reading() is TakeResult.TAKEN:
-            self.fd = self.direct.stdout.fileno()
-            self.loop.add_reader(self.fd, self._readable)
-
-    def _readable(self):
-        direct = self.direct
-        if not direct.read_once(self.conn, reading_buffer()) or direct.state is ReaderState.CLOSED:
-            if self.fd is not None:  # (the replies it read may have stopped it already)
-                self._stop_reading()
-
-    def _stop_reading(self):
-        fd, self.fd = self.fd, None
-        self.loop.remove_reader(fd)
-        self.conn.give_back_reading()
+        replies = self.replies
+        while replies:
+            _set(*replies.popleft())
 
 
 def _set(future, value, exc):
@@ -108,14 +107,16 @@ def _set(future, value, exc):
         future.set_exception(exc)
 
 
-_by_connection = weakref.WeakKeyDictionary()  # connection -> the LoopCalls of the loop that used it last
+_this_thread = threading.local()  # a thread runs one loop at a time
 
 
-def loop_calls(conn):
-    """The running loop's LoopCalls for ``conn`` (call from a coroutine)."""
-    loop = asyncio.get_running_loop()
-    calls = _by_connection.get(conn)
-    if calls is None or calls.loop is not loop:
-        # Another loop's stays alive while its futures wait; this one is used from now.
-        calls = _by_connection[conn] = LoopCalls(loop, conn)
-    return calls
+def loop_inbox():
+    """The running loop's LoopInbox; None outside a running loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    inbox = getattr(_this_thread, 'inbox', None)
+    if inbox is None or inbox.loop is not loop:
+        inbox = _this_thread.inbox = LoopInbox(loop)
+    return inbox

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from . import bootstrap, cache
-from .aio import loop_calls
+from .aio import loop_inbox
 from .become import BecomeTunnel
 from .connection import Connection
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
@@ -315,13 +315,25 @@ class BaseTunnel(object):
             await asyncio.get_running_loop().run_in_executor(None, self.connect)
         return self
 
-    async def acall(self, fn, *args, timeout=None, **kwargs):
-        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
+    def acall(self, fn, *args, timeout=None, **kwargs):
+        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the
+        loop.  Returns an awaitable that asyncio takes as a coroutine too
+        (``create_task``, ``gather``, ``asyncio.run``).  On a connected
+        tunnel, from a running loop, the call goes out at once (see
+        chopsticks.aio); a tunnel not connected yet connects in the background."""
         conn = self._conn
-        if conn is None or conn.closed:  # connects in the background, as call_async does
+        if timeout is None and conn is not None and not conn.closed:
+            inbox = loop_inbox()
+            if inbox is not None:
+                return inbox.call(conn, fn, args, kwargs)
+        return self._acall(fn, args, kwargs, timeout)
+
+    async def _acall(self, fn, args, kwargs, timeout):
+        conn = self._conn
+        if conn is None or conn.closed:
             future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
         else:
-            future = loop_calls(conn).call(fn, args, kwargs)
+            future = loop_inbox().call(conn, fn, args, kwargs)
         if timeout is None:
             return await future
         try:
