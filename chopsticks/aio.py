@@ -23,6 +23,7 @@ import asyncio
 import collections
 import collections.abc
 import threading
+from typing import Any, Callable, Optional
 
 __all__ = ['AsyncCall', 'LoopInbox', 'loop_inbox']
 
@@ -59,13 +60,13 @@ collections.abc.Coroutine.register(AsyncCall)
 class LoopInbox(object):
     """Replies for the calls one event loop awaits, on every connection."""
 
-    def __init__(self, loop):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.thread = threading.get_ident()  # the loop's (made from a coroutine on it)
-        self.replies = collections.deque()   # (future, value, exc) read by other threads
+        self.replies: Any = collections.deque()  # (future, value, exc) read by other threads
         self.drain_scheduled = False
 
-    def call(self, conn, fn, args, kwargs):
+    def call(self, conn: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> AsyncCall:
         """Send ``fn(*args, **kwargs)`` on ``conn``: its AsyncCall.  An error
         sending it (it cannot be pickled, the tunnel closed) is raised where
         it is awaited."""
@@ -77,7 +78,7 @@ class LoopInbox(object):
             future.set_exception(exc)
         return future
 
-    def settled(self, future, value, exc):
+    def settled(self, future: AsyncCall, value: Any, exc: Optional[BaseException]) -> None:
         """A reply, on the thread that read it."""
         if threading.get_ident() == self.thread:
             _set(future, value, exc)  # read here (a blocking call made on the loop)
@@ -110,7 +111,7 @@ def _set(future, value, exc):
 _this_thread = threading.local()  # a thread runs one loop at a time
 
 
-def loop_inbox():
+def loop_inbox() -> Optional[LoopInbox]:
     """The running loop's LoopInbox; None outside a running loop."""
     try:
         loop = asyncio.get_running_loop()

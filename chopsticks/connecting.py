@@ -18,6 +18,7 @@ This module runs on Python 3.6 too (a relay host may fan out from there).
 """
 import concurrent.futures
 import threading
+from typing import Any, Callable, Dict, List, Optional
 
 from .dispatch import CONNECT_RETRIES, ConnectThrottle, dropped_at_handshake
 
@@ -28,9 +29,9 @@ class PendingConnect(object):
     """One tunnel's connect in the background, and the calls waiting for it."""
     __slots__ = ('tunnel', 'calls', 'attempts')
 
-    def __init__(self, tunnel):
+    def __init__(self, tunnel: Any) -> None:
         self.tunnel = tunnel
-        self.calls = []    # (fn, args, kwargs, future), in the order they were made
+        self.calls: List[Any] = []  # (fn, args, kwargs, future), in the order they were made
         self.attempts = 0  # handshake drops so far (ConnectThrottle.dropped counts them)
 
 
@@ -38,26 +39,27 @@ class BackgroundConnects(object):
     """Connects tunnels on short-lived threads, at most as many at once as
     ``throttle`` lets; ``call_async`` is the way in."""
 
-    def __init__(self, max_connect):
+    def __init__(self, max_connect: int) -> None:
         self.lock = threading.Lock()
         self.throttle = ConnectThrottle(max_connect)
-        self.pending = {}  # tunnel -> its PendingConnect, queued or connecting
+        self.pending: Dict[Any, PendingConnect] = {}  # tunnel -> its connect, queued or under way
 
-    def call_async(self, tunnel, fn, args, kwargs):
+    def call_async(self, tunnel: Any, fn: Callable[..., Any], args: tuple,
+                   kwargs: dict) -> 'concurrent.futures.Future[Any]':
         """A ``concurrent.futures.Future`` of ``fn(*args, **kwargs)`` on
         ``tunnel``, which is connected in the background first."""
-        future = concurrent.futures.Future()
+        future: 'concurrent.futures.Future[Any]' = concurrent.futures.Future()
         with self.lock:
             job = self.pending.get(tunnel)
             if job is None:
                 job = self.pending[tunnel] = PendingConnect(tunnel)
-                self.throttle.waiting.append(job)
+                self.throttle.waiting.append(job)  # type: ignore[arg-type]  # a lane-like job
             job.calls.append((fn, args, kwargs, future))
             start = self._startable()
         self._start(start)
         return future
 
-    def connecting(self):
+    def connecting(self) -> int:
         """How many connects run now (for tests and diagnostics)."""
         return self.throttle.connecting
 
@@ -153,11 +155,11 @@ def _follow(sent, future):
     sent.add_done_callback(copy)
 
 
-_background = None
+_background: Optional[BackgroundConnects] = None
 _background_lock = threading.Lock()
 
 
-def background_connects():
+def background_connects() -> BackgroundConnects:
     """The process's BackgroundConnects, bounded as Group bounds connects."""
     global _background
     if _background is None:
