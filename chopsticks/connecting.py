@@ -16,6 +16,7 @@ backoff, and halves how many may run at once until connects succeed again.
 
 This module runs on Python 3.6 too (a relay host may fan out from there).
 """
+import _thread
 import concurrent.futures
 import threading
 from typing import Any, Callable, Dict, List, Optional
@@ -77,9 +78,12 @@ class BackgroundConnects(object):
     def _start(self, jobs):
         for job in jobs:
             # A thread per connect, gone once it is done: at most max_connect
-            # exist, and none while nothing connects.
-            threading.Thread(target=self._connect, args=(job,), daemon=True,
-                             name='chopsticks-connect %s' % job.tunnel.host).start()
+            # exist, and none while nothing connects.  Not threading.Thread:
+            # its start() waits until the new thread runs, up to 0.2 s each
+            # for 16 new tunnels on a busy 2-core machine, and call_async
+            # must not wait.  (Such a thread ends with the interpreter, as a
+            # daemon thread does.)
+            _thread.start_new_thread(self._connect, (job,))
 
     def _connect(self, job):
         tunnel = job.tunnel
