@@ -14,6 +14,9 @@ the rate of as many ``call_async`` on the same tunnel.  Now:
   the loop's :class:`LoopInbox`, which wakes the loop once for all the
   replies that arrive meanwhile, not once per reply.
 
+The controller's CPU per call in such a gather went from 30 µs to 8 µs
+(call_async: 6 µs), on a loaded 2-core machine.
+
 The broker thread keeps reading the replies: on two cores its decoding runs
 beside the loop's work.  (The loop reading the pipe itself, as a thread
 blocked in ``call`` does, measured slower: 0.6-0.9x call_async against
