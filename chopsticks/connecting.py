@@ -90,7 +90,7 @@ class BackgroundConnects(object):
         with self.lock:
             fn, args, kwargs, _ = job.calls[0]
         try:
-            sent = tunnel.open_connection((fn, args, kwargs))[1]
+            conn, sent = tunnel.open_connection((fn, args, kwargs))
         except BaseException as exc:
             self._failed(job, exc)
             return
@@ -105,7 +105,9 @@ class BackgroundConnects(object):
                 _follow(sent, future)
                 continue
             try:
-                _follow(tunnel.call_async(fn, *args, **kwargs), future)
+                # On this connection: one lost meanwhile fails the call, as it
+                # fails the calls in flight, rather than connecting again.
+                _follow(conn.call_async(conn.pickle_call(fn, args, kwargs), fn), future)
             except BaseException as exc:  # cannot pickle it, or the tunnel closed meanwhile
                 _settle(future, None, exc)
 
