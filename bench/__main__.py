@@ -34,7 +34,7 @@ NOT_INTERLEAVED = ('memory', 'thousand')  # one long sample; nothing to take tur
 # Round trips vary as much from one process to the next, ours and the
 # floor's alike (2,000 calls in each of 12 processes: the floor 42-81 µs,
 # ours 64-108 µs, medians 1.29x apart; full-27's five gave 1.54x).
-ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'local_connect': 1}
+ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'fresh_rtt': 3, 'local_connect': 1}
 # A deployment task is three samples of two runs; Ansible's on 48 hosts took
 # 3-4 minutes a run on these loaded cores.
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600,
@@ -89,6 +89,8 @@ def settings(args):
         'rtt_calls': 500 if quick else 2000,
         'wan_rtt_calls': 5 if quick else 10,
         'pipelined_calls': 5000 if quick else 20000,
+        'gather_calls': 2000,
+        'fresh_calls': 1000,  # as a user's script: no warm-up call
         'echo_bytes': 4 * MiB,
         'echo_rounds': 2 if quick else 5,
         'file_size': (args.file_mib or (32 if quick else 256)) * MiB,

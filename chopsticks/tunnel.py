@@ -11,6 +11,7 @@ import sys
 import threading
 
 from . import bootstrap, cache
+from .aio import loop_inbox
 from .become import BecomeTunnel
 from .connection import Connection
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
@@ -262,12 +263,13 @@ class BaseTunnel(object):
 
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
-        ``concurrent.futures.Future``.  Many may be in flight at once."""
+        ``concurrent.futures.Future`` at once.  Many may be in flight at once.
+        A tunnel not connected yet connects in the background (see
+        chopsticks.connecting); a connect error comes through the future."""
         conn = self._conn
         if conn is None or conn.closed:
-            conn, first = self.open_connection((fn, args, kwargs))
-            if first is not None:
-                return first
+            from .connecting import background_connects
+            return background_connects().call_async(self, fn, args, kwargs)
         return conn.call_async(conn.pickle_call(fn, args, kwargs), fn)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
@@ -313,11 +315,25 @@ class BaseTunnel(object):
             await asyncio.get_running_loop().run_in_executor(None, self.connect)
         return self
 
-    async def acall(self, fn, *args, timeout=None, **kwargs):
-        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
-        await self.aconnect()
-        conn = self.connection()
-        future = asyncio.wrap_future(conn.call_async(conn.pickle_call(fn, args, kwargs), fn))
+    def acall(self, fn, *args, timeout=None, **kwargs):
+        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the
+        loop.  Returns an awaitable that asyncio takes as a coroutine too
+        (``create_task``, ``gather``, ``asyncio.run``).  On a connected
+        tunnel, from a running loop, the call goes out at once (see
+        chopsticks.aio); a tunnel not connected yet connects in the background."""
+        conn = self._conn
+        if timeout is None and conn is not None and not conn.closed:
+            inbox = loop_inbox()
+            if inbox is not None:
+                return inbox.call(conn, fn, args, kwargs)
+        return self._acall(fn, args, kwargs, timeout)
+
+    async def _acall(self, fn, args, kwargs, timeout):
+        conn = self._conn
+        if conn is None or conn.closed:
+            future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
+        else:
+            future = loop_inbox().call(conn, fn, args, kwargs)
         if timeout is None:
             return await future
         try:

@@ -117,6 +117,57 @@ def pipelined(ctx):
         t.close()
 
 
+def fresh_rtt(ctx):
+    """What a user's script meets: this process has just started, connects,
+    and calls at once, with no warm-up call (one sample per process)."""
+    t = tunnel(ctx)
+    t.connect()
+    try:
+        return Result([h.per_op(lambda: t.call(len, 'abc'), ctx.fresh_calls)
+                       for _ in range(ctx.repeat)], 's',
+                      note='t.call(len, "abc") right after connect, in a new process')
+    finally:
+        t.close()
+
+
+def asyncio_gather(ctx):
+    """``asyncio.gather`` of many ``acall`` on one tunnel, taking turns with
+    as many ``call_async`` in the same process (the note gives the ratio)."""
+    import asyncio
+    import statistics
+    t = _connected(ctx)
+    n = ctx.gather_calls
+
+    def call_async_burst():
+        start = clock()
+        for future in [t.call_async(remote_fns.noop) for _ in range(n)]:
+            future.result()
+        return n / (clock() - start)
+
+    async def gather_burst():
+        start = clock()
+        await asyncio.gather(*(t.acall(remote_fns.noop) for _ in range(n)))
+        return n / (clock() - start)
+
+    async def measure():
+        call_async_burst()  # warm
+        await gather_burst()
+        gathered, plain = [], []
+        for _ in range(ctx.repeat):
+            plain.append(call_async_burst())
+            gathered.append(await gather_burst())
+        return gathered, plain
+
+    try:
+        gathered, plain = asyncio.run(measure())
+    finally:
+        t.close()
+    ratio = statistics.median(gathered) / statistics.median(plain)
+    return Result(gathered, 'calls/s', extra={'call_async': plain},
+                  note='%.2fx call_async in the same process (%s/s)'
+                       % (ratio, '{:,.0f}'.format(statistics.median(plain))))
+
+
 def echo_4mib(ctx):
     t = _connected(ctx)
     data = os.urandom(ctx.echo_bytes)
