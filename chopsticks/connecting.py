@@ -22,18 +22,20 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from .dispatch import CONNECT_RETRIES, ConnectThrottle, dropped_at_handshake
+from .errors import TunnelClosed
 
 __all__ = ['BackgroundConnects', 'background_connects']
 
 
 class PendingConnect(object):
     """One tunnel's connect in the background, and the calls waiting for it."""
-    __slots__ = ('tunnel', 'calls', 'attempts')
+    __slots__ = ('tunnel', 'calls', 'attempts', 'closed')
 
     def __init__(self, tunnel: Any) -> None:
         self.tunnel = tunnel
         self.calls: List[Any] = []  # (fn, args, kwargs, future), in the order they were made
         self.attempts = 0  # handshake drops so far (ConnectThrottle.dropped counts them)
+        self.closed = False  # the tunnel was closed while this connect ran
 
 
 class BackgroundConnects(object):
@@ -59,6 +61,21 @@ class BackgroundConnects(object):
             start = self._startable()
         self._start(start)
         return future
+
+    def close(self, tunnel: Any) -> None:
+        """``tunnel.close()`` while it connects here: a connect not started
+        is dropped, one under way is closed when it is done; either way its
+        queued calls fail with TunnelClosed."""
+        with self.lock:
+            job = self.pending.pop(tunnel, None)
+            if job is None:
+                return
+            job.closed = True
+            try:
+                self.throttle.waiting.remove(job)  # type: ignore[arg-type]
+            except ValueError:
+                return  # under way: _connect sees job.closed
+        _fail_closed(job)
 
     def connecting(self) -> int:
         """How many connects run now (for tests and diagnostics)."""
@@ -96,10 +113,16 @@ class BackgroundConnects(object):
             return
         with self.lock:
             self.throttle.succeeded()
-            del self.pending[tunnel]
+            closed = job.closed
+            if not closed:
+                del self.pending[tunnel]
             calls = job.calls
             start = self._startable()
         self._start(start)
+        if closed:  # tunnel.close() came while this connect ran: it stays closed
+            tunnel.close()
+            _fail_closed(job)
+            return
         for i, (fn, args, kwargs, future) in enumerate(calls):
             if i == 0 and sent is not None:
                 _follow(sent, future)
@@ -121,7 +144,8 @@ class BackgroundConnects(object):
                 calls = ()
             else:
                 self.throttle.failed()
-                del self.pending[job.tunnel]
+                if not job.closed:
+                    del self.pending[job.tunnel]
                 calls = job.calls
             start = self._startable()
         self._start(start)
@@ -130,9 +154,17 @@ class BackgroundConnects(object):
 
     def _retry(self, job):
         with self.lock:
+            if job.closed:
+                return
             self.throttle.waiting.appendleft(job)
             start = self._startable()
         self._start(start)
+
+
+def _fail_closed(job):
+    for _, _, _, future in job.calls:
+        _settle(future, None, TunnelClosed(
+            '[%s] the tunnel was closed before it connected' % job.tunnel.host))
 
 
 def _settle(future, value, exc):

@@ -192,6 +192,9 @@ class BaseTunnel(object):
 
     def close(self):
         """Stop the agent.  The tunnel reconnects if used again."""
+        connecting = sys.modules.get('chopsticks.connecting')  # loaded once call_async connects
+        if connecting is not None:
+            connecting.background_connects().close(self)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from chopsticks import ConnectError, Local
+from chopsticks import ConnectError, Local, TunnelClosed
 from chopsticks.connecting import background_connects
 from remote_helpers import echo
 
@@ -70,6 +70,20 @@ def test_call_async_returns_before_the_connect(gate):
         assert connecting() == 0  # one connect served all three calls
     finally:
         t.close()
+
+
+def test_a_tunnel_closed_while_it_connects_stays_closed(gate):
+    python, open_gate, connecting, _ = gate
+    t = Local('closed-early', python=python)
+    future = t.call_async(echo, 1)
+    wait_until(lambda: connecting() == 1, 'the connect to start')
+    t.close()  # the connect is under way: it must not leave the tunnel connected
+    open_gate()
+    with pytest.raises(TunnelClosed, match=r'\[closed-early\] the tunnel was closed'):
+        future.result(timeout=120)
+    assert not t.connected
+    assert t.call(echo, 2) == 2  # a later call connects again, as after any close()
+    t.close()
 
 
 def test_connect_error_arrives_through_the_future():
