@@ -82,7 +82,7 @@ class BaseTunnel(object):
     # Interpreters, as _version_key() names them, whose agent reported our
     # Python version: learned in _connected, and kept between runs in
     # chopsticks.cache under _version_fact().
-    _same_version = {}
+    _same_version = {}  # type: dict
 
     def _version_key(self):
         """What names the interpreter this tunnel starts, for _same_version;
@@ -496,7 +496,7 @@ class SSHTunnel(SubprocessTunnel):
         super().__init__(name, python=python, connect_timeout=connect_timeout, via=via,
                          keepalive=keepalive)
 
-    _same_version = {}  # its own: keyed by SSH destination
+    _same_version = {}  # type: dict  # its own: keyed by SSH destination
 
     def _version_key(self):
         s = self.ssh_settings
