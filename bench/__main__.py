@@ -35,7 +35,7 @@ NOT_INTERLEAVED = ('memory',)  # one long sample; nothing to take turns with
 # floor's alike (2,000 calls in each of 12 processes: the floor 42-81 µs,
 # ours 64-108 µs, medians 1.29x apart; full-27's five gave 1.54x).
 ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'local_connect': 1}
-TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600}
+TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600, 'wan_real': 600}
 
 
 def parse_args(argv=None):
@@ -185,6 +185,12 @@ def prepare(args, conf, sshd, workdir, control_dir):
         fixtures.make_random_file(file_path, conf['file_size'])
     tree_dir = os.path.join(workdir, 'tree')
     conf['modules_in_tree'] = fixtures.make_module_tree(tree_dir)
+    real_dir, real_python = None, None
+    if 'wan_real' in tasks_for(args.rows):
+        real_dir, problem = fixtures.ensure_real_packages()
+        if problem:
+            log('the real-packages import row will be n/a: %s' % problem)
+        real_python = fixtures.bare_python(os.path.join(workdir, 'bare-python'))
     mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
     if conf['mem_tunnels'] > mem_cap:
         log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
@@ -196,6 +202,7 @@ def prepare(args, conf, sshd, workdir, control_dir):
         'host': sshd.aliases[0], 'hosts': list(sshd.aliases), 'many_hosts': list(sshd.aliases),
         'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
         'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
+        'real_packages_dir': real_dir, 'real_python': real_python,
         # One absolute interpreter for every column: over ssh, 'python3' may be
         # a pyenv shim (+130 ms) that some libraries would dodge and others not.
         'remote_python': fixtures.system_python(),

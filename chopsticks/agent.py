@@ -247,13 +247,17 @@ class ControllerFinder(object):
     """Last on sys.meta_path: asks the controller for modules this host lacks.
 
     The controller answers with the module and the modules it imports (its
-    static import closure), so one round trip usually serves a whole package.
+    static import closure), so one round trip usually serves a whole package,
+    and with the names it cannot serve, so that the host never asks for them.
+    We come last: the host's own finders have already looked.
     """
 
     def __init__(self, agent):
         self.agent = agent
         self.modules = {}    # fullname -> (kind, origin, source, package_dir, listing)
         self.missing = set()  # names the controller said it cannot serve
+        self.stdlib = frozenset()  # top-level names it never serves (its stdlib)
+        self.data = {}  # path -> bytes: package data files the controller sent ahead
         self.errors = {}     # fullname -> why it cannot be served (C extension...)
         self.requests = 0    # round trips made, for tests and the benchmark
         self.lock = threading.Lock()
@@ -265,7 +269,12 @@ class ControllerFinder(object):
             return None  # the reader, between calls, must never wait for itself
         entry = self.modules.get(fullname)
         if entry is None:
-            if fullname in self.missing:
+            if fullname in self.missing or fullname.partition('.')[0] in self.stdlib:
+                return None
+            parent = fullname.rpartition('.')[0]
+            if parent and parent not in self.modules:
+                # The controller serves the submodules of packages it served
+                # (here: of the host's own, or of six.moves and its like).
                 return None
             self._fetch(fullname)
             entry = self.modules.get(fullname)
@@ -294,6 +303,9 @@ class ControllerFinder(object):
                 self.modules.setdefault(name, tuple(entry))
             self.missing.update(reply.get('missing', ()))
             self.errors.update(reply.get('errors', {}))
+            if 'stdlib' in reply:
+                self.stdlib = frozenset(reply['stdlib'])
+            self.data.update(reply.get('data', ()))
 
     def invalidate_caches(self):
         self.missing.clear()
@@ -332,6 +344,9 @@ class ControllerLoader(object):
         return self.origin
 
     def get_data(self, path):
+        data = self.finder.data.get(path)
+        if data is not None:
+            return data
         reply = self.finder.agent.request(('data', path))
         if 'error' in reply:
             raise OSError(reply['error'])

@@ -8,9 +8,15 @@ of a package this connection was served.
 
 Round trips dominate on a real network, so a reply carries the requested
 module *and* its static import closure (the modules its top-level code
-imports, found by reading the AST, recursively), compressed together.
+imports, found by reading the AST, recursively), compressed together.  It
+also says which of the names those modules import anywhere (in functions,
+under ``try: ... except ImportError``, behind ``sys.platform`` tests) we
+cannot serve, and, once, which top-level names we never serve (our stdlib):
+the host then never asks for what nobody has.  Its own finders come first,
+so a negative answer never hides a module the host has itself.
 """
 import ast
+import collections
 import importlib.util
 import marshal
 import os
@@ -27,6 +33,15 @@ from . import codec
 MAGIC = importlib.util.MAGIC_NUMBER  # bytecode sent only to remotes with the same magic
 MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this much source
+# Modules imported only inside functions go along while they add up to this
+# much source: lazy by design, often never imported; the real-packages bench
+# set (~220 modules, 2.4 MB of source) sends ~0.5 MB more with them.
+LAZY_BYTES = 1 << 20
+# Data files a package's code names (certifi's cacert.pem, read when requests
+# is imported) go along while they add up to this much: a data request is a
+# round trip of its own.
+DATA_BYTES = 512 << 10
+CODE_SUFFIXES = ('.py', '.pyc', '.pyi', '.so', '.pyd', 'py.typed')
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
 
 
@@ -90,7 +105,7 @@ class ModuleInfo(object):
     """One servable module: its source and what its top-level code imports."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
-                 'imports', 'loader', 'mtime', 'code')
+                 'imports', 'lazy_imports', 'attributes', 'loader', 'mtime', 'code')
 
     def entry(self, with_code=False):
         """What the remote gets.  ``with_code`` (a remote running our Python
@@ -185,6 +200,8 @@ def _load_info(fullname, spec):
     info.name = fullname
     info.loader = loader
     info.imports = ()
+    info.lazy_imports = ()
+    info.attributes = frozenset()
     info.listing = None
     info.mtime = None
     info.code = None
@@ -228,7 +245,8 @@ def _load_info(fullname, spec):
     info.package_dir = os.path.dirname(origin) if locations is not None else None
     if info.package_dir is not None:
         info.listing = _listing(info.package_dir, loader)
-    info.imports = tuple(_static_imports(fullname, info.source, info.package_dir is not None))
+    info.imports, info.lazy_imports, info.attributes = _static_imports(
+        fullname, info.source, info.package_dir is not None)
     return info
 
 
@@ -267,45 +285,107 @@ _parse_lock = threading.Lock()
 
 
 def _static_imports(fullname, source, is_package):
-    """Absolute names imported by a module's top-level code (not inside functions)."""
+    """Absolute names a module imports: what its top-level code imports
+    (``if``/``try``/``with``/``class`` bodies included, not ``if
+    TYPE_CHECKING:``), what only its functions do (``importlib.import_module``
+    and ``__import__`` of a constant string count), and, of those, the names
+    that may be attributes, not modules (``pkg.name`` of ``from pkg import name``)."""
     try:
         with _parse_lock:
             tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return []
+        return (), (), frozenset()
     package = fullname if is_package else fullname.rpartition('.')[0]
-    found = []
+    eager, lazy = [], []
+    attributes = set()  # pkg.name from "from pkg import name": a submodule, or not
 
-    def visit(body):
+    def absolute(level, module):
+        if not level:
+            return module
+        parts = package.split('.')
+        if level - 1 >= len(parts):
+            return None
+        base = '.'.join(parts[:len(parts) - (level - 1)])
+        return base + '.' + module if module else base
+
+    def visit(body, found):
         for node in body:
             if isinstance(node, ast.Import):
-                for alias in node.names:
-                    found.append(alias.name)
+                found.extend(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    parts = package.split('.')
-                    if node.level - 1 >= len(parts):
-                        continue
-                    base = '.'.join(parts[:len(parts) - (node.level - 1)])
-                    base = base + '.' + node.module if node.module else base
-                else:
-                    base = node.module
-                found.append(base)
-                for alias in node.names:
-                    if alias.name != '*':
-                        found.append(base + '.' + alias.name)
-            elif isinstance(node, (ast.If, ast.Try, ast.With)):
-                for field in ('body', 'orelse', 'finalbody'):
-                    visit(getattr(node, field, ()))
+                base = absolute(node.level, node.module)
+                if base is not None:
+                    found.append(base)
+                    for alias in node.names:
+                        if alias.name != '*':
+                            found.append(base + '.' + alias.name)
+                            attributes.add(base + '.' + alias.name)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(node.body, lazy)
+            elif isinstance(node, ast.If) and _is_type_checking(node.test):
+                visit(node.orelse, found)
+            else:
+                for field in _BODIES:
+                    visit(getattr(node, field, ()), found)
                 for handler in getattr(node, 'handlers', ()):
-                    visit(handler.body)
-    visit(tree.body)
+                    visit(handler.body, found)
+                for case in getattr(node, 'cases', ()):  # match
+                    visit(case.body, found)
+    visit(tree.body, eager)
+    if b'import_module(' in source or b'__import__(' in source:
+        for name, in_function in _constant_imports(tree):
+            (lazy if in_function else eager).append(name)
+    modules = set(_with_parents(n for n in eager + lazy if n not in attributes))
+    return _with_parents(eager), _with_parents(lazy), frozenset(attributes - modules)
+
+
+_BODIES = ('body', 'orelse', 'finalbody')
+
+
+def _constant_imports(tree):
+    """Names given as constants to ``importlib.import_module`` or
+    ``__import__``, directly or by a ``for`` loop over a tuple of them
+    (requests: ``for package in ("urllib3", "idna"): __import__(package)``)."""
+    loops = {}
+    in_functions = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            in_functions.update(id(n) for n in ast.walk(node) if isinstance(n, ast.Call))
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and \
+                isinstance(node.iter, (ast.Tuple, ast.List)):
+            loops[node.target.id] = [_string(e) for e in node.iter.elts]
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', None)
+        if name not in ('import_module', '__import__'):
+            continue
+        if name == 'import_module' and len(node.args) > 1:
+            continue  # relative to a package given at run time
+        arg = node.args[0]
+        values = loops.get(arg.id, ()) if isinstance(arg, ast.Name) else [_string(arg)]
+        for value in values:
+            if isinstance(value, str) and MODULE_NAME.match(value):
+                yield value, id(node) in in_functions
+
+
+def _string(node):
+    value = getattr(node, 'value', getattr(node, 's', None))  # ast.Str before Python 3.8
+    return value if isinstance(value, str) else None
+
+
+def _is_type_checking(test):
+    return getattr(test, 'id', getattr(test, 'attr', None)) == 'TYPE_CHECKING'
+
+
+def _with_parents(found):
     names = []
     for name in found:
         parts = name.split('.')
         for i in range(1, len(parts) + 1):
             names.append('.'.join(parts[:i]))
-    return names
+    return tuple(dict.fromkeys(names))
 
 
 def host_lacks(fullname, origin):
@@ -341,6 +421,9 @@ class ModuleServer(object):
         self.package_dirs = {}  # real package dir -> loader, for data requests
         self.lock = threading.Lock()
         self.remote_magic = None  # the remote's bytecode magic, from its HELLO
+        self.told_missing = set()  # names this remote was told we do not have
+        self.data_sent = set()  # data files sent ahead (see _named_data)
+        self.stdlib_sent = False
 
     def handle(self, query):
         """Answer an IMPORT request; the reply is compressed codec bytes."""
@@ -366,43 +449,125 @@ class ModuleServer(object):
 
     def serve_module(self, fullname, resend=False):
         """The module and its import closure, leaving out what this remote
-        already has (unless ``resend``: a relay asking on behalf of others)."""
+        already has (unless ``resend``: a relay asking on behalf of others).
+
+        The closure: what the module imports at its top level, recursively;
+        then, while LAZY_BYTES last, what any of those imports inside its
+        functions (and the top-level closure of that).  The user's own code
+        (see host_lacks) is about to run on the host: what its functions
+        import goes first.  ``missing`` names what any of them imports that
+        we do not have, so that the host never asks for it.
+        """
         modules = {}
         errors = {}
+        missing = []
         with self.lock:
             root = module_info(fullname)
             if root is None:
-                return {'missing': [fullname]}
-            queue = [root.name]
-            total = 0
+                return self._once({'missing': [fullname]}, resend)
+            eager = collections.deque([root.name])
+            lazy = collections.deque()
+            if root.kind == 'source' and host_lacks(root.name, root.origin):
+                eager.extend(root.lazy_imports)
+            probe = []
+            served = []
+            attributes = set()
+            total = lazy_total = 0
             seen = set()
-            while queue:
-                name = queue.pop(0)
-                if name in seen:
+            for queue, is_lazy in ((eager, False), (lazy, True)):
+                while queue:
+                    name = queue.popleft()
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    try:
+                        info = module_info(name) if name != root.name else root
+                    except Refused as e:
+                        errors[name] = str(e)
+                        continue
+                    if info is None:
+                        if resend or name not in self.told_missing:
+                            missing.append(name)
+                        continue
+                    if resend or name not in self.sent:
+                        size = len(info.source)
+                        if name != root.name and (total + size > CLOSURE_BYTES or (
+                                is_lazy and lazy_total + size > LAZY_BYTES)):
+                            continue
+                        modules[name] = info.entry(self.remote_magic == MAGIC)
+                        served.append(info)
+                        self.sent.add(name)
+                        total += size
+                        lazy_total += size if is_lazy else 0
+                        # Any directory on sys.path imports as a namespace package:
+                        # only a regular package (one with __init__.py) opens its data files.
+                        if info.package_dir is not None and info.kind != 'namespace':
+                            self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
+                    queue.extend(n for n in info.imports if n not in seen)
+                    attributes.update(info.attributes)
+                    if not is_lazy:
+                        top = name.partition('.')[0]
+                        for n in info.lazy_imports:
+                            if n.partition('.')[0] == top:
+                                lazy.append(n)  # its own package's: likely used with it
+                            elif n not in probe:
+                                probe.append(n)  # another's: only said to be missing
+            data = self._named_data(served)
+            for name in probe:
+                if name in seen or not (resend or name not in self.told_missing):
                     continue
-                seen.add(name)
                 try:
-                    info = module_info(name) if name != root.name else root
+                    if module_info(name) is None:
+                        missing.append(name)
                 except Refused as e:
                     errors[name] = str(e)
-                    continue
-                if info is None:
-                    continue
-                if resend or name not in self.sent:
-                    if total > CLOSURE_BYTES and name != root.name:
-                        continue
-                    modules[name] = info.entry(self.remote_magic == MAGIC)
-                    self.sent.add(name)
-                    total += len(info.source)
-                    # Any directory on sys.path imports as a namespace package:
-                    # only a regular package (one with __init__.py) opens its data files.
-                    if info.package_dir is not None and info.kind != 'namespace':
-                        self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
-                queue.extend(n for n in info.imports if n not in seen)
+            missing = [name for name in missing
+                       if name not in attributes and not is_stdlib(name)]
+            self.told_missing.update(missing)
         if fullname not in modules and fullname in self.sent:
             # Asked again (after invalidate_caches, or by a second finder): resend.
             modules[fullname] = root.entry(self.remote_magic == MAGIC)
-        return {'modules': modules, 'errors': errors}
+        reply = {'modules': modules, 'errors': errors, 'missing': missing}
+        if data:
+            reply['data'] = data
+        return self._once(reply, resend)
+
+    def _named_data(self, served):
+        """{path: bytes} of the data files in the packages of ``served`` whose
+        names their modules' sources spell out, up to DATA_BYTES."""
+        data = {}
+        total = 0
+        packages = {info.name: info for info in served if info.listing}
+        for info in served:
+            package = packages.get(info.name if info.package_dir else info.name.rpartition('.')[0])
+            if package is None:
+                continue
+            for rel, kind in package.listing.items():
+                if kind != 'file' or rel.endswith(CODE_SUFFIXES) or \
+                        rel.rpartition('/')[2].encode() not in info.source:
+                    continue
+                path = package.package_dir + '/' + rel
+                if path in data or path in self.data_sent:
+                    continue
+                try:
+                    size = os.path.getsize(path)
+                    if total + size > DATA_BYTES:
+                        continue
+                    data[path] = self.serve_data(path)
+                except (OSError, Refused):
+                    continue
+                total += size
+                self.data_sent.add(path)
+        return data
+
+    def _once(self, reply, resend=False):
+        """Add to a reply what a remote needs once: the top-level names we
+        never serve.  A relay (``resend``) gets them each time: it passes
+        each reply on to whichever host asks that question first."""
+        if resend or not self.stdlib_sent:
+            self.stdlib_sent = True
+            reply['stdlib'] = sorted(STDLIB_NAMES)
+        return reply
 
     def preload(self, fullname):
         """What to send ahead of a call into module ``fullname``, compressed
