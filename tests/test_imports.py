@@ -300,3 +300,60 @@ def test_package_from_an_editable_install_is_served(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     with Local() as t:
         assert t.call(module.answer) == 42
+
+
+OPTIONAL_IMPORTS = '''
+    import sys
+    try:
+        import absent_everywhere
+    except ImportError:
+        absent_everywhere = None
+    if sys.platform == 'win32':
+        import absent_platform_module
+    try:
+        import msvcrt  # the stdlib's, on Windows only
+    except ImportError:
+        msvcrt = None
+    try:
+        import host_only
+    except ImportError:
+        host_only = None
+
+    def optional_in_function():
+        try:
+            from absent_in_function import thing
+        except ImportError:
+            return 'fallback'
+        return thing
+
+    def report():
+        return (absent_everywhere, msvcrt, getattr(host_only, 'WHERE', None),
+                optional_in_function())
+'''
+
+
+def test_optional_imports_absent_everywhere_cost_no_round_trip(project, tunnel):
+    """What a package imports under try/except ImportError, behind a platform
+    test or inside a function, and that nobody has: the reply that brings the
+    package says so, and the host's ImportError still reaches the user's try."""
+    root, modfuncs = project
+    write(root / 'optpkg' / '__init__.py', OPTIONAL_IMPORTS)
+    assert tunnel.call(modfuncs.import_by_name, 'optpkg', 'report') == (
+        (None, None, None, 'fallback'), 1)
+    asked = tunnel.call(modfuncs.import_requests_so_far)
+    with pytest.raises(RemoteException) as info:
+        tunnel.call(modfuncs.where_is, 'absent_everywhere')
+    assert info.value.type_name == 'ModuleNotFoundError'
+    assert tunnel.call(modfuncs.import_requests_so_far) == asked  # told, not asked again
+
+
+def test_a_name_the_controller_lacks_is_still_imported_from_the_host(project, tmp_path,
+                                                                     monkeypatch):
+    root, modfuncs = project
+    write(root / 'optpkg' / '__init__.py', OPTIONAL_IMPORTS)
+    remote_dir = tmp_path / 'remote_only'
+    write(remote_dir / 'host_only.py', 'WHERE = "remote"\n')
+    monkeypatch.setenv('PYTHONPATH', str(remote_dir))
+    with Local() as t:
+        assert t.call(modfuncs.import_by_name, 'optpkg', 'report') == (
+            (None, None, 'remote', 'fallback'), 1)
