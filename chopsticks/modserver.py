@@ -15,8 +15,8 @@ cannot serve, and, once, which top-level names we never serve (our stdlib):
 the host then never asks for what nobody has.  Its own finders come first,
 so a negative answer never hides a module the host has itself.
 """
-import ast
 import collections
+import dis
 import importlib.util
 import marshal
 import os
@@ -32,11 +32,12 @@ from . import codec
 
 MAGIC = importlib.util.MAGIC_NUMBER  # bytecode sent only to remotes with the same magic
 MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
-CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this much source
-# Modules imported only inside functions go along while they add up to this
-# much source: lazy by design, often never imported; the real-packages bench
-# set (~220 modules, 2.4 MB of source) sends ~0.5 MB more with them.
-LAZY_BYTES = 1 << 20
+# Stop adding preloaded modules to one reply past this much source (and as
+# much again of bytecode): the real-packages bench set is 2.4 MB of source.
+CLOSURE_BYTES = 6 << 20
+# Modules that a package's functions import from the package go along while
+# they add up to this much source: lazy by design, often never imported.
+LAZY_BYTES = 256 << 10
 # Data files a package's code names (certifi's cacert.pem, read when requests
 # is imported) go along while they add up to this much: a data request is a
 # round trip of its own.
@@ -105,7 +106,7 @@ class ModuleInfo(object):
     """One servable module: its source and what its top-level code imports."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
-                 'imports', 'lazy_imports', 'attributes', 'loader', 'mtime', 'code')
+                 'imports', 'lazy_imports', 'attributes', 'required', 'loader', 'mtime', 'code')
 
     def entry(self, with_code=False):
         """What the remote gets.  ``with_code`` (a remote running our Python
@@ -126,6 +127,14 @@ class ModuleInfo(object):
             except (SyntaxError, ValueError):
                 self.code = b''  # let the remote report the error from the source
         return self.code or None
+
+    def compiled(self):
+        """The code object, from bytecode(); None for a module that does not compile."""
+        code = self.bytecode()
+        try:
+            return marshal.loads(code) if code else None
+        except (EOFError, ValueError, TypeError):
+            return None
 
 
 _cache = {}
@@ -202,6 +211,7 @@ def _load_info(fullname, spec):
     info.imports = ()
     info.lazy_imports = ()
     info.attributes = frozenset()
+    info.required = ()
     info.listing = None
     info.mtime = None
     info.code = None
@@ -245,9 +255,18 @@ def _load_info(fullname, spec):
     info.package_dir = os.path.dirname(origin) if locations is not None else None
     if info.package_dir is not None:
         info.listing = _listing(info.package_dir, loader)
-    info.imports, info.lazy_imports, info.attributes = _static_imports(
-        fullname, info.source, info.package_dir is not None)
+    code = info.compiled()
+    if code is not None:
+        info.imports, info.lazy_imports, info.attributes = _static_imports(
+            fullname, info.source, info.package_dir is not None, code)
+        # (a docstring's "from relative deltas" matches too: it imports nothing)
+        info.required = tuple(set(info.imports).intersection(
+            m.decode('ascii').partition('.')[0] for m in _UNCONDITIONAL_IMPORT.findall(info.source)))
     return info
+
+
+# "import x" or "from x import y" at column 0: outside any try, if or function.
+_UNCONDITIONAL_IMPORT = re.compile(br'^(?:import|from)[ \t]+([A-Za-z_][\w.]*)', re.M)
 
 
 def _listing(package_dir, loader):
@@ -278,29 +297,108 @@ def _listing(package_dir, loader):
     return listing
 
 
-# CPython 3.11 (3.11.7 here) keeps ast.parse's recursion check per process:
-# two threads parsing at once fail with "SystemError: AST constructor
-# recursion depth mismatch".  Connections serve imports from several threads.
-_parse_lock = threading.Lock()
+# What the import statements compile to: LOAD_CONST level (LOAD_SMALL_INT from
+# 3.14), LOAD_CONST fromlist, IMPORT_NAME module.  Reading a module's .pyc
+# for them took 1/20 of ast.parse's time over the real-packages bench set
+# (640 modules, 9 MB of source: 0.6 s against 13 s on a loaded machine).
+_IMPORT_NAME = dis.opmap['IMPORT_NAME']
+_LOAD_CONST = dis.opmap['LOAD_CONST']
+_LOAD_SMALL_INT = dis.opmap.get('LOAD_SMALL_INT')
+_EXTENDED_ARG = dis.EXTENDED_ARG
+_CACHE = dis.opmap.get('CACHE')  # inline cache units, from 3.11
+_FIND_IMPORT_NAME = re.compile(b'(?=' + re.escape(bytes([_IMPORT_NAME])) + b')')
+_CO_OPTIMIZED = 0x1  # a function's code (a class body's is not)
 
 
-def _static_imports(fullname, source, is_package):
-    """Absolute names a module imports: what its top-level code imports
-    (``if``/``try``/``with``/``class`` bodies included, not ``if
-    TYPE_CHECKING:``), what only its functions do (``importlib.import_module``
-    and ``__import__`` of a constant string count), and, of those, the names
-    that may be attributes, not modules (``pkg.name`` of ``from pkg import name``)."""
-    try:
-        with _parse_lock:
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return (), (), frozenset()
-    package = fullname if is_package else fullname.rpartition('.')[0]
+def _instruction_before(code, end):
+    """(offset, opcode, arg) of the instruction whose last unit precedes
+    ``end`` (cache units skipped, EXTENDED_ARG prefixes folded in), or None."""
+    pos = end - 2
+    while _CACHE is not None and pos >= 0 and code[pos] == _CACHE:
+        pos -= 2
+    if pos < 0:
+        return None
+    arg, shift, start = code[pos + 1], 8, pos
+    while start >= 2 and code[start - 2] == _EXTENDED_ARG:
+        start -= 2
+        arg |= code[start + 1] << shift
+        shift += 8
+    return start, code[pos], arg
+
+
+def _code_imports(code):
+    """(eager, lazy) lists of (level, module, fromlist) imported by a module's
+    code object: its own code and its class bodies' are eager, what its
+    functions (and lambdas, comprehensions) import is lazy."""
     eager, lazy = [], []
-    attributes = set()  # pkg.name from "from pkg import name": a submodule, or not
+    stack = [(code, eager)]
+    while stack:
+        co, found = stack.pop()
+        raw = co.co_code
+        for match in _FIND_IMPORT_NAME.finditer(raw):
+            pos = match.start()
+            if pos % 2:
+                continue
+            name = _instruction_before(raw, pos + 2)
+            if name is None or name[2] >= len(co.co_names):
+                continue
+            fromlist = _instruction_before(raw, name[0])
+            level = _instruction_before(raw, fromlist[0]) if fromlist else None
+            found.append((_constant_arg(co, level, 0), co.co_names[name[2]],
+                          _constant_arg(co, fromlist, None)))
+        for const in co.co_consts:
+            if hasattr(const, 'co_code'):
+                stack.append((const, lazy if const.co_flags & _CO_OPTIMIZED else found))
+    return eager, lazy
+
+
+def _constant_arg(co, instruction, default):
+    if instruction is None:
+        return default
+    _, op, arg = instruction
+    if op == _LOAD_CONST and arg < len(co.co_consts):
+        return co.co_consts[arg]
+    if op == _LOAD_SMALL_INT:
+        return arg
+    return default
+
+
+# __import__('x') and importlib.import_module('x'), and a loop over a tuple of
+# names fed to them (requests: for package in ("urllib3", "idna"): __import__(package)).
+_CONSTANT_IMPORT = re.compile(
+    br"""^([ \t]*)[^#\n]*?\b(?:import_module|__import__)\(\s*(?:['"]([\w.]+)['"]\s*\)|(\w+)\s*\))""",
+    re.M)
+_NAME_LOOP = re.compile(br"""^([ \t]*)for\s+(\w+)\s+in\s+[(\[]([^)\]]*)[)\]]\s*:""", re.M)
+_QUOTED = re.compile(br"""['"]([\w.]+)['"]""")
+
+
+def _constant_imports(source):
+    """(name, indented) of the modules ``source`` imports by a constant name
+    passed to ``__import__`` or ``import_module``; ``indented``: in a block,
+    perhaps a function's."""
+    loops = {}
+    for match in _NAME_LOOP.finditer(source):
+        loops[match.group(2)] = (match.group(1), _QUOTED.findall(match.group(3)))
+    for match in _CONSTANT_IMPORT.finditer(source):
+        indent, constant, variable = match.groups()
+        if constant:
+            yield constant.decode('ascii'), bool(indent)
+        elif variable in loops:
+            loop_indent, names = loops[variable]
+            for name in names:
+                yield name.decode('ascii'), bool(loop_indent)
+
+
+def _static_imports(fullname, source, is_package, code):
+    """Absolute names a module imports, read from its compiled ``code``: what
+    its top-level code imports (in ``if``, ``try``, ``with`` and class bodies
+    too), what only its functions do, and which of those may be attributes,
+    not modules (``pkg.name`` of ``from pkg import name``)."""
+    package = fullname if is_package else fullname.rpartition('.')[0]
+    attributes = set()
 
     def absolute(level, module):
-        if not level:
+        if not isinstance(level, int) or not level:
             return module
         parts = package.split('.')
         if level - 1 >= len(parts):
@@ -308,75 +406,27 @@ def _static_imports(fullname, source, is_package):
         base = '.'.join(parts[:len(parts) - (level - 1)])
         return base + '.' + module if module else base
 
-    def visit(body, found):
-        for node in body:
-            if isinstance(node, ast.Import):
-                found.extend(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = absolute(node.level, node.module)
-                if base is not None:
-                    found.append(base)
-                    for alias in node.names:
-                        if alias.name != '*':
-                            found.append(base + '.' + alias.name)
-                            attributes.add(base + '.' + alias.name)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visit(node.body, lazy)
-            elif isinstance(node, ast.If) and _is_type_checking(node.test):
-                visit(node.orelse, found)
-            else:
-                for field in _BODIES:
-                    visit(getattr(node, field, ()), found)
-                for handler in getattr(node, 'handlers', ()):
-                    visit(handler.body, found)
-                for case in getattr(node, 'cases', ()):  # match
-                    visit(case.body, found)
-    visit(tree.body, eager)
+    def names(imports):
+        found = []
+        for level, module, fromlist in imports:
+            base = absolute(level, module)
+            if not base:
+                continue
+            found.append(base)
+            for name in fromlist if isinstance(fromlist, tuple) else ():
+                if isinstance(name, str) and name != '*':
+                    found.append(base + '.' + name)
+                    attributes.add(base + '.' + name)
+        return found
+
+    eager, lazy = _code_imports(code)
+    eager, lazy = names(eager), names(lazy)
     if b'import_module(' in source or b'__import__(' in source:
-        for name, in_function in _constant_imports(tree):
-            (lazy if in_function else eager).append(name)
+        for name, indented in _constant_imports(source):
+            if MODULE_NAME.match(name):
+                (lazy if indented else eager).append(name)
     modules = set(_with_parents(n for n in eager + lazy if n not in attributes))
     return _with_parents(eager), _with_parents(lazy), frozenset(attributes - modules)
-
-
-_BODIES = ('body', 'orelse', 'finalbody')
-
-
-def _constant_imports(tree):
-    """Names given as constants to ``importlib.import_module`` or
-    ``__import__``, directly or by a ``for`` loop over a tuple of them
-    (requests: ``for package in ("urllib3", "idna"): __import__(package)``)."""
-    loops = {}
-    in_functions = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            in_functions.update(id(n) for n in ast.walk(node) if isinstance(n, ast.Call))
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and \
-                isinstance(node.iter, (ast.Tuple, ast.List)):
-            loops[node.target.id] = [_string(e) for e in node.iter.elts]
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or not node.args:
-            continue
-        func = node.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', None)
-        if name not in ('import_module', '__import__'):
-            continue
-        if name == 'import_module' and len(node.args) > 1:
-            continue  # relative to a package given at run time
-        arg = node.args[0]
-        values = loops.get(arg.id, ()) if isinstance(arg, ast.Name) else [_string(arg)]
-        for value in values:
-            if isinstance(value, str) and MODULE_NAME.match(value):
-                yield value, id(node) in in_functions
-
-
-def _string(node):
-    value = getattr(node, 'value', getattr(node, 's', None))  # ast.Str before Python 3.8
-    return value if isinstance(value, str) else None
-
-
-def _is_type_checking(test):
-    return getattr(test, 'id', getattr(test, 'attr', None)) == 'TYPE_CHECKING'
 
 
 def _with_parents(found):
@@ -386,6 +436,27 @@ def _with_parents(found):
         for i in range(1, len(parts) + 1):
             names.append('.'.join(parts[:i]))
     return tuple(dict.fromkeys(names))
+
+
+def _submodule_only(name):
+    """Whether ``pkg.name`` (of ``from pkg import name``) can only be a
+    submodule: pkg is a package that does not define ``name`` (it does not
+    spell it, nor import ``*``, nor have a module ``__getattr__``)."""
+    parent_name, _, attribute = name.rpartition('.')
+    try:
+        parent = module_info(parent_name)
+    except Refused:
+        return False
+    if parent is None or parent.package_dir is None:
+        return False  # not a package: nobody looks for a submodule
+    source = parent.source
+    return attribute.encode() not in source and b'import *' not in source \
+        and b'__getattr__' not in source
+
+
+def _absent(top_level_name):
+    """Whether we have no module ``top_level_name`` at all (nor our stdlib)."""
+    return not is_stdlib(top_level_name) and find_spec(top_level_name) is None
 
 
 def host_lacks(fullname, origin):
@@ -451,12 +522,13 @@ class ModuleServer(object):
         """The module and its import closure, leaving out what this remote
         already has (unless ``resend``: a relay asking on behalf of others).
 
-        The closure: what the module imports at its top level, recursively;
-        then, while LAZY_BYTES last, what any of those imports inside its
-        functions (and the top-level closure of that).  The user's own code
-        (see host_lacks) is about to run on the host: what its functions
-        import goes first.  ``missing`` names what any of them imports that
-        we do not have, so that the host never asks for it.
+        The closure: what the module imports at its top level, recursively,
+        except through a module that cannot import (it imports, outside any
+        ``try``, a name we lack); then, while LAZY_BYTES last, what those
+        modules' functions import from their own package.  The user's own
+        code (see host_lacks) is about to run on the host: what its functions
+        import is part of its closure.  ``missing`` names what any of them
+        imports, anywhere, that we do not have, so that the host never asks.
         """
         modules = {}
         errors = {}
@@ -503,15 +575,28 @@ class ModuleServer(object):
                         # only a regular package (one with __init__.py) opens its data files.
                         if info.package_dir is not None and info.kind != 'namespace':
                             self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
-                    queue.extend(n for n in info.imports if n not in seen)
+                    absent = [n for n in info.required if n not in seen and _absent(n)]
+                    if absent:
+                        # It cannot import anywhere (urllib3.contrib.pyopenssl without
+                        # OpenSSL): what else it imports would be sent for nothing.
+                        missing.extend(absent)
+                        seen.update(absent)
+                        continue
                     attributes.update(info.attributes)
+                    top = name.partition('.')[0]
                     if not is_lazy:
-                        top = name.partition('.')[0]
+                        queue.extend(n for n in info.imports if n not in seen)
                         for n in info.lazy_imports:
                             if n.partition('.')[0] == top:
                                 lazy.append(n)  # its own package's: likely used with it
                             elif n not in probe:
                                 probe.append(n)  # another's: only said to be missing
+                        continue
+                    for n in info.imports:  # a lazily imported module's closure, in its package
+                        if n.partition('.')[0] == top:
+                            queue.append(n)
+                        elif n not in probe:
+                            probe.append(n)
             data = self._named_data(served)
             for name in probe:
                 if name in seen or not (resend or name not in self.told_missing):
@@ -521,8 +606,9 @@ class ModuleServer(object):
                         missing.append(name)
                 except Refused as e:
                     errors[name] = str(e)
-            missing = [name for name in missing
-                       if name not in attributes and not is_stdlib(name)]
+            missing = [name for name in dict.fromkeys(missing)
+                       if (name not in attributes or _submodule_only(name))
+                       and not is_stdlib(name) and (resend or name not in self.told_missing)]
             self.told_missing.update(missing)
         if fullname not in modules and fullname in self.sent:
             # Asked again (after invalidate_caches, or by a second finder): resend.
