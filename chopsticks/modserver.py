@@ -46,6 +46,14 @@ CODE_SUFFIXES = ('.py', '.pyc', '.pyi', '.so', '.pyd', 'py.typed')
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
 
 
+# What CPython's own stdlib (3.6 to 3.13) imports for other platforms, under
+# try or a platform test, that is not in sys.stdlib_module_names: copy.py and
+# pickle.py's "from org.python.core import PyStringMap" (Jython) cost every
+# Linux host up to 3.11 a round trip.
+OTHER_PLATFORMS = ('org', 'java', 'vms_lib', '_winreg', '_wmi', 'win32evtlog',
+                   'win32evtlogutil', 'win32wnet', 'netbios', 'Carbon', '_ios_support')
+
+
 class Refused(Exception):
     """Not served, and the remote is told why."""
 
@@ -648,11 +656,14 @@ class ModuleServer(object):
 
     def _once(self, reply, resend=False):
         """Add to a reply what a remote needs once: the top-level names we
-        never serve.  A relay (``resend``) gets them each time: it passes
-        each reply on to whichever host asks that question first."""
+        never serve, and those of OTHER_PLATFORMS we lack.  A relay
+        (``resend``) gets them each time: it passes each reply on to
+        whichever host asks that question first."""
         if resend or not self.stdlib_sent:
             self.stdlib_sent = True
             reply['stdlib'] = sorted(STDLIB_NAMES)
+            reply['missing'] = list(reply.get('missing', ())) + [
+                name for name in OTHER_PLATFORMS if _absent(name)]
         return reply
 
     def preload(self, fullname):
