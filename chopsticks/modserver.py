@@ -42,6 +42,7 @@ LAZY_BYTES = 256 << 10
 # is imported) go along while they add up to this much: a data request is a
 # round trip of its own.
 DATA_BYTES = 512 << 10
+FAST_COMPRESS_BYTES = 1 << 20  # see _packed
 CODE_SUFFIXES = ('.py', '.pyc', '.pyi', '.so', '.pyd', 'py.typed')
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
 
@@ -486,8 +487,13 @@ def _plugin_packages():
 
 
 def _packed(reply):
-    """A reply to an IMPORT request (or modules sent ahead) as it travels."""
-    return zlib.compress(codec.encode(reply), 6)
+    """A reply to an IMPORT request (or modules sent ahead) as it travels.
+
+    A big one is compressed fast: the real-packages bench set (9.5 MB of
+    source and bytecode) took 0.51 s at level 1 against 1.84 s at level 6
+    on a loaded machine, for 15% more bytes (3.3 MB against 2.9)."""
+    raw = codec.encode(reply)
+    return zlib.compress(raw, 6 if len(raw) < FAST_COMPRESS_BYTES else 1)
 
 
 # --- serving one connection --------------------------------------------------------
