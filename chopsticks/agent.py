@@ -272,9 +272,10 @@ class ControllerFinder(object):
             if fullname in self.missing or fullname.partition('.')[0] in self.stdlib:
                 return None
             parent = fullname.rpartition('.')[0]
-            if parent and parent not in self.modules:
-                # The controller serves the submodules of packages it served
-                # (here: of the host's own, or of six.moves and its like).
+            if parent and parent not in self.modules and not _namespace(sys.modules.get(parent)):
+                # The controller serves the submodules of packages it served,
+                # and portions of namespace packages: not those of the host's
+                # own regular packages, nor of six.moves and its like.
                 return None
             self._fetch(fullname)
             entry = self.modules.get(fullname)
@@ -309,6 +310,15 @@ class ControllerFinder(object):
 
     def invalidate_caches(self):
         self.missing.clear()
+
+
+def _namespace(module):
+    """Whether ``module`` is a namespace package (or unknown: then ask)."""
+    spec = getattr(module, '__spec__', None)
+    if spec is None:
+        return True
+    return spec.loader is None or type(spec.loader).__name__ in ('NamespaceLoader',
+                                                                  '_NamespaceLoader')
 
 
 class ControllerLoader(object):

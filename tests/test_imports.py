@@ -357,3 +357,15 @@ def test_a_name_the_controller_lacks_is_still_imported_from_the_host(project, tm
     with Local() as t:
         assert t.call(modfuncs.import_by_name, 'optpkg', 'report') == (
             (None, None, 'remote', 'fallback'), 1)
+
+
+def test_a_namespace_package_takes_portions_from_host_and_controller(project, tmp_path,
+                                                                     monkeypatch):
+    root, modfuncs = project
+    write(root / 'nsmix' / 'controller_part.py', 'WHERE = "controller"\n')
+    remote_dir = tmp_path / 'remote_only'
+    write(remote_dir / 'nsmix' / 'host_part.py', 'WHERE = "remote"\n')
+    monkeypatch.setenv('PYTHONPATH', str(remote_dir))
+    with Local() as t:
+        assert t.call(modfuncs.where_is, 'nsmix.host_part') == 'remote'
+        assert t.call(modfuncs.where_is, 'nsmix.controller_part') == 'controller'
