@@ -4,8 +4,8 @@
     Tunnel('web1').call(time.time)
 """
 from .errors import (
-    CallTimeout, ChopsticksError, ConnectError, DepthLimitExceeded, ProtocolError,
-    RemoteException, TunnelClosed,
+    CallTimeout, ChopsticksError, CommandFailed, CommandTimeout, ConnectError,
+    DepthLimitExceeded, ProtocolError, RemoteException, TunnelClosed,
 )
 
 __version__ = '2.0.0'
@@ -15,6 +15,7 @@ __all__ = [
     'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed', 'CallTimeout',
     'ProtocolError', 'DepthLimitExceeded', 'hookimpl',
     'Group', 'GroupResult', 'ErrorResult', 'Queue', 'AsyncResult',
+    'CommandResult', 'CommandFailed', 'CommandTimeout', 'Su', 'Doas', 'inventory',
 ]
 
 # Imported on first use.  Hosts import this package too (for chopsticks.files,
@@ -27,11 +28,15 @@ _LAZY = {
     'Docker': 'tunnel', 'SubprocessTunnel': 'tunnel', 'BaseTunnel': 'tunnel',
     'Group': 'group', 'GroupResult': 'group', 'ErrorResult': 'group',
     'Queue': 'queue', 'AsyncResult': 'queue',
+    'CommandResult': 'shell', 'Su': 'tunnel', 'Doas': 'tunnel',
     'hookimpl': 'hookspecs',  # pluggy: not something a remote (maybe Python 3.6) should import
 }
 
 
 def __getattr__(name):
+    if name == 'inventory':  # a module: chopsticks.inventory.load(path)
+        import importlib
+        return importlib.import_module('.inventory', __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError('module %r has no attribute %r' % (__name__, name))

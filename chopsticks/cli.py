@@ -11,13 +11,16 @@ import inspect
 import json
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import click
 
+from chopsticks import cli_ops, display
+from chopsticks import hosts as host_strings
 from chopsticks import plugins
 from chopsticks.errors import RemoteException
+from chopsticks.gather import gather
+from chopsticks.group import ErrorResult, Group
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -25,8 +28,11 @@ EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
     tunnels = {}
     for host in hosts:
+        if not isinstance(host, str):  # resolved already (cli_ops.resolve_hosts)
+            tunnels[host.host] = host
+            continue
         try:
-            tunnels[host] = plugins.tunnel_from_url(host)
+            tunnels[host] = host_strings.tunnel_from_url(host)
         except (ValueError, TypeError) as exc:
             raise click.UsageError(f"bad host {host!r}: {exc}") from None
     return tunnels
@@ -34,24 +40,25 @@ def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
 
 def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
                   timeout: float | None = None, **kwargs: Any) -> Dict[str, Tuple[bool, Any]]:
-    """``fn(*args, **kwargs)`` on every host in parallel: ``{host: (ok, result or exception)}``.
+    """``fn(*args, **kwargs)`` on every host in parallel, through a
+    :class:`~chopsticks.group.Group`: ``{host string: (ok, result or exception)}``.
 
-    The one place the CLI touches tunnels; ``chopsticks.group.Group`` can
-    replace it.
+    The one place the CLI touches tunnels; they are closed after the call.
     """
     tunnels = _tunnels(hosts)
-
-    def one(tunnel: Any) -> Tuple[bool, Any]:
-        try:
-            return True, tunnel.call(fn, *args, timeout=timeout, **kwargs)
-        except Exception as exc:  # reported per host; the others go on
-            return False, exc
-        finally:
-            tunnel.close()
-
-    with ThreadPoolExecutor(max_workers=min(32, len(tunnels))) as pool:
-        futures = {host: pool.submit(one, tunnel) for host, tunnel in tunnels.items()}
-        return {host: future.result() for host, future in futures.items()}
+    try:
+        group = Group(list(tunnels.values()), progress=False)
+    except ValueError as exc:  # two host strings name one host: results are keyed by name
+        raise click.UsageError(f"{exc} (hosts: {' '.join(hosts)})") from None
+    try:
+        results = group.call(fn, *args, timeout=timeout, **kwargs)
+    finally:
+        group.close()
+    outcomes = {}
+    for host, tunnel in tunnels.items():
+        value = results[tunnel.host]
+        outcomes[host] = (False, value.exception) if isinstance(value, ErrorResult) else (True, value)
+    return outcomes
 
 
 def _error_text(exc: BaseException) -> str:
@@ -100,7 +107,8 @@ def main() -> None:
 
     A HOST is an ssh_config alias or [user@]host[:port], or a tunnel URL:
     local, local://, sudo://USER, docker://NAME, or a scheme a plugin adds
-    (see list-plugins).
+    (see list-plugins).  ?via=HOST opens it from another host:
+    sudo://root?via=web1.
     """
 
 
@@ -128,8 +136,8 @@ def list_plugins(as_json: bool) -> None:
                 click.echo(f"    {kind}: " + ", ".join(n + suffix for n in names))
 
 
-def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float]]:
-    """{fact name: ('module:qualname', timeout)} for the facts asked for (default all)."""
+def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float | None]]:
+    """{fact name: ('module:qualname', timeout or None)} for the facts asked for (default all)."""
     pm = plugins.get_plugin_manager()
     registry = pm.facts
     if not registry:
@@ -146,7 +154,8 @@ def _fact_refs(names: Sequence[str]) -> Dict[str, Tuple[str, float]]:
     return refs
 
 
-@main.command()
+@main.command(cls=cli_ops.HostCommand)
+@cli_ops.host_options
 @click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
 @click.option("--fact", "-f", "fact_names", multiple=True, metavar="NAME",
               help="A fact to gather (repeatable); default: all registered facts.")
@@ -160,12 +169,10 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
     mount) costs only itself.
     """
     refs = _fact_refs(fact_names)
-    try:
-        from chopsticks_facts import gather
-    except ImportError:
-        raise click.UsageError("`chopsticks facts` needs the chopsticks-facts plugin to gather "
-                               "facts on the host: pip install chopsticks-facts") from None
+    hosts = cli_ops.resolve_hosts(hosts)
     timeouts = {ref: t if t is not None else timeout for ref, t in refs.values()}
+    # One round trip a host: chopsticks.gather runs every fact there, each
+    # with its own timeout.
     outcomes = call_on_hosts(hosts, gather, [ref for ref, _ in refs.values()], timeouts,
                              timeout=max(timeouts.values()) + 60)
     report: Dict[str, Any] = {}
@@ -183,12 +190,14 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
         for host, values in report.items():
             click.echo(host)
             if "error" in values and len(values) == 1:
-                click.echo(f"    FAILED: {values['error']}")
+                click.echo(f"    FAILED: {display.printable(values['error'])}")
                 continue
             width = max(len(name) for name in values)
             for name, value in values.items():
-                text = f"error: {value['error']}" if _is_error(value) else _short(value)
-                click.echo(f"    {name.ljust(width)}  {text}")
+                if _is_error(value):
+                    value = f"error: {value['error']}"
+                for line in display.value_lines(name, value, "    ", width):
+                    click.echo(line)
     sys.exit(EXIT_HOST_FAILED if failed else EXIT_OK)
 
 
@@ -228,13 +237,14 @@ def _task_arguments(task: Callable[..., Any], args: Sequence[str]) -> Tuple[List
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in params and key != "check":
-            keywords[key] = plugins.parse_value(value)
+            keywords[key] = host_strings.parse_value(value)
         else:
-            positional.append(plugins.parse_value(arg))
+            positional.append(host_strings.parse_value(arg))
     return positional, keywords
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(cls=cli_ops.HostCommand, context_settings={"ignore_unknown_options": False})
+@cli_ops.host_options
 @click.argument("words", nargs=-1, required=True, metavar="HOST... TASK [ARGS]...")
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True,
@@ -251,6 +261,7 @@ def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = Fals
         chopsticks run web1 file /etc/motd content=hello --check --diff
     """
     hosts, task_name, args = _split_run_args(words)
+    hosts = cli_ops.resolve_hosts(hosts)
     task = plugins.get_plugin_manager().lookup("task", task_name)
     positional, keywords = _task_arguments(task, args)
     outcomes = call_on_hosts(hosts, task, *positional, check=check, **keywords)
@@ -269,14 +280,15 @@ def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = Fals
         width = max(len(host) for host in report)
         for host, result in report.items():
             if "error" in result and "changed" not in result:
-                click.echo(f"{host.ljust(width)}  failed   {result['error']}")
+                click.echo(f"{host.ljust(width)}  failed   {display.printable(result['error'])}")
                 continue
             state = ("would change" if check else "changed") if result["changed"] else "ok"
             details = "  ".join(f"{k}: {_summary(v)}" for k, v in result.items()
                                 if k not in ("changed", "check", "diff") and v not in (None, "", [], {}))
-            click.echo(f"{host.ljust(width)}  {state.ljust(7)}  {details}".rstrip())
+            click.echo(f"{host.ljust(width)}  {state.ljust(7)}  {display.printable(details)}".rstrip())
             if show_diff and isinstance(result.get("diff"), str) and result["diff"]:
-                click.echo("".join("    " + text for text in result["diff"].splitlines(True)).rstrip("\n"))
+                for text in result["diff"].rstrip("\n").split("\n"):
+                    click.echo("    " + display.printable(text))
     sys.exit(EXIT_HOST_FAILED if failed else EXIT_OK)
 
 
@@ -284,6 +296,30 @@ def _summary(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {_short(v)}" for k, v in value.items())
     return _short(value)
+
+
+@main.command("exec", cls=cli_ops.HostCommand)
+@cli_ops.host_options
+@click.argument("words", nargs=-1, required=True, metavar="HOST... -- COMMAND")
+@click.option("--timeout", "-t", type=float, default=None, help="Seconds the command may run.")
+@click.option("--stream", is_flag=True, help="Show output lines as they come.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+def exec_(words: Sequence[str], timeout: float | None, stream: bool, as_json: bool) -> None:
+    """Run a shell command on hosts in parallel; output grouped per host.
+
+        chopsticks exec web1 web2 -- uptime
+        chopsticks exec -i hosts.ini 'web:!web3' --become -K -- apt-get update
+    """
+    cli_ops.exec_command(words, timeout, as_json, stream)
+
+
+@main.command("list-hosts", cls=cli_ops.HostCommand)
+@cli_ops.host_options
+@click.argument("patterns", nargs=-1, metavar="PATTERN...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+def list_hosts(patterns: Sequence[str], as_json: bool) -> None:
+    """Show the hosts a pattern selects (default: all), with each host's tunnel."""
+    cli_ops.list_hosts_command(patterns, as_json)
 
 
 if __name__ == "__main__":  # python -m chopsticks.cli

@@ -2,7 +2,7 @@
 
 __all__ = [
     'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed',
-    'CallTimeout', 'ProtocolError', 'DepthLimitExceeded',
+    'CallTimeout', 'ProtocolError', 'DepthLimitExceeded', 'CommandFailed', 'CommandTimeout',
 ]
 
 
@@ -63,3 +63,35 @@ class CallTimeout(ChopsticksError, TimeoutError):
 
 class DepthLimitExceeded(ChopsticksError):
     """Tunnels opened through tunnels nested deeper than the configured limit."""
+
+
+class CommandFailed(ChopsticksError):
+    """A shell command (``tunnel.run``) exited non-zero.
+
+    ``host``, ``command`` (as text), ``returncode``, ``stderr`` (its last
+    lines) and ``result`` (the whole :class:`~chopsticks.shell.CommandResult`).
+    """
+
+    def __init__(self, host, command, returncode, stderr='', result=None):
+        self.host = host
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+        self.result = result
+        super().__init__(host, command, returncode, stderr)
+
+    def _what(self):
+        return 'exited with status %s' % self.returncode
+
+    def __str__(self):
+        text = '[%s] command %r %s' % (self.host, self.command, self._what())
+        if self.stderr.strip():
+            text += '\n' + '\n'.join('  ' + line for line in self.stderr.strip().splitlines())
+        return text
+
+
+class CommandTimeout(CommandFailed, CallTimeout):
+    """A shell command ran past its ``timeout``; its process group was killed."""
+
+    def _what(self):
+        return 'timed out, and was killed'

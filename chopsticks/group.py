@@ -11,20 +11,15 @@ a :class:`GroupResult`: a dict keyed by host name in which a host that failed
 holds an :class:`ErrorResult`.  One host that cannot be reached, raises or
 times out never stops the others.
 
-How the work is spread (the dispatcher below, shared with
-:mod:`chopsticks.queue`):
+How the work is spread (the scheduler, :mod:`chopsticks.dispatch`, shared
+with :mod:`chopsticks.queue`; the operations, :mod:`chopsticks.operations`):
 
 * A call is pickled once and the same bytes are sent to every host.  Replies
   arrive as futures from the core's single broker thread: no thread per host.
 * At most ``max_parallel`` hosts are busy at once, and at most
-  ``max_connect`` of them are connecting (connecting blocks, so a small pool
-  of threads does it, created for the operation and gone after it).
-* sshd refuses bursts of unauthenticated connections (``MaxStartups``,
-  10:30:100 by default: past 10 at once it starts dropping them).  A connect
-  dropped during the key exchange is retried, up to ``CONNECT_RETRIES``
-  times after a jittered backoff, and each drop halves the number of
-  concurrent connects for the rest of the operation (it grows back by one
-  with each success).
+  ``max_connect`` of them are connecting; a connect that sshd drops at the
+  handshake (``MaxStartups``) is retried with backoff, and halves the
+  concurrent connects for the rest of the operation.
 * A host whose connection failed is remembered by the group and not tried
   again by later operations (each reports the same error at once) until
   ``connect()`` or ``close()``: a dead host costs one connect timeout, not
@@ -34,53 +29,29 @@ How the work is spread (the dispatcher below, shared with
   runs longer than half a second shows a progress bar; ``progress=False``
   turns it off.
 """
-import asyncio
-import collections
-import concurrent.futures
 import copy
 import functools
-import heapq
-import inspect
-import itertools
-import logging
-import os
-import random
 import sys
-import tempfile
 import threading
 import time
-from typing import (
-    Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple,
-)
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from .connection import ReplyReader
-from .errors import CallTimeout, ChopsticksError, RemoteException, TunnelClosed
-from .serialize import describe, dumps_call
+from .dispatch import Dispatcher, GroupTunnel
+from .errors import ChopsticksError, RemoteException
+from .operations import Operation, call_op, connect_op, fetch_op, fetch_paths, put_op
+from .progress import GroupProgress  # one module draws every progress bar
 
 __all__ = [
     'Group', 'GroupResult', 'ErrorResult', 'GroupFailures',
-    'DEFAULT_MAX_PARALLEL', 'DEFAULT_MAX_CONNECT',
+    'DEFAULT_MAX_PARALLEL', 'DEFAULT_MAX_CONNECT', 'new_dispatcher', 'is_tunnel',
 ]
-
-log = logging.getLogger('chopsticks')
 
 DEFAULT_MAX_PARALLEL = 64   # hosts busy at once
 DEFAULT_MAX_CONNECT = 16    # hosts connecting at once
-CONNECT_RETRIES = 3         # extra attempts for a connect dropped at the handshake
-RETRY_BACKOFF = 0.5         # seconds before the first retry; doubles, with jitter
-PROGRESS_DELAY = 0.5        # seconds an operation runs before it shows progress
 
-# What ssh and paramiko say when sshd drops a connection before the key
-# exchange, as it does past MaxStartups: worth retrying, unlike a refused port.
-HANDSHAKE_DROPPED = (
-    'kex_exchange_identification',
-    'Error reading SSH protocol banner',
-    'Connection reset by peer',
-)
+_GROUP_TIMEOUT: Any = object()   # "the group's own timeout"
 
-_GROUP_TIMEOUT = object()   # "the group's own timeout"
-
-Tunnel = Any  # a chopsticks.tunnel.BaseTunnel, or anything with the same interface
+Tunnel = GroupTunnel  # a chopsticks.tunnel.BaseTunnel, or anything with the same interface
 
 # This module runs on Python 3.6 too (a relay host may fan out from there).
 
@@ -106,7 +77,7 @@ class ErrorResult(object):
 
     __slots__ = ('host', 'exception', 'msg', 'remote_traceback')
 
-    def __init__(self, host: str, exception: BaseException):
+    def __init__(self, host: str, exception: BaseException) -> None:
         self.host = host
         self.exception = exception
         if isinstance(exception, RemoteException):
@@ -165,7 +136,7 @@ class GroupFailures(RemoteException):
     as in chopsticks 1.x; ``host`` lists the failed hosts.
     """
 
-    def __init__(self, results: GroupResult):
+    def __init__(self, results: GroupResult) -> None:
         self.results = results
         self.failures = dict(results.failures())
         summary = '%d of %d hosts failed' % (len(self.failures), len(results))
@@ -180,628 +151,30 @@ class GroupFailures(RemoteException):
         return '\n'.join(lines)
 
 
-# --- operations: what to do to one tunnel ---------------------------------------------
-
-class _Operation(NamedTuple):
-    """With ``blocking=False``, ``work(tunnel, settle)`` must not
-    block: it arranges for ``settle(value, exc)`` to be called with the
-    outcome, on any thread, and returns a handle with ``done()`` and
-    ``cancel()`` (a Future will do).  With ``blocking=True``,
-    ``work(tunnel, report)`` is a blocking function run on the dispatcher's
-    pool.  ``report`` is what a transfer passes as ``progress=`` to
-    chopsticks.files: a callable ``report(bytes_done, bytes_total)`` feeding
-    the operation's progress bar, False (progress turned off) or None (no
-    bar: not a terminal)."""
-    what: str
-    work: Callable[[Tunnel], Any]
-    blocking: bool
-    # (fn, args, kwargs) of a call that may go out with the connect, right
-    # behind the agent (see Tunnel.open_connection): one round trip less per host.
-    first_call: Optional[tuple] = None
-
-
-def _call_op(fn: Callable, args: tuple, kwargs: dict) -> _Operation:
-    what = describe(fn)
-    payload = _pickle_once(fn, args, kwargs)
-
-    def work(tunnel, settle):
-        conn = getattr(tunnel, '_conn', None)
-        if payload is None or not hasattr(conn, 'call_payload_then'):  # a relayed tunnel
-            return _settle_when_done(tunnel.call_async(fn, *args, **kwargs), settle)
-        if conn.closed:  # lost since it connected; never reconnect on the dispatcher's thread
-            raise TunnelClosed('[%s] connection lost before %s was sent' % (tunnel.host, what))
-        conn.send_modules_for(fn)
-        # No Future: the reply goes straight to the dispatcher.
-        return conn.call_payload_then(payload, what, settle)
-
-    return _Operation('call ' + what, work, False, (fn, args, kwargs))
-
-
-def _settle_when_done(future: concurrent.futures.Future,
-                      settle: Callable[[Any, Optional[BaseException]], None]) -> concurrent.futures.Future:
-    """Pass ``future``'s outcome to ``settle(value, exc)`` once it has one
-    (a cancelled future's is a CancelledError)."""
-    def done(f):
-        if f.cancelled():
-            settle(None, concurrent.futures.CancelledError())
-        elif f.exception() is not None:
-            settle(None, f.exception())
-        else:
-            settle(f.result(), None)
-    future.add_done_callback(done)
-    return future
-
-
-def _pickle_once(fn: Callable, args: tuple, kwargs: dict) -> Optional[bytes]:
-    """The call pickled for a remote of any Python version, or None when only
-    each tunnel can pickle it for its own remote (a function without source
-    travels as marshalled code, for a remote of the controller's version)."""
-    try:
-        return dumps_call(fn, args, kwargs)
-    except Exception as error:
-        first_error = error
-    try:
-        dumps_call(fn, args, kwargs, tuple(sys.version_info[:2]))
-    except Exception:
-        raise first_error from None
-    return None
-
-
-def _put_op(local_path: str, remote_path: Optional[str], mode: int, kwargs: dict) -> _Operation:
-    if not os.path.exists(local_path):
-        raise FileNotFoundError('cannot put %s: no such file or directory' % local_path)
-    transfer = _with_progress(_files_function('put'), kwargs)
-
-    def work(tunnel, report):
-        return tunnel.put(local_path, remote_path, mode=mode, **transfer(report))
-
-    return _Operation('put %s' % local_path, work, True)
-
-
-def _fetch_op(remote_path: str, local_paths: Dict[Tunnel, Optional[str]], kwargs: dict) -> _Operation:
-    transfer = _with_progress(_files_function('fetch'), kwargs)
-
-    def work(tunnel, report):
-        local_path = local_paths.get(tunnel)
-        if local_path is not None:
-            parent = os.path.dirname(local_path)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-        return tunnel.fetch(remote_path, local_path, **transfer(report))
-
-    return _Operation('fetch %s' % remote_path, work, True)
-
-
-def _files_function(name: str) -> Optional[Callable]:
-    try:
-        from . import files
-    except ImportError:
-        return None
-    return getattr(files, name, None)
-
-
-def _with_progress(function: Optional[Callable], kwargs: dict) -> Callable[[Any], dict]:
-    """``kwargs`` plus ``progress=report`` for a transfer function that takes
-    it, unless the caller chose its own."""
-    try:
-        takes_progress = 'progress' in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        takes_progress = False
-    if 'progress' in kwargs or not takes_progress:
-        return lambda report: kwargs
-    return lambda report: dict(kwargs, progress=report)
-
-
-def _connect_op() -> _Operation:
-    def work(tunnel, settle):
-        future = concurrent.futures.Future()
-        future.set_result(getattr(tunnel, 'remote_info', True))
-        return _settle_when_done(future, settle)
-
-    return _Operation('connect', work, False)
-
-
-def _fetch_paths(tunnels: List[Tunnel], remote_path: str,
-                 template: Optional[str]) -> Dict[Tunnel, str]:
-    """Each tunnel's local path for a fetch: ``template`` with ``{host}``
-    replaced, or ``<new temp dir>/<host>/<remote file name>``."""
-    if template is None:
-        name = os.path.basename(remote_path.rstrip('/')) or 'fetched'
-        template = os.path.join(tempfile.mkdtemp(prefix='chopsticks-fetch-'), '{host}', name)
-    paths = {t: template.replace('{host}', str(t.host).replace(os.sep, '_')) for t in tunnels}
-    if len(set(paths.values())) < len(paths):
-        raise ValueError('local path %r is the same for several hosts: put {host} in it, '
-                         'e.g. %r' % (template, 'fetched/{host}/' + os.path.basename(remote_path)))
-    return paths
-
-
-# --- the dispatcher -------------------------------------------------------------------
-
-class _Job(object):
-    __slots__ = ('lane', 'op', 'settle', 'timeout', 'future', 'settled')
-
-    def __init__(self, lane, op, settle, timeout):
-        self.lane = lane
-        self.op = op
-        self.settle = settle
-        self.timeout = timeout
-        self.future = None
-        self.settled = False
-
-
-class _Lane(object):
-    """The jobs for one tunnel, run one after the other."""
-
-    __slots__ = ('tunnel', 'jobs', 'scheduled', 'attempts', 'reading')
-
-    def __init__(self, tunnel):
-        self.tunnel = tunnel
-        self.reading = None  # the connection whose replies the dispatcher's thread reads
-        self.jobs: Deque[_Job] = collections.deque()
-        self.scheduled = False  # waiting for a slot, or holding one
-        self.attempts = 0       # connects dropped at the handshake, in a row
-
-
-class _Dispatcher(object):
-    """Runs jobs on many tunnels: in order on each tunnel, tunnels in parallel.
-
-    State changes only under ``lock``, on the thread that drives ``run()``
-    (or the event loop of ``arun()``), or in ``add()``.  Futures completing
-    on other threads only post an event.
-    """
-
-    def __init__(self, max_parallel: int, max_connect: int, progress: bool,
-                 connect_failures: Optional[Dict[Tunnel, BaseException]] = None,
-                 what: str = ''):
-        if max_parallel < 1 or max_connect < 1:
-            raise ValueError('max_parallel and max_connect must be at least 1')
-        self.max_parallel = max_parallel
-        self.max_connect = max_connect
-        self.show_progress = progress
-        self.what = what
-        self.connect_failures = {} if connect_failures is None else connect_failures
-        self.lock = threading.RLock()
-        self._lanes: Dict[int, _Lane] = {}
-        self._ready: Deque[_Lane] = collections.deque()         # waiting for a slot
-        self._connect_wait: Deque[_Lane] = collections.deque()  # holding a slot, to connect
-        self._busy = 0          # lanes holding a slot
-        self._connecting = 0
-        self._connect_limit = max_connect
-        self._timers: List[Tuple[float, int, str, Any]] = []
-        self._seq = itertools.count()
-        self._unsettled = 0
-        self._settled = 0
-        self._failed = 0
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._notify: Optional[Callable[[tuple], None]] = None
-        self._progress: Optional[_Progress] = None
-        self._callback_errors: List[BaseException] = []
-        self._reader: Optional[ReplyReader] = None  # while run() runs
-
-    # --- feeding
-    def add(self, tunnel: Tunnel, op: _Operation, settle: Callable[[Any, Optional[BaseException]], None],
-            timeout: Optional[float] = None) -> None:
-        """Queue ``op`` on ``tunnel``; ``settle(value, exc)`` is called once
-        with its outcome, on the thread that runs the dispatcher."""
-        self.add_each([(tunnel, settle)], op, timeout)
-
-    def add_each(self, targets: Iterable[Tuple[Tunnel, Callable[[Any, Optional[BaseException]], None]]],
-                 op: _Operation, timeout: Optional[float] = None) -> None:
-        """``add(tunnel, op, settle, timeout)`` for each ``(tunnel, settle)``
-        of ``targets``, in one go."""
-        with self.lock:
-            lanes = self._lanes
-            for tunnel, settle in targets:
-                lane = lanes.get(id(tunnel))
-                if lane is None:
-                    lane = lanes[id(tunnel)] = _Lane(tunnel)
-                lane.jobs.append(_Job(lane, op, settle, timeout))
-                self._unsettled += 1
-                if not lane.scheduled:
-                    lane.scheduled = True
-                    self._ready.append(lane)
-            notify = self._notify
-        if notify is not None:
-            notify(('wake',))
-
-    @property
-    def pending(self) -> int:
-        return self._unsettled
-
-    # --- driving
-    def run(self) -> None:
-        """Run until every job has settled."""
-        # This thread reads the replies to its calls itself (ReplyReader):
-        # their futures complete here and post their events without a
-        # thread switch.  Other threads (connects, transfers, the broker for
-        # transports that cannot be taken) post theirs and wake the reader.
-        events: Deque[tuple] = collections.deque()
-        reader = self._reader = ReplyReader()
-        runner = threading.get_ident()
-
-        def post(event):
-            events.append(event)
-            if threading.get_ident() != runner:
-                reader.wake()
-
-        self._begin(post)
-        try:
-            while True:
-                wait = self._step()
-                if wait is None:
-                    break
-                if not events:
-                    reader.wait(wait)
-                with self.lock:
-                    while events:
-                        self._handle(events.popleft())
-        except BaseException:
-            self._abandon()
-            raise
-        finally:
-            self._end()
-            self._reader = None
-            reader.close()
-        self._raise_callback_errors()
-
-    async def arun(self) -> None:
-        """``run()`` for a running event loop: the loop keeps running meanwhile."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def post(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
-
-        self._begin(post)
-        try:
-            while True:
-                wait = self._step()
-                if wait is None:
-                    break
-                try:
-                    event = await asyncio.wait_for(events.get(), wait)
-                except asyncio.TimeoutError:
-                    continue
-                with self.lock:
-                    self._handle(event)
-                    while not events.empty():
-                        self._handle(events.get_nowait())
-        except BaseException:  # including cancellation of the awaiting task
-            self._abandon()
-            raise
-        finally:
-            self._end()
-        self._raise_callback_errors()
-
-    def _begin(self, notify):
-        with self.lock:
-            if self._notify is not None:
-                raise RuntimeError('this %s is already running' % (self.what or 'dispatcher'))
-            self._notify = notify
-            self._settled = self._failed = 0
-            self._progress = _Progress(self.what, self.show_progress)
-
-    def _step(self) -> Optional[float]:
-        """Start what can start.  Returns None when every job has settled,
-        else how long to wait for the next event (until the next timer)."""
-        with self.lock:
-            self._fire_timers()
-            self._pump()
-            if self._unsettled == 0:
-                return None
-            wake = [self._timers[0][0]] if self._timers else []
-            start_at = self._progress.starts_at()
-            if start_at is not None:
-                wake.append(start_at)
-            return max(0.0, min(wake) - time.monotonic()) if wake else 60.0
-
-    def _end(self):
-        with self.lock:
-            self._notify = None
-            self._connect_limit = self.max_connect
-            self._timers.clear()
-            pool, self._pool = self._pool, None
-            progress, self._progress = self._progress, None
-        if pool is not None:
-            pool.shutdown(wait=False)
-        if progress is not None:
-            progress.close()
-
-    def _abandon(self):
-        """Interrupted: forget every job (replies still coming are dropped)."""
-        with self.lock:
-            for lane in self._lanes.values():
-                for job in lane.jobs:
-                    job.settled = True
-                    if job.future is not None:
-                        job.future.cancel()
-            self._lanes.clear()  # (the pipes lanes were reading go back when run() closes its reader)
-            self._ready.clear()
-            self._connect_wait.clear()
-            self._busy = self._connecting = self._unsettled = 0
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-
-    def _raise_callback_errors(self):
-        errors, self._callback_errors = self._callback_errors, []
-        if errors:
-            for extra in errors[1:]:
-                log.error('another callback failed too', exc_info=extra)
-            raise errors[0]
-
-    # --- scheduling (under lock)
-    def _pump(self):
-        while self._ready and self._busy < self.max_parallel:
-            lane = self._ready.popleft()
-            self._busy += 1
-            self._next(lane)
-        while self._connect_wait and self._connecting < self._connect_limit:
-            self._start_connect(self._connect_wait.popleft())
-
-    def _next(self, lane: _Lane, just_connected: bool = False):
-        """Start the lane's next job, or give its slot back."""
-        tunnel = lane.tunnel
-        while lane.jobs:
-            job = lane.jobs[0]
-            failure = self.connect_failures.get(tunnel)
-            if failure is not None:
-                lane.jobs.popleft()
-                self._settle(job, None, failure)
-                continue
-            if not just_connected and not getattr(tunnel, 'connected', True):
-                self._connect_wait.append(lane)
-                return
-            self._start(job)
-            return
-        lane.scheduled = False
-        self._busy -= 1
-        del self._lanes[id(tunnel)]  # an idle tunnel costs the dispatcher nothing
-        if lane.reading is not None:
-            self._reader.give_back(lane.reading)
-            lane.reading = None
-
-    def _start(self, job: _Job, sent: Optional[concurrent.futures.Future] = None):
-        """Start ``job``, or only follow it when it was ``sent`` with the connect."""
-        tunnel = job.lane.tunnel
-        notify = self._notify
-
-        def settle(value, exc):
-            notify(('settled', job, value, exc))
-
-        try:
-            if sent is not None:
-                future = _settle_when_done(sent, settle)
-            elif job.op.blocking:
-                report = self._progress.reporter(tunnel.host) if self._progress is not None else None
-                future = _settle_when_done(self._executor().submit(job.op.work, tunnel, report), settle)
-            else:
-                if self._reader is not None and job.lane.reading is None:
-                    # Taken before the call goes out: the broker never sees the reply.
-                    conn = getattr(tunnel, '_conn', None)
-                    if conn is not None and not conn.closed and self._reader.take(conn):
-                        job.lane.reading = conn
-                future = job.op.work(tunnel, settle)
-        except Exception as e:
-            future = concurrent.futures.Future()
-            future.set_exception(e)
-            settle(None, e)
-        job.future = future
-        if job.timeout is not None:
-            heapq.heappush(self._timers, (time.monotonic() + job.timeout, next(self._seq), 'deadline', job))
-
-    def _start_connect(self, lane: _Lane):
-        self._connecting += 1
-        job = lane.jobs[0] if lane.jobs else None
-        if job is not None and job.op.first_call is not None and hasattr(lane.tunnel, 'open_connection'):
-            # The call goes with the connect; open_connection returns its CallFuture,
-            # or None when it could not go before the agent's HELLO.
-            future = self._executor().submit(lane.tunnel.open_connection, job.op.first_call)
-        else:
-            future = self._executor().submit(lane.tunnel.connect)
-        notify = self._notify
-        future.add_done_callback(lambda f: notify(('connected', lane, f, job)))
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        # Threads start as work arrives: calls on connected tunnels need none.
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.max_parallel, thread_name_prefix='chopsticks-group')
-        return self._pool
-
-    def _handle(self, event: tuple):
-        kind = event[0]
-        if kind == 'settled':
-            _, job, value, exc = event
-            if job.settled:
-                return  # it timed out earlier
-            lane = job.lane
-            lane.jobs.popleft()
-            if isinstance(exc, concurrent.futures.CancelledError):
-                exc = TunnelClosed('[%s] %s was cancelled' % (lane.tunnel.host, job.op.what))
-            self._settle(job, value, exc)
-            self._next(lane)
-        elif kind == 'connected':
-            self._connected(*event[1:])
-
-    def _connected(self, lane: _Lane, future: concurrent.futures.Future, job: Optional[_Job]):
-        self._connecting -= 1
-        exc = future.exception()
-        if exc is None:
-            lane.attempts = 0
-            self._connect_limit = min(self.max_connect, self._connect_limit + 1)
-            opened = future.result()
-            first = opened[1] if isinstance(opened, tuple) else None
-            if first is None or job is None:
-                self._next(lane, just_connected=True)
-            elif job.settled:  # abandoned meanwhile: its reply is dropped
-                first.cancel()
-            else:
-                self._start(job, first)
-        elif _dropped_at_handshake(exc) and lane.attempts < CONNECT_RETRIES:
-            lane.attempts += 1
-            self._connect_limit = max(1, self._connect_limit // 2)
-            delay = RETRY_BACKOFF * 2 ** (lane.attempts - 1) * random.uniform(0.5, 1.5)
-            log.info('[%s] connection dropped during the handshake (sshd MaxStartups?); '
-                     'retrying in %.1fs, at most %d connects at once', lane.tunnel.host, delay,
-                     self._connect_limit)
-            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), 'retry', lane))
-        else:
-            lane.attempts = 0
-            self.connect_failures[lane.tunnel] = exc
-            self._next(lane)
-
-    def _fire_timers(self):
-        now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, kind, item = heapq.heappop(timers)
-            if kind == 'retry':
-                self._connect_wait.appendleft(item)
-            elif not item.settled and not item.future.done():
-                self._expire(item)
-        if self._progress is not None:
-            self._progress.update(self._settled, self._settled + self._unsettled, self._failed)
-
-    def _expire(self, job: _Job):
-        lane = job.lane
-        tunnel = lane.tunnel
-        job.future.cancel()  # a call: its late reply is dropped
-        if job.op.blocking:
-            # A transfer cannot be abandoned half way: closing the tunnel aborts
-            # it (files are renamed into place only when complete).
-            tunnel.close()
-        lane.jobs.popleft()
-        self._settle(job, None, CallTimeout('[%s] %s did not finish within %ss'
-                                            % (tunnel.host, job.op.what, job.timeout)))
-        self._next(lane)
-
-    def _settle(self, job: _Job, value: Any, exc: Optional[BaseException]):
-        job.settled = True
-        self._unsettled -= 1
-        self._settled += 1
-        if exc is not None:
-            self._failed += 1
-        try:
-            job.settle(value, exc)
-        except Exception as e:
-            self._callback_errors.append(e)
-        if self._progress is not None:
-            self._progress.update(self._settled, self._settled + self._unsettled, self._failed)
-
-
-def _dropped_at_handshake(exc: BaseException) -> bool:
-    text = str(exc) + getattr(exc, 'stderr', '')
-    return any(marker in text for marker in HANDSHAKE_DROPPED)
-
-
-class _Progress(object):
-    """A transient progress bar on stderr for an operation that runs longer
-    than PROGRESS_DELAY, when stderr is a terminal and rich is installed:
-    hosts done, failures, and the bytes that file transfers moved."""
-
-    def __init__(self, what: str, enabled: bool):
-        self.what = what or 'chopsticks'
-        self.enabled = enabled
-        self.start_at = time.monotonic() + PROGRESS_DELAY if enabled and _stderr_is_terminal() else None
-        self.bar = None
-        self.task = None
-        self.lock = threading.Lock()   # transfers report bytes from their own threads
-        self.transfers: Dict[str, Tuple[int, int]] = {}
-        self.done = 0
-        self.failed = 0
-
-    def starts_at(self) -> Optional[float]:
-        return self.start_at if self.bar is None else None
-
-    def reporter(self, host: str) -> Any:
-        """``progress=`` for one host's transfer (see _Operation)."""
-        if self.start_at is None:
-            return None if self.enabled else False
-
-        def report(done, total):
-            with self.lock:
-                self.transfers[host] = (done, total)
-                if self.bar is not None:
-                    self.bar.update(self.task, completed=self._completed(), detail=self._detail())
-        return report
-
-    def _completed(self) -> float:
-        # Hosts done, plus the fractions of the transfers under way: the bar moves.
-        return self.done + sum(d / t for d, t in self.transfers.values() if 0 < d < t)
-
-    def _detail(self) -> str:
-        parts = []
-        if self.transfers:
-            from rich.filesize import decimal
-            done = sum(d for d, _ in self.transfers.values())
-            total = sum(t for _, t in self.transfers.values())
-            parts.append('%s/%s' % (decimal(done), decimal(total)))
-        if self.failed:
-            parts.append('[red]%d failed[/]' % self.failed)
-        return '  '.join(parts)
-
-    def update(self, done: int, total: int, failed: int):
-        if self.start_at is None:
-            return
-        with self.lock:
-            self.done = done
-            self.failed = failed
-            if self.bar is None:
-                if time.monotonic() < self.start_at or done >= total:
-                    return
-                self._open(total)
-                if self.bar is None:
-                    return
-            self.bar.update(self.task, completed=self._completed(), total=total, detail=self._detail())
-
-    def _open(self, total: int):
-        try:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-            )
-            bar = Progress(
-                SpinnerColumn(), TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
-                TextColumn('hosts'), TextColumn('{task.fields[detail]}'), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True)
-            self.task = bar.add_task(self.what, total=total, detail='')
-            bar.start()
-        except Exception:  # no rich, or another live display is running
-            self.start_at = None
-            return
-        self.bar = bar
-
-    def close(self):
-        with self.lock:
-            bar, self.bar = self.bar, None
-            self.start_at = None
-        if bar is not None:
-            bar.stop()
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # --- groups ---------------------------------------------------------------------------
+
+def new_dispatcher(max_parallel: int = DEFAULT_MAX_PARALLEL, max_connect: int = DEFAULT_MAX_CONNECT,
+                   progress: bool = True, connect_failures: Optional[Dict[Any, BaseException]] = None,
+                   what: str = '') -> Dispatcher:
+    """A :class:`~chopsticks.dispatch.Dispatcher` that shows the group's progress bar."""
+    return Dispatcher(max_parallel, max_connect, progress, connect_failures, what,
+                      progress_factory=GroupProgress)
+
 
 def _tunnel_from_string(host: str, via: Optional[Tunnel] = None) -> Tunnel:
     extra = {} if via is None else {'via': via}
     try:
-        from .plugins import tunnel_from_url
+        # Imported here: chopsticks.hosts needs pluggy, which a relay host
+        # (maybe Python 3.6) does not have; there a host string is an SSH host.
+        from .hosts import tunnel_from_url
     except ImportError:
         from .tunnel import SSHTunnel
         return SSHTunnel(host, **extra)
     return tunnel_from_url(host, **extra)
 
 
-def _is_tunnel(obj: Any) -> bool:
+def is_tunnel(obj: Any) -> bool:
+    """Whether ``obj`` is used as a tunnel: it has ``call_async`` and ``host`` (and is no Group)."""
     return hasattr(obj, 'call_async') and hasattr(obj, 'host') and not isinstance(obj, Group)
 
 
@@ -809,8 +182,10 @@ def _tunnels_of(hosts: Any, via: Optional[Tunnel] = None) -> List[Tunnel]:
     """Tunnels from host strings, tunnels, groups, or an iterable of them,
     without repeating one; two different tunnels of one name are an error.
     Host strings become tunnels opened from ``via`` when it is given."""
-    if isinstance(hosts, str) or _is_tunnel(hosts) or isinstance(hosts, Group):
+    if isinstance(hosts, str) or is_tunnel(hosts) or isinstance(hosts, Group):
         hosts = [hosts]
+    if isinstance(via, str):  # 'ssh://relay', 'local': the relay's own host string
+        via = _tunnel_from_string(via)
     tunnels: List[Tunnel] = []
     by_name: Dict[str, Tunnel] = {}
     from_string: Dict[str, Tunnel] = {}
@@ -821,7 +196,7 @@ def _tunnels_of(hosts: Any, via: Optional[Tunnel] = None) -> List[Tunnel]:
             if item not in from_string:
                 from_string[item] = _tunnel_from_string(item, via)
             items = [from_string[item]]
-        elif _is_tunnel(item):
+        elif is_tunnel(item):
             items = [item]
         else:
             raise TypeError('a Group is made of tunnels, host strings and groups, not %r' % (item,))
@@ -842,8 +217,9 @@ class Group(object):
     """Tunnels to many hosts, for running operations on all of them in parallel.
 
     ``hosts`` holds tunnels, host strings (``'web1'``, ``'user@web1:2222'``,
-    ``'local'``, ``'sudo://user'``, ``'docker://name'``: see
-    ``chopsticks.plugins.tunnel_from_url``) and groups.  Host names must be
+    ``'local'``, ``'sudo://user'``, ``'docker://name'``,
+    ``'sudo://root?via=ssh://web1'``: see ``chopsticks.hosts.tunnel_from_url``)
+    and groups.  Host names must be
     unique: results are keyed by them.
 
     ``max_parallel`` bounds the hosts busy at once, ``max_connect`` the hosts
@@ -858,14 +234,14 @@ class Group(object):
     tunnel acts as a group of one.  ``len``, iteration (over tunnels) and
     ``in`` (a tunnel or a host name) work as for a set.
 
-    ``via=relay`` opens the tunnels of host strings from the host ``relay``
-    (see ``chopsticks.relay``): the controller holds one connection, to the
+    ``via=relay`` (a tunnel or a host string) opens the tunnels of host
+    strings from the host ``relay`` (see ``chopsticks.relay``): the controller holds one connection, to the
     relay, which fans out to the hosts and serves them their imports.
     """
 
     def __init__(self, hosts: Iterable[Any], max_parallel: int = DEFAULT_MAX_PARALLEL,
                  timeout: Optional[float] = None, *, max_connect: int = DEFAULT_MAX_CONNECT,
-                 progress: bool = True, via: Optional[Tunnel] = None):
+                 progress: bool = True, via: Any = None) -> None:
         if max_parallel < 1 or max_connect < 1:
             raise ValueError('max_parallel and max_connect must be at least 1')
         self.tunnels: List[Tunnel] = _tunnels_of(hosts, via)
@@ -901,12 +277,12 @@ class Group(object):
         for each host that could not be reached (it does not raise)."""
         for tunnel in self.tunnels:
             self._connect_errors.pop(tunnel, None)
-        return self._run(_connect_op(), None)
+        return self._run(connect_op(), None)
 
     async def aconnect(self) -> GroupResult:
         for tunnel in self.tunnels:
             self._connect_errors.pop(tunnel, None)
-        return await self._arun(_connect_op(), None)
+        return await self._arun(connect_op(), None)
 
     def close(self) -> None:
         """Stop every agent (tunnels reconnect if used again)."""
@@ -918,23 +294,23 @@ class Group(object):
         self.connect()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     # --- operations
-    def call(self, fn: Callable, *args: Any, timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
         """Run ``fn(*args, **kwargs)`` on every host: ``{host: value or ErrorResult}``.
 
         The call is pickled once for all hosts.  ``timeout`` (seconds, per
         host) overrides the group's.  To pass ``fn`` a keyword argument named
         ``timeout``, wrap it in ``functools.partial``.
         """
-        return self._run(_call_op(fn, args, kwargs), timeout)
+        return self._run(call_op(fn, args, kwargs), timeout)
 
-    async def acall(self, fn: Callable, *args: Any, timeout: Any = _GROUP_TIMEOUT,
+    async def acall(self, fn: Callable[..., Any], *args: Any, timeout: Any = _GROUP_TIMEOUT,
                     **kwargs: Any) -> GroupResult:
         """``await group.acall(fn, ...)``: ``call`` without blocking the event loop."""
-        return await self._arun(_call_op(fn, args, kwargs), timeout)
+        return await self._arun(call_op(fn, args, kwargs), timeout)
 
     def put(self, local_path: str, remote_path: Optional[str] = None, mode: int = 0o644, *,
             timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
@@ -943,11 +319,11 @@ class Group(object):
         See ``chopsticks.files.put``: with no ``remote_path``, each host
         gets a temporary name.
         """
-        return self._run(_put_op(local_path, remote_path, mode, kwargs), timeout)
+        return self._run(put_op(local_path, remote_path, mode, kwargs), timeout)
 
     async def aput(self, local_path: str, remote_path: Optional[str] = None, mode: int = 0o644, *,
                    timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
-        return await self._arun(_put_op(local_path, remote_path, mode, kwargs), timeout)
+        return await self._arun(put_op(local_path, remote_path, mode, kwargs), timeout)
 
     def fetch(self, remote_path: str, local_path: Optional[str] = None, *,
               timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
@@ -955,7 +331,10 @@ class Group(object):
 
         ``local_path`` is a template in which ``{host}`` is replaced by each
         host's name (``'backup/{host}/passwd'``; missing directories are
-        made); it must give each host its own path.  By default each host's
+        made); it must give each host its own path.  A host name stands for
+        one path component (``/`` in it becomes ``_``); a host named ``..``
+        or ``.`` fails with an ErrorResult instead of writing beside the
+        others' directories.  By default each host's
         copy goes to ``<new temporary directory>/<host>/<file name>``: the
         result's ``local_path`` says where.
         """
@@ -965,8 +344,8 @@ class Group(object):
                      timeout: Any = _GROUP_TIMEOUT, **kwargs: Any) -> GroupResult:
         return await self._arun(self._fetch_op(remote_path, local_path, kwargs), timeout)
 
-    def _fetch_op(self, remote_path, local_path, kwargs):
-        return _fetch_op(remote_path, _fetch_paths(self.tunnels, remote_path, local_path), kwargs)
+    def _fetch_op(self, remote_path: str, local_path: Optional[str], kwargs: Dict[str, Any]) -> Operation:
+        return fetch_op(remote_path, fetch_paths(self.tunnels, remote_path, local_path), kwargs)
 
     def filter(self, predicate: Callable[[], Any], exclude: bool = False, *,
                timeout: Any = _GROUP_TIMEOUT) -> 'Group':
@@ -981,22 +360,22 @@ class Group(object):
         keep = {host for host, value in results.items() if bool(value) != bool(exclude)}
         return self._derive([t for t in self.tunnels if t.host in keep])
 
-    def _dispatcher(self, op: _Operation, timeout: Any) -> Tuple[_Dispatcher, Callable[[], GroupResult]]:
+    def _dispatcher(self, op: Operation, timeout: Any) -> Tuple[Dispatcher, Callable[[], GroupResult]]:
         if timeout is _GROUP_TIMEOUT:
             timeout = self.timeout
-        dispatcher = _Dispatcher(self.max_parallel, self.max_connect, self.progress,
-                                 self._connect_errors, op.what)
+        dispatcher = new_dispatcher(self.max_parallel, self.max_connect, self.progress,
+                                    self._connect_errors, op.what)
         results: Dict[str, Any] = {}
         dispatcher.add_each([(tunnel, functools.partial(_store, results, tunnel.host))
                              for tunnel in self.tunnels], op, timeout)
         return dispatcher, lambda: GroupResult((t.host, results[t.host]) for t in self.tunnels)
 
-    def _run(self, op: _Operation, timeout: Any) -> GroupResult:
+    def _run(self, op: Operation, timeout: Any) -> GroupResult:
         dispatcher, results = self._dispatcher(op, timeout)
         dispatcher.run()
         return results()
 
-    async def _arun(self, op: _Operation, timeout: Any) -> GroupResult:
+    async def _arun(self, op: Operation, timeout: Any) -> GroupResult:
         dispatcher, results = self._dispatcher(op, timeout)
         await dispatcher.arun()
         return results()
@@ -1041,12 +420,12 @@ class Group(object):
     def _operand(self, other: Any) -> Optional['Group']:
         if isinstance(other, Group):
             return other
-        if _is_tunnel(other):
+        if is_tunnel(other):
             return self._derive([other])
         return None
 
-    def _binary(name: str, reflected: bool = False):
-        def op(self, other):
+    def _binary(name: str, reflected: bool = False) -> Callable[['Group', Any], Any]:  # type: ignore[misc]
+        def op(self: 'Group', other: Any) -> Any:
             operand = self._operand(other)
             if operand is None:
                 return NotImplemented
@@ -1064,6 +443,12 @@ class Group(object):
     __xor__ = _binary('symmetric_difference')
     __rxor__ = _binary('symmetric_difference', reflected=True)
     del _binary
+
+    def run(self, command: Any, **kwargs: Any) -> GroupResult:
+        """Run a shell command on every host at once: a GroupResult of
+        CommandResult; see ``chopsticks.shell.run_group``."""
+        from .shell import run_group
+        return run_group(self, command, **kwargs)
 
 
 def _store(results: Dict[str, Any], host: str, value: Any, exc: Optional[BaseException]) -> None:

@@ -126,7 +126,7 @@ def chopsticks_register_tunnels(register: Callable[[str, Callable[..., Any]], No
     """Register tunnel types, each under a URL scheme.
 
     Host strings such as ``docker://web`` or ``sudo://postgres`` name a
-    tunnel by scheme; :func:`chopsticks.plugins.tunnel_from_url` (used by
+    tunnel by scheme; :func:`chopsticks.hosts.tunnel_from_url` (used by
     the ``chopsticks`` command and by ``Group``) turns them into tunnels.
     Chopsticks registers its own ``ssh``, ``local``, ``sudo`` and ``docker``
     through this hook; a plugin adds a scheme the same way (for example

@@ -1,4 +1,4 @@
-"""Plugin discovery, and the registries of facts, tasks and tunnel schemes.
+"""The plugin manager: plugin discovery, and the registries of facts, tasks and tunnel schemes.
 
 Plugins are named by entry points in the ``chopsticks`` group and loaded
 lazily, the first time something asks for a fact, a task, a tunnel scheme or
@@ -14,13 +14,15 @@ Two environment variables, read when plugins are first loaded:
     load only these, each an entry-point name or a distribution name.
 
 The built-in tunnel schemes (``ssh``, ``local``, ``sudo``, ``docker``) are a
-plugin too, registered in code and never disabled.
+plugin too (:class:`chopsticks.hosts.CoreTunnels`), registered in code and
+never disabled.  Host strings are parsed in :mod:`chopsticks.hosts`; the
+``chopsticks.facts`` and ``chopsticks.tasks`` namespaces live in
+:mod:`chopsticks.namespaces`.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import keyword
 import os
 import re
@@ -29,13 +31,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
-from urllib.parse import parse_qsl, unquote
 
 import pluggy
 
 from chopsticks import hookspecs
 from chopsticks.errors import ChopsticksError
-from chopsticks.hookspecs import hookimpl
 
 if sys.version_info >= (3, 10):
     from importlib import metadata as importlib_metadata
@@ -52,7 +52,6 @@ __all__ = [
     "PluginManager",
     "get_plugin_manager",
     "set_plugin_manager",
-    "tunnel_from_url",
     "KNOWN_PROVIDERS",
 ]
 
@@ -71,7 +70,11 @@ KNOWN_PROVIDERS: Dict[str, Dict[str, str]] = {
         ).split(),
         "chopsticks-facts",
     ),
-    "task": dict.fromkeys("install remove latest update_cache".split(), "chopsticks-pkg"),
+    "task": {
+        **dict.fromkeys("install remove latest update_cache".split(), "chopsticks-pkg"),
+        **dict.fromkeys("file directory line link".split(), "chopsticks-files"),
+        **dict.fromkeys("service user group".split(), "chopsticks-system"),
+    },
     "tunnel": {},
 }
 
@@ -189,13 +192,17 @@ class PluginManager(pluggy.PluginManager):
                 self._load_entry_points()
 
     def _register_builtin(self) -> None:
+        # Imported here, not at the top: chopsticks.hosts (host strings and the
+        # built-in tunnel schemes) imports this module for the registry.
+        from chopsticks.hosts import CoreTunnels
+
         try:
             version = importlib_metadata.version("chopsticks")
         except importlib_metadata.PackageNotFoundError:
             version = None
         info = PluginInfo(
             name="chopsticks", distribution="chopsticks", version=version,
-            module=__name__, builtin=True,
+            module=CoreTunnels.__module__, builtin=True,
         )
         self._add(CoreTunnels(), info)
 
@@ -291,7 +298,8 @@ class PluginManager(pluggy.PluginManager):
         if name is None:
             name = self.get_name(plugin)
         result = super().unregister(plugin, name)
-        self._infos.pop(name, None)
+        if name is not None:
+            self._infos.pop(name, None)
         self._registries = None
         return result
 
@@ -301,6 +309,10 @@ class PluginManager(pluggy.PluginManager):
         """Every plugin seen: loaded, broken or disabled, built-in first."""
         self._collect()
         return sorted(self._infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    def registry(self, kind: str) -> Dict[str, Registration]:
+        """Every ``kind`` (``'fact'``, ``'task'`` or ``'tunnel'``) registered, by name."""
+        return self._collect()[kind]
 
     @property
     def facts(self) -> Dict[str, Registration]:
@@ -529,129 +541,12 @@ def set_plugin_manager(pm: Optional[PluginManager]) -> Optional[PluginManager]:
     return previous
 
 
-def namespace_getattr(kind: str, module: str, name: str, caller: Any) -> Callable[..., Any]:
-    """``__getattr__`` of :mod:`chopsticks.facts` and :mod:`chopsticks.tasks`.
+def __getattr__(name: str) -> Any:
+    # Host strings moved to chopsticks.hosts; these names stay importable from
+    # here (the README documented chopsticks.plugins.tunnel_from_url).  Imported
+    # here, not at the top: chopsticks.hosts imports this module.
+    if name in ("tunnel_from_url", "parse_value", "CoreTunnels"):
+        from chopsticks import hosts
 
-    ``from chopsticks.facts import nope`` would turn our AttributeError into a
-    bare "cannot import name"; so when the caller is executing an
-    ``IMPORT_FROM`` we raise the ImportError ourselves, with the message.
-    """
-    if name.startswith("__"):
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    pm = get_plugin_manager()
-    try:
-        return pm.lookup(kind, name)
-    except UnknownNameError as exc:
-        if _executing_import_from(caller):
-            raise ImportError(str(exc), name=module) from None
-        raise
-
-
-_IMPORT_FROM = __import__("dis").opmap["IMPORT_FROM"]
-
-
-def _executing_import_from(frame: Any) -> bool:
-    try:
-        return frame.f_code.co_code[frame.f_lasti] == _IMPORT_FROM
-    except Exception:  # not CPython, or a frame we cannot read: plain AttributeError
-        return False
-
-
-def namespace_dir(kind: str, module_globals: Iterable[str]) -> List[str]:
-    return sorted(set(module_globals) | set(get_plugin_manager()._collect()[kind]))
-
-
-# -- tunnels ---------------------------------------------------------------
-
-
-def parse_value(text: str) -> Any:
-    """A command-line or query-string value: JSON if it parses, else the text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def tunnel_from_url(url: str, **kwargs: Any) -> Any:
-    """The tunnel a host string names; ``kwargs`` (such as ``via=relay``) go
-    to the tunnel's constructor too.
-
-    * ``scheme://address?option=value&...`` calls the factory registered for
-      ``scheme`` (see :func:`chopsticks.hookspecs.chopsticks_register_tunnels`)
-      as ``factory(address, option=value, ...)``; option values are parsed as
-      JSON when they are valid JSON.
-    * ``local`` is ``local://``; any other string without ``://`` is an SSH
-      host or ``~/.ssh/config`` alias (``ssh://`` + the string).
-
-    The built-in schemes: ``ssh://[user@]host[:port]`` (:class:`chopsticks.Tunnel`),
-    ``local://[name]`` (:class:`chopsticks.Local`), ``sudo://[user]``
-    (:class:`chopsticks.Sudo`, default root) and ``docker://name``
-    (:class:`chopsticks.Docker`; ``?image=python:3.12``).  Options such as
-    ``?python=/usr/bin/python3`` go to the tunnel's constructor.
-
-    Raises ``ValueError`` for an unknown scheme, naming the known ones.
-    """
-    if "://" not in url:
-        url = "local://" if url == "local" else "ssh://" + url
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    address, _, query = rest.partition("?")
-    options = {key: parse_value(value) for key, value in parse_qsl(query, keep_blank_values=True)}
-    pm = get_plugin_manager()
-    try:
-        factory = pm.lookup("tunnel", scheme)
-    except UnknownNameError:
-        known = ", ".join(f"{s}://" for s in sorted(pm.tunnels))
-        raise ValueError(f"unknown tunnel scheme in host {url!r}: known schemes are {known} "
-                         f"(a plugin can add one; see `chopsticks list-plugins`)") from None
-    options.update(kwargs)
-    return factory(unquote(address), **options)
-
-
-def _core(name: str) -> Any:
-    from chopsticks import tunnel
-
-    return getattr(tunnel, name)
-
-
-def _ssh_tunnel(address: str, **options: Any) -> Any:
-    if not address:
-        raise ValueError("ssh:// needs a host: ssh://[user@]host[:port] or an ssh_config alias")
-    user, at, hostport = address.rpartition("@")
-    host, port = hostport, None
-    if hostport.count(":") == 1:  # host:port (an IPv6 address is written [::1]:22)
-        host, _, port = hostport.partition(":")
-    elif hostport.startswith("[") and "]:" in hostport:
-        host, _, port = hostport[1:].partition("]:")
-    if at:
-        options.setdefault("user", user)
-    if port:
-        options.setdefault("port", int(port))
-    return _core("Tunnel")(host.strip("[]"), **options)
-
-
-def _local_tunnel(address: str, **options: Any) -> Any:
-    if address:  # local://name: a display name, to tell several apart
-        options.setdefault("name", address)
-    return _core("Local")(**options)
-
-
-def _sudo_tunnel(address: str, **options: Any) -> Any:
-    return _core("Sudo")(address or "root", **options)
-
-
-def _docker_tunnel(address: str, **options: Any) -> Any:
-    if not address:
-        raise ValueError("docker:// needs a container name: docker://NAME")
-    return _core("Docker")(address, **options)
-
-
-class CoreTunnels:
-    """The built-in plugin: chopsticks' own tunnel types."""
-
-    @hookimpl
-    def chopsticks_register_tunnels(self, register: Callable[..., None]) -> None:
-        register("ssh", _ssh_tunnel)
-        register("local", _local_tunnel)
-        register("sudo", _sudo_tunnel)
-        register("docker", _docker_tunnel)
+        return getattr(hosts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

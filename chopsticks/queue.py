@@ -18,13 +18,15 @@ Each operation returns an :class:`AsyncResult`.  An operation queued on a
 :class:`~chopsticks.group.GroupResult` once every host of the group has
 done it.
 """
-from typing import Any, Callable, List, Optional
+import functools
+from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ChopsticksError
 from .group import (
-    DEFAULT_MAX_CONNECT, DEFAULT_MAX_PARALLEL, ErrorResult, Group, GroupResult,
-    _call_op, _connect_op, _Dispatcher, _fetch_op, _fetch_paths, _is_tunnel, _Operation, _put_op,
+    DEFAULT_MAX_CONNECT, DEFAULT_MAX_PARALLEL, ErrorResult, Group, GroupResult, is_tunnel,
+    new_dispatcher,
 )
+from .operations import Operation, call_op, connect_op, fetch_op, fetch_paths, put_op
 
 __all__ = ['Queue', 'AsyncResult', 'NotCompleted']
 
@@ -46,7 +48,7 @@ class AsyncResult(object):
     is a GroupResult holding each host's ErrorResult.)
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._value: Any = _PENDING
         self._error: Optional[ErrorResult] = None
         self._callbacks: List[Callable[[Any], Any]] = []
@@ -114,8 +116,8 @@ class Queue(object):
     """
 
     def __init__(self, max_parallel: int = DEFAULT_MAX_PARALLEL, *,
-                 max_connect: int = DEFAULT_MAX_CONNECT, progress: bool = True):
-        self._dispatcher = _Dispatcher(max_parallel, max_connect, progress, {}, 'queue')
+                 max_connect: int = DEFAULT_MAX_CONNECT, progress: bool = True) -> None:
+        self._dispatcher = new_dispatcher(max_parallel, max_connect, progress, {}, 'queue')
 
     def __len__(self) -> int:
         """Operations queued (per host) and not finished yet."""
@@ -123,27 +125,27 @@ class Queue(object):
 
     def connect(self, target: Any) -> AsyncResult:
         """Connect the target; the value is its ``remote_info`` (a GroupResult of them for a group)."""
-        return self._enqueue(target, _connect_op(), None)
+        return self._enqueue(target, connect_op(), None)
 
-    def call(self, target: Any, fn: Callable, *args: Any, timeout: Optional[float] = None,
+    def call(self, target: Any, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None,
              **kwargs: Any) -> AsyncResult:
         """Queue ``fn(*args, **kwargs)`` on the target (pickled once for all of a group's hosts)."""
-        return self._enqueue(target, _call_op(fn, args, kwargs), timeout)
+        return self._enqueue(target, call_op(fn, args, kwargs), timeout)
 
     def put(self, target: Any, local_path: str, remote_path: Optional[str] = None,
             mode: int = 0o644, *, timeout: Optional[float] = None, **kwargs: Any) -> AsyncResult:
         """Queue a copy of a local file to the target (see ``Group.put``)."""
-        return self._enqueue(target, _put_op(local_path, remote_path, mode, kwargs), timeout)
+        return self._enqueue(target, put_op(local_path, remote_path, mode, kwargs), timeout)
 
     def fetch(self, target: Any, remote_path: str, local_path: Optional[str] = None, *,
               timeout: Optional[float] = None, **kwargs: Any) -> AsyncResult:
         """Queue a copy of a remote file from the target; for a group,
         ``local_path`` is a template with ``{host}`` (see ``Group.fetch``)."""
         if isinstance(target, Group):
-            paths = _fetch_paths(target.tunnels, remote_path, local_path)
+            paths = fetch_paths(target.tunnels, remote_path, local_path)
         else:
             paths = {target: local_path}
-        return self._enqueue(target, _fetch_op(remote_path, paths, kwargs), timeout)
+        return self._enqueue(target, fetch_op(remote_path, paths, kwargs), timeout)
 
     def run(self) -> None:
         """Run every queued operation, and those queued meanwhile, then return."""
@@ -159,24 +161,24 @@ class Queue(object):
         finally:
             self._dispatcher.connect_failures.clear()
 
-    def _enqueue(self, target: Any, op: _Operation, timeout: Optional[float]) -> AsyncResult:
+    def _enqueue(self, target: Any, op: Operation, timeout: Optional[float]) -> AsyncResult:
         result = AsyncResult()
         if isinstance(target, Group):
             self._enqueue_group(target, op, timeout, result)
-        elif _is_tunnel(target):
-            def settle(value, exc, host=target.host):
+        elif is_tunnel(target):
+            def settle(value: Any, exc: Optional[BaseException], host: str = target.host) -> None:
                 result._settle(value, None if exc is None else ErrorResult(host, exc))
             self._dispatcher.add(target, op, settle, timeout)
         else:
             raise TypeError('a Queue runs operations on a tunnel or a Group, not %r' % (target,))
         return result
 
-    def _enqueue_group(self, group: Group, op: _Operation, timeout: Optional[float],
+    def _enqueue_group(self, group: Group, op: Operation, timeout: Optional[float],
                        result: AsyncResult) -> None:
         tunnels = list(group.tunnels)
-        values = {}
+        values: Dict[str, Any] = {}
 
-        def settle(host, value, exc):
+        def settle(host: str, value: Any, exc: Optional[BaseException]) -> None:
             values[host] = value if exc is None else ErrorResult(host, exc)
             if len(values) == len(tunnels):
                 result._settle(GroupResult((t.host, values[t.host]) for t in tunnels), None)
@@ -184,5 +186,4 @@ class Queue(object):
         if not tunnels:
             result._settle(GroupResult(), None)
         for tunnel in tunnels:
-            self._dispatcher.add(tunnel, op, lambda value, exc, host=tunnel.host: settle(host, value, exc),
-                                 timeout)
+            self._dispatcher.add(tunnel, op, functools.partial(settle, tunnel.host), timeout)

@@ -25,7 +25,7 @@ DEFAULT_MAX_DEPTH = 3
 
 # --- on the relay host ----------------------------------------------------------
 
-_tunnels = {}
+_tunnels = {}  # type: dict
 _tunnels_lock = threading.Lock()
 
 
@@ -67,7 +67,7 @@ def relay_call(key, spec, payload, what, timeout):
     _waiting_on_another_host()
     try:
         conn = _relayed_tunnel(key, spec).connection()
-        return ('ok', conn.wait(conn.call_async_payload(payload, what), timeout, what))
+        return ('ok', conn.wait(conn.call_async(payload, what), timeout, what))
     except Exception as e:
         return _failure(e)
 
@@ -75,7 +75,7 @@ def relay_call(key, spec, payload, what, timeout):
 def relay_iter(key, spec, payload, what, timeout):
     try:
         conn = _relayed_tunnel(key, spec).connection()
-        for item in conn.call_iter_payload(payload, what, timeout):
+        for item in conn.call_iter(payload, what, timeout):
             yield ('ok', item)
     except Exception as e:
         yield _failure(e)
@@ -84,7 +84,7 @@ def relay_iter(key, spec, payload, what, timeout):
 def relay_stream(stream, key, spec, payload, what, timeout):
     try:
         conn = _relayed_tunnel(key, spec).connection()
-        return ('ok', conn.call_stream_payload(payload, stream, what, timeout))
+        return ('ok', conn.call_stream(payload, stream, what, timeout))
     except Exception as e:
         return _failure(e)
 
@@ -117,7 +117,8 @@ def max_depth():
 # --- on the controller -------------------------------------------------------------
 
 class RelayConnection(object):
-    """Stands in for a Connection: every operation is a call on the relay tunnel."""
+    """Stands in for a Connection (it is a ``chopsticks.connection.CallChannel``):
+    every operation is a call on the relay tunnel."""
 
     def __init__(self, tunnel, via):
         self.tunnel = tunnel
@@ -163,9 +164,19 @@ class RelayConnection(object):
         from .serialize import dumps_call
         return dumps_call(fn, args, kwargs, self.remote and self.remote.get('version'))
 
-    def call_async_payload(self, payload, what, timeout=None):
+    def send_modules_for(self, fn):
+        """Nothing: the relay serves the far host's imports (ForwardingModuleServer)."""
+
+    def take_reading(self):
+        """Never: the replies come through the via tunnel."""
+        from .transport import TakeResult
+        return TakeResult.REFUSED
+
+    def call_async(self, payload, what, timeout=None):
+        from .replies import name_of
         outer = concurrent.futures.Future()
-        inner = self.via.call_async(relay_call, self.key, self.spec, payload, str(what), timeout)
+        inner = self.via.call_async(relay_call, self.key, self.spec, payload, name_of(what),
+                                    timeout)
 
         def settle(done):
             try:
@@ -175,40 +186,42 @@ class RelayConnection(object):
         inner.add_done_callback(settle)
         return outer
 
-    def call_async(self, fn, args, kwargs):
-        from .serialize import describe
-        return self.call_async_payload(self.pickle_call(fn, args, kwargs), describe(fn))
+    def call_then(self, payload, what, callback):
+        """``call_async``, its outcome handed to ``callback(value, exc)``."""
+        future = self.call_async(payload, what)
+
+        def settle(done):
+            try:
+                value = done.result()
+            except BaseException as e:
+                callback(None, e)
+            else:
+                callback(value, None)
+        future.add_done_callback(settle)
+        return future
 
     def wait(self, future, timeout, what):
         from .errors import CallTimeout
+        from .replies import name_of
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, what, timeout))
+            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, name_of(what), timeout))
 
-    def call(self, fn, args, kwargs, timeout=None):
-        from .serialize import describe
-        return self.wait(self.call_async_payload(self.pickle_call(fn, args, kwargs),
-                                                 describe(fn), timeout), timeout, describe(fn))
+    def call(self, payload, what, timeout=None):
+        return self.wait(self.call_async(payload, what, timeout), timeout, what)
 
-    def call_iter_payload(self, payload, what, timeout=None):
-        for reply in self.via.call_iter(relay_iter, self.key, self.spec, payload, str(what),
+    def call_iter(self, payload, what, timeout=None):
+        from .replies import name_of
+        for reply in self.via.call_iter(relay_iter, self.key, self.spec, payload, name_of(what),
                                         timeout):
             yield self._unwrap(reply)
 
-    def call_iter(self, fn, args, kwargs, timeout=None):
-        from .serialize import describe
-        return self.call_iter_payload(self.pickle_call(fn, args, kwargs), describe(fn), timeout)
-
-    def call_stream_payload(self, payload, chunks, what, timeout=None):
+    def call_stream(self, payload, chunks, what, timeout=None):
+        from .replies import name_of
         return self._unwrap(self.via.call_stream(relay_stream, chunks, self.key, self.spec,
-                                                 payload, str(what), timeout))
+                                                 payload, name_of(what), timeout))
 
     def wide_pipe(self, direction):
         """The data runs through the via tunnel's pipes: widen those."""
         return self.via.connection().wide_pipe(direction)
-
-    def call_stream(self, fn, chunks, args, kwargs, timeout=None):
-        from .serialize import describe
-        return self.call_stream_payload(self.pickle_call(fn, args, kwargs), chunks,
-                                        describe(fn), timeout)

@@ -22,7 +22,7 @@ import sys
 import threading
 
 from . import cache, wire
-from .connection import ProcessTransport
+from .transport import NO_CAPABILITIES, ProcessTransport
 from .errors import ConnectError
 from .broker import get_broker
 
@@ -266,7 +266,11 @@ def _next_piece(views):
 
 
 class ParamikoTransport(object):
-    """The agent behind a paramiko session channel of a Fabric connection."""
+    """The agent behind a paramiko session channel of a Fabric connection
+    (a ``chopsticks.transport.Transport``): the broker reads it, and file
+    regions go as bytes."""
+
+    capabilities = NO_CAPABILITIES
 
     def __init__(self, settings, command, host):
         self.settings = settings
@@ -342,6 +346,10 @@ class ParamikoTransport(object):
             piece = _next_piece(views)
             self.channel.sendall(piece)
             wire.drop_written(views, len(piece))
+
+    def wide_pipe(self, direction):
+        """No pipes to widen: the data goes through paramiko's socket."""
+        return wire.WidePipe(None)
 
     def kill(self):
         """Drop the connection now (it is dead): a blocked send fails."""

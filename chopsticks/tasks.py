@@ -15,13 +15,14 @@ for a well-known task, which distribution provides it (``chopsticks-pkg``).
 ``chopsticks list-plugins`` shows them all.
 """
 import sys as _sys
+from typing import Any as _Any, List as _List
 
-from chopsticks import plugins as _plugins
-
-
-def __getattr__(name: str):
-    return _plugins.namespace_getattr("task", __name__, name, _sys._getframe(1))
+from chopsticks import namespaces as _namespaces
 
 
-def __dir__():
-    return _plugins.namespace_dir("task", globals())
+def __getattr__(name: str) -> _Any:
+    return _namespaces.namespace_getattr("task", __name__, name, _sys._getframe(1))
+
+
+def __dir__() -> _List[str]:
+    return _namespaces.namespace_dir("task", globals())

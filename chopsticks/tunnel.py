@@ -11,12 +11,15 @@ import sys
 import threading
 
 from . import bootstrap, cache
-from .connection import Connection, ProcessTransport
+from .become import BecomeTunnel
+from .connection import Connection
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
 from .modserver import MAGIC
 from .serialize import describe, dumps_call
+from .transport import ProcessTransport
 
-__all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Docker', 'SSHTunnel', 'Tunnel']
+__all__ = ['BaseTunnel', 'SubprocessTunnel', 'Local', 'Sudo', 'Su', 'Doas', 'Docker', 'SSHTunnel',
+           'Tunnel']
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 _OUR_VERSION = list(sys.version_info[:2])  # as an agent's hello and chopsticks.cache give it
@@ -41,6 +44,9 @@ class BaseTunnel(object):
         self.python = python
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        if isinstance(via, str):  # Sudo('root', via='web1'), as a host string would say it
+            from .hosts import tunnel_from_url
+            via = tunnel_from_url(via)
         self.via = via
         self._conn = None
         self._lock = threading.Lock()
@@ -144,7 +150,7 @@ class BaseTunnel(object):
                     fn = first_call[0]
                     try:
                         conn.send_modules_for(fn)
-                        first = conn.call_async_payload(payload, fn)
+                        first = conn.call_async(payload, fn)
                     except TunnelClosed:
                         pass  # the process is gone already: wait_started says why
                 conn.wait_started(self.connect_timeout)
@@ -169,6 +175,14 @@ class BaseTunnel(object):
     @property
     def connected(self):
         return self._conn is not None and not self._conn.closed
+
+    @property
+    def direct_connection(self):
+        """The Connection this tunnel opened itself (maybe closed since), or
+        None: before the first connect, and for a tunnel opened through a
+        relay.  Never connects.  chopsticks.dispatch sends one pickled call
+        to many hosts through it (``call_then``)."""
+        return self._conn if self.via is None else None
 
     @property
     def remote_info(self):
@@ -244,7 +258,7 @@ class BaseTunnel(object):
             conn, first = self.open_connection((fn, args, kwargs))
             if first is not None:
                 return conn.wait(first, timeout, describe(fn))
-        return conn.call(fn, args, kwargs, timeout)
+        return conn.call(conn.pickle_call(fn, args, kwargs), fn, timeout)
 
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
@@ -254,19 +268,28 @@ class BaseTunnel(object):
             conn, first = self.open_connection((fn, args, kwargs))
             if first is not None:
                 return first
-        return conn.call_async(fn, args, kwargs)
+        return conn.call_async(conn.pickle_call(fn, args, kwargs), fn)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
         """Iterate on the controller over what ``fn(*args, **kwargs)`` yields on the
         host, as it is produced.  The remote runs at most a small window ahead
         of the consumer.  ``timeout`` bounds the wait for each item."""
-        return self.connection().call_iter(fn, args, kwargs, timeout)
+        conn = self.connection()
+        return conn.call_iter(conn.pickle_call(fn, args, kwargs), describe(fn), timeout)
 
     def call_stream(self, fn, chunks, *args, timeout=None, **kwargs):
         """Run ``fn(stream, *args, **kwargs)`` on the host, where ``stream``
         iterates over the bytes objects of ``chunks`` sent from here with flow
         control.  Returns ``fn``'s value."""
-        return self.connection().call_stream(fn, chunks, args, kwargs, timeout)
+        conn = self.connection()
+        return conn.call_stream(conn.pickle_call(fn, args, kwargs), chunks, describe(fn), timeout)
+
+    # --- shell commands (chopsticks.shell does the work)
+    def run(self, command, **kwargs):
+        """Run a shell command on the host: a :class:`~chopsticks.shell.CommandResult`,
+        or :class:`~chopsticks.errors.CommandFailed`; see ``chopsticks.shell.run``."""
+        from .shell import run
+        return run(self, command, **kwargs)
 
     # --- files (chopsticks.files does the work)
     def put(self, local_path, remote_path=None, mode=0o644, **kwargs):
@@ -293,7 +316,8 @@ class BaseTunnel(object):
     async def acall(self, fn, *args, timeout=None, **kwargs):
         """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
         await self.aconnect()
-        future = asyncio.wrap_future(self.connection().call_async(fn, args, kwargs))
+        conn = self.connection()
+        future = asyncio.wrap_future(conn.call_async(conn.pickle_call(fn, args, kwargs), fn))
         if timeout is None:
             return await future
         try:
@@ -353,16 +377,62 @@ class Local(SubprocessTunnel):
         return bootstrap.python_argv(self.python or sys.executable, self.compiled_agent)
 
 
-class Sudo(SubprocessTunnel):
-    """A python running as another user on this machine, through ``sudo -n``
-    (never prompts: configure NOPASSWD, or the connection fails clearly)."""
+class Sudo(BecomeTunnel, SubprocessTunnel):
+    """A python running as another user on this machine (or on ``via``'s
+    host), through sudo.
 
-    def __init__(self, user='root', name=None, python=None, **kwargs):
-        self.user = user
-        super().__init__(name or '%s@localhost' % user, python=python, **kwargs)
+    Without ``password``, ``sudo -n`` never prompts: configure NOPASSWD, or
+    the connection fails saying a password is needed.  ``password`` (a str,
+    or a callable called once, when sudo asks) goes to ``sudo -S`` on its
+    stdin ahead of the bootstrap, never in argv, the environment, a log or
+    an error; a wrong one is a ConnectError at once.  See chopsticks.become.
+    """
+
+    method = 'sudo'
+
+    def __init__(self, user='root', name=None, python=None, password=None, **kwargs):
+        self._init_become(user, password)
+        via = kwargs.get('via')
+        where = 'localhost' if via is None else getattr(via, 'host', via)
+        super().__init__(name or '%s@%s' % (user, where), python=python, **kwargs)
+
+    def become_argv(self, prompt):
+        if prompt is None:
+            return ['sudo', '-n', '-H', '-u', self.user, '--']
+        # -k: a cached credential would let a wrong password through unnoticed.
+        return ['sudo', '-S', '-k', '-p', prompt, '-H', '-u', self.user, '--']
 
     def cmd_args(self):
-        return ['sudo', '-n', '-H', '-u', self.user, '--']
+        return self.become_argv(None)
+
+
+class Su(Sudo):
+    """A python running as another user through ``su`` (``su://user``).
+
+    su reads a password from a terminal only, so Su takes none: it works
+    where su lets the caller through without one (as root, say
+    ``Su('app', via=Sudo())``).  For a password, use :class:`Sudo`.
+    """
+
+    method = 'su'
+    accepts_password = False
+
+    def become_argv(self, prompt):
+        # su runs "$SHELL -c CMD ARGS": -s makes it sh, CMD execs the python
+        # argv that follows the user; '--' keeps su from reading its '-c'.
+        return ['su', '-s', '/bin/sh', '-c', 'exec "$0" "$@"', '--', self.user]
+
+
+class Doas(Sudo):
+    """A python running as another user through OpenBSD's ``doas -n``
+    (``doas://user``); doas reads passwords from a terminal only, so
+    configure ``permit nopass``."""
+
+    method = 'doas'
+    accepts_password = False
+
+    def become_argv(self, prompt):
+        return ['doas', '-n', '-u', self.user, '--']
 
 
 class Docker(SubprocessTunnel):

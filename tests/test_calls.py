@@ -604,7 +604,7 @@ def test_the_first_call_goes_out_with_the_connect(monkeypatch, how):
     from chopsticks import wire
     from chopsticks.connection import Connection
     events = []
-    send, dispatch = Connection.request_payload, Connection.dispatch
+    send, dispatch = Connection.request, Connection.dispatch
 
     def recording_send(self, op, handler, payload):
         events.append('call sent')
@@ -615,7 +615,7 @@ def test_the_first_call_goes_out_with_the_connect(monkeypatch, how):
             events.append('hello received')
         return dispatch(self, rid, op, payload)
 
-    monkeypatch.setattr(Connection, 'request_payload', recording_send)
+    monkeypatch.setattr(Connection, 'request', recording_send)
     monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
     t = Local()
     try:

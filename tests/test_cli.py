@@ -40,8 +40,11 @@ def test_facts_json():
 def test_facts_text_for_a_person():
     result = chopsticks("facts", "local", "local://second", "-f", "hostname", "-f", "kernel")
     assert result.returncode == 0, result.stderr
-    kernel = json.dumps(chopsticks_facts.kernel(), sort_keys=True)
-    block = f"    hostname  {chopsticks_facts.hostname()}\n    kernel    {kernel}\n"
+    # A nested value goes below its name, indented, its keys aligned.
+    kernel = chopsticks_facts.kernel()
+    width = max(len(key) for key in kernel)
+    block = f"    hostname  {chopsticks_facts.hostname()}\n    kernel\n" + "".join(
+        f"        {key.ljust(width)}  {value}\n" for key, value in kernel.items())
     assert result.stdout == f"local\n{block}local://second\n{block}"
 
 

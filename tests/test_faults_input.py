@@ -114,8 +114,8 @@ def test_call_too_big_for_a_frame_is_refused_before_sending():
     conn.start(30)
     try:
         with pytest.raises(ValueError, match=r'^\[small-frames\] the call is \d+ bytes'):
-            conn.call(len, (b'x' * (2 << 20),), {})
-        assert conn.call(len, (b'x' * 1000,), {}) == 1000
+            conn.call(conn.pickle_call(len, (b'x' * (2 << 20),), {}), len)
+        assert conn.call(conn.pickle_call(len, (b'x' * 1000,), {}), len) == 1000
     finally:
         conn.close()
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from chopsticks import Local, Sudo, Tunnel, TunnelClosed
-from chopsticks import files
+from chopsticks import files, files_remote
 from chopsticks.errors import RemoteException
 from chopsticks.files import TransferError
 from conftest import available_pythons
@@ -281,7 +281,7 @@ def test_a_checksum_mismatch_changes_nothing(local, tmp_path):
     corrupted = [data, hashlib.sha1(b'something else').digest()]
     spec = {'kind': 'file', 'name': 'dest', 'files': [('', len(data), 0o644)]}
     with pytest.raises(RemoteException) as info:
-        local.call_stream(files.remote_receive, corrupted, str(dest), spec)
+        local.call_stream(files_remote.remote_receive, corrupted, str(dest), spec)
     assert 'checksum mismatch' in str(info.value)
     assert dest.read_bytes() == b'precious' and leftovers(tmp_path) == []
 
@@ -292,7 +292,7 @@ def test_a_fetch_whose_bytes_do_not_match_the_hosts_digest_changes_nothing(local
     src.write_bytes(b'y' * 100000)
     dest = tmp_path / 'dest'
     dest.write_bytes(b'precious')
-    monkeypatch.setattr(files, 'remote_send', remote_helpers.send_with_a_wrong_digest)
+    monkeypatch.setattr(files_remote, 'remote_send', remote_helpers.send_with_a_wrong_digest)
     with pytest.raises(TransferError) as info:
         local.fetch(str(src), str(dest))
     assert 'checksum mismatch' in str(info.value) and info.value.host == local.host
@@ -303,7 +303,7 @@ def test_a_short_stream_changes_nothing(local, tmp_path):
     dest = tmp_path / 'dest'
     spec = {'kind': 'file', 'name': 'dest', 'files': [('', 1000, 0o644)]}
     with pytest.raises(RemoteException) as info:
-        local.call_stream(files.remote_receive, [b'x' * 10], str(dest), spec)
+        local.call_stream(files_remote.remote_receive, [b'x' * 10], str(dest), spec)
     assert 'ended early' in str(info.value)
     assert not dest.exists() and leftovers(tmp_path) == []
 
@@ -394,7 +394,7 @@ def test_a_killed_transfers_temp_file_is_swept(local, tmp_path):
     dest = tmp_path / 'dest'
     dead = subprocess.Popen(['true'])
     dead.wait()
-    stale = tmp_path / ('.dest.chopsticks-%s-%d-abcd' % (files._host_tag(), dead.pid))
+    stale = tmp_path / ('.dest.chopsticks-%s-%d-abcd' % (files_remote._host_tag(), dead.pid))
     stale.write_bytes(b'partial')
     other_host = tmp_path / ('.dest.chopsticks-zzzzzz-%d-abcd' % dead.pid)
     other_host.write_bytes(b'not ours to judge')

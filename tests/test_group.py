@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chopsticks import CallTimeout, ConnectError, Local, RemoteException
-from chopsticks import group as group_module
+from chopsticks import dispatch, operations
 from chopsticks.group import ErrorResult, Group, GroupFailures, GroupResult
 from remote_helpers import echo, fail
 
@@ -112,7 +112,7 @@ def test_a_wake_up_after_the_run_writes_nowhere():
     the run finishes later, a run interrupted by ^C leaves connects going.
     Their wake-up must not write to the fd number the run's pipe had: once
     closed, it belongs to whatever file is opened next."""
-    reader = group_module.ReplyReader()
+    reader = dispatch.ReplyReader()
     number = reader.wake_w
     reader.close()
     r, w = os.pipe()
@@ -159,8 +159,8 @@ def test_max_parallel_bounds_hosts_busy_at_once(locals4):
 
 def test_call_is_pickled_once_for_all_hosts(locals4, monkeypatch):
     calls = []
-    real = group_module.dumps_call
-    monkeypatch.setattr(group_module, 'dumps_call', lambda *a: calls.append(a) or real(*a))
+    real = operations.dumps_call
+    monkeypatch.setattr(operations, 'dumps_call', lambda *a: calls.append(a) or real(*a))
     from chopsticks import connection
     per_tunnel = []
     real_conn = connection.dumps_call
@@ -177,7 +177,7 @@ def test_a_group_call_goes_out_with_each_connect(monkeypatch):
     from chopsticks import wire
     from chopsticks.connection import Connection
     events = {}
-    send, dispatch = Connection.request_payload, Connection.dispatch
+    send, dispatch = Connection.request, Connection.dispatch
 
     def recording_send(self, op, handler, payload):
         events.setdefault(self.host, []).append('call sent')
@@ -188,7 +188,7 @@ def test_a_group_call_goes_out_with_each_connect(monkeypatch):
             events.setdefault(self.host, []).append('hello received')
         return dispatch(self, rid, op, payload)
 
-    monkeypatch.setattr(Connection, 'request_payload', recording_send)
+    monkeypatch.setattr(Connection, 'request', recording_send)
     monkeypatch.setattr(Connection, 'dispatch', recording_dispatch)
     tunnels = [Local('first%d' % i) for i in range(3)]
     try:
@@ -439,6 +439,28 @@ def test_fetch_defaults_to_a_temporary_directory_per_host(locals4, tmp_path):
     for host, value in result.items():
         assert os.path.basename(os.path.dirname(value['local_path'])) == host
         assert open(value['local_path']).read() == '127.0.0.1 localhost\n'
+
+
+@needs_files
+def test_fetch_never_writes_outside_the_templates_directory(tmp_path):
+    """A host named '..' would make 'out/{host}/x' into 'x' beside 'out'; one
+    named 'a/../../b' into '../b/x'.  The first is refused, for that host
+    alone and naming it; the second stays one path component."""
+    source = tmp_path / 'secret.txt'
+    source.write_text('data')
+    tunnels = [Local('..'), Local('a/../../b'), Local('fine')]
+    try:
+        result = Group(tunnels).fetch(str(source), str(tmp_path / 'out' / '{host}' / 'x'))
+    finally:
+        for tunnel in tunnels:
+            tunnel.close()
+    assert isinstance(result['..'], ErrorResult)
+    assert str(result['..']).startswith("[..] ValueError: cannot fetch %s to " % source)
+    assert "the host name '..' would put the file outside the template's directory" in result['..'].msg
+    assert result['a/../../b']['local_path'] == str(tmp_path / 'out' / 'a_.._.._b' / 'x')
+    assert (tmp_path / 'out' / 'fine' / 'x').read_text() == 'data'
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*') if p.is_file())
+    assert written == ['out/a_.._.._b/x', 'out/fine/x', 'secret.txt']
 
 
 def test_fetch_template_must_name_the_host(locals4):

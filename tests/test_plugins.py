@@ -16,9 +16,9 @@ import pytest
 import chopsticks
 from chopsticks import hookspecs
 from chopsticks.hookspecs import hookimpl
+from chopsticks.hosts import tunnel_from_url
 from chopsticks.plugins import (
     PluginError, PluginManager, PluginWarning, UnknownNameError, get_plugin_manager,
-    tunnel_from_url,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def test_builtin_schemes_make_core_tunnels(chopsticks_plugin_manager):
 def test_builtin_plugin_is_listed(chopsticks_plugin_manager):
     (info,) = chopsticks_plugin_manager.plugins()
     assert (info.name, info.builtin, info.status) == ("chopsticks", True, "ok")
-    assert info.tunnels == ["docker", "local", "ssh", "sudo"]
+    assert info.tunnels == ["doas", "docker", "local", "ssh", "su", "sudo"]
 
 
 def test_local_url_runs_calls(chopsticks_plugin_manager):
@@ -181,7 +181,7 @@ def test_local_url_runs_calls(chopsticks_plugin_manager):
 
 def test_unknown_scheme_names_the_known_ones(chopsticks_plugin_manager):
     with pytest.raises(ValueError, match=r"unknown tunnel scheme in host 'podman://x'.*"
-                                         r"docker://, local://, ssh://, sudo://"):
+                                         r"doas://, docker://, local://, ssh://, su://, sudo://"):
         tunnel_from_url("podman://x")
 
 
@@ -222,6 +222,15 @@ def test_unknown_task_names_chopsticks_pkg(chopsticks_plugin_manager):
 
     with pytest.raises(UnknownNameError, match="provided by chopsticks-pkg"):
         tasks.install
+
+
+@pytest.mark.parametrize("name, distribution", [("file", "chopsticks-files"),
+                                                ("service", "chopsticks-system")])
+def test_unknown_task_names_its_distribution(chopsticks_plugin_manager, name, distribution):
+    from chopsticks import tasks
+
+    with pytest.raises(UnknownNameError, match="provided by " + distribution):
+        getattr(tasks, name)
 
 
 def test_dunder_lookups_are_plain_attribute_errors(chopsticks_plugin_manager):

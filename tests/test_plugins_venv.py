@@ -191,7 +191,7 @@ def test_list_plugins_shows_installed_distributions(venv):
     assert out.splitlines()[0].startswith(f"chopsticks  chopsticks {chopsticks.__version__}  ok")
     assert f"facts  chopsticks-facts {chopsticks_facts.__version__}  ok\n    facts: cpu, default_route, disks, fqdn, " in out
     assert f"pkg  chopsticks-pkg {chopsticks_pkg.__version__}  ok\n    tasks: install, latest, remove, update_cache\n" in out
-    assert "    tunnels: docker://, local://, ssh://, sudo://\n" in out
+    assert "    tunnels: doas://, docker://, local://, ssh://, su://, sudo://\n" in out
 
 
 @NEEDS_HOOKIMPL_EXPORT
@@ -327,7 +327,7 @@ def test_documented_plugin_fact_task_and_tunnel(venv, tmp_path):
     result = python(venv, f"""
         import getpass
         from chopsticks import Local, facts, tasks
-        from chopsticks.plugins import tunnel_from_url
+        from chopsticks.hosts import tunnel_from_url
         with Local() as tunnel:
             assert tunnel.call(facts.whoami) == getpass.getuser()
             print(tunnel.call(tasks.touch, {str(marker)!r}, check=True)["changed"])

@@ -104,8 +104,8 @@ def test_endless_line_is_shown_in_pieces(capfd):
     with Local('oneline') as t:
         assert t.call(no_newline)
         assert t.call(echo, 'still here') == 'still here'
-        assert len(t._conn.stderr_partial) <= 1 << 20
-        assert len(t._conn.stderr_tail) <= 64 * 1024
+        assert len(t._conn.output.partial) <= 1 << 20
+        assert len(t._conn.output.tail) <= 64 * 1024
 
 
 def test_log_flood_is_relayed_off_the_broker_thread(caplog):

@@ -90,7 +90,7 @@ def test_100k_pipelined_calls_on_one_tunnel():
             for i, future in enumerate(futures):
                 assert future.result(60) == (done + i, b'payload')
             done += window
-        assert not t._conn.pending and not t._conn.outbox
+        assert not t._conn.pending and not t._conn.outbox.frames
         after = settled(before)
         remote_after = t.call(lambda: __import__('threading').active_count())
     assert_flat(before, after, 'pipelined calls')

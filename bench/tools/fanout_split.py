@@ -104,6 +104,7 @@ def main(argv):
     from chopsticks.tunnel import Tunnel
     from chopsticks import wire
     from chopsticks.serialize import dumps_call
+    from chopsticks.transport import TakeResult
     import remote_fns
     payload = dumps_call(remote_fns.noop, (), {})
     scratch = tempfile.mkdtemp(prefix='fanout-split-')
@@ -117,7 +118,7 @@ def main(argv):
         agents = [t.call(os.getpid) for t in tunnels]
         for t in tunnels:
             t.call(remote_fns.noop)  # its module is there from now on
-            assert t._conn.transport.take_stdout() is True  # this loop reads the replies
+            assert t._conn.transport.take_stdout() is TakeResult.TAKEN  # this loop reads the replies
         kinds['agent'] = ([(t._conn.transport.stdin, t._conn.transport.stdout.fileno()) for t in tunnels],
                           [t._conn.transport.proc.pid for t in tunnels], agents)
         for kind, command in (('python', ['/usr/bin/python3', script]), ('cat', ['cat'])):
