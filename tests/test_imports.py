@@ -318,6 +318,11 @@ OPTIONAL_IMPORTS = '''
         import host_only
     except ImportError:
         host_only = None
+    for name in ('absent_json_a', 'absent_json_b'):  # as requests picks a library
+        try:
+            __import__(name)
+        except ImportError:
+            pass
 
     def optional_in_function():
         try:
