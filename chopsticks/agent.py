@@ -188,27 +188,57 @@ _compiled = {}
 
 
 def rebuild_function(source, name, filename, firstlineno, globals_, closure,
-                     defaults, kwdefaults):
-    key = (source, filename, firstlineno)
+                     defaults, kwdefaults, self_cells=(), self_globals=()):
+    """Define a function (or class) the controller sent as source.
+
+    Defaults travel as values (the source's are placeholders), closure
+    variables become real cells of a wrapper function so ``nonlocal`` works,
+    and ``self_cells``/``self_globals`` are the closure and global names by
+    which the function refers to itself."""
+    free = sorted(closure)
+    key = (source, filename, firstlineno, tuple(free), tuple(self_cells))
     code = _compiled.get(key)
     if code is None:
-        # Pad so line numbers in remote tracebacks match the controller's file.
-        code = compile('\n' * (firstlineno - 1) + source, filename, 'exec', dont_inherit=True)
+        code = _compile_shipped(source, name, filename, firstlineno, free, self_cells)
         _compiled[key] = code
         import linecache  # not at start-up: it costs milliseconds and most calls need none
         linecache.cache[filename] = (len(source), None, ('\n' * (firstlineno - 1) + source).splitlines(True), filename)
-    if closure:
+    if free or self_cells:
         namespace = dict(controller_main)
         namespace.update(globals_)
-        namespace.update(closure)
+        exec(code, namespace)
+        fn = namespace.pop('__chopsticks_closure__')(*[closure[n] for n in free])
     else:
         namespace = controller_main
         namespace.update(globals_)
-    exec(code, namespace)
-    fn = namespace[name]
-    fn.__defaults__ = defaults
-    fn.__kwdefaults__ = kwdefaults
+        exec(code, namespace)
+        fn = namespace[name]
+    if isinstance(fn, type(rebuild_function)):
+        fn.__defaults__ = defaults
+        fn.__kwdefaults__ = kwdefaults
+        fn.__annotations__ = {}  # evaluated on the controller only: see serialize
+    for alias in self_globals:
+        namespace[alias] = fn
     return fn
+
+
+def _compile_shipped(source, name, filename, firstlineno, free, self_cells):
+    """Compile shipped source; with closure variables, inside a wrapper
+    ``def __chopsticks_closure__(<free>): <source>; return <name>`` built as a
+    syntax tree (indenting the text would change multi-line strings)."""
+    if not free and not self_cells:
+        # Pad so line numbers in remote tracebacks match the controller's file.
+        return compile('\n' * (firstlineno - 1) + source, filename, 'exec', dont_inherit=True)
+    import ast
+    body = ast.parse(source, filename).body
+    for alias in self_cells:
+        body += ast.parse('%s = %s' % (alias, name)).body
+    body += ast.parse('return %s' % name).body
+    for node in body:
+        ast.increment_lineno(node, firstlineno - 1)
+    tree = ast.parse('def __chopsticks_closure__(%s): pass' % ', '.join(free))
+    tree.body[0].body = body
+    return compile(tree, filename, 'exec', dont_inherit=True)
 
 
 class CallUnpickler(pickle.Unpickler):
@@ -222,14 +252,21 @@ class CallUnpickler(pickle.Unpickler):
             __import__(pid[1])
             return sys.modules[pid[1]]
         if kind == 'code':
+            # Only sent when both sides run the same Python version (3.8+ here).
             import marshal
             import types
-            code, name, globals_, closure, defaults, kwdefaults = pid[1:]
+            code, name, globals_, closure, defaults, kwdefaults, self_cells, self_globals = pid[1:]
+            code = marshal.loads(code)
             namespace = dict(controller_main)
             namespace.update(globals_)
-            namespace.update(closure)
-            fn = types.FunctionType(marshal.loads(code), namespace, name, defaults)
+            cells = tuple(types.CellType(closure[n]) if n in closure else types.CellType()
+                          for n in code.co_freevars)
+            fn = types.FunctionType(code, namespace, name, defaults, cells or None)
             fn.__kwdefaults__ = kwdefaults
+            for alias in self_cells:
+                cells[code.co_freevars.index(alias)].cell_contents = fn
+            for alias in self_globals:
+                namespace[alias] = fn
             return fn
         raise pickle.UnpicklingError('unknown persistent id %r' % (kind,))
 

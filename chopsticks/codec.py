@@ -3,8 +3,9 @@
 Both sides use this module: the remote encodes return values with it and the
 controller decodes them.  Decoding never executes code, never looks up a
 class by name, and checks every length against the bytes actually present,
-so a hijacked host can send garbage but cannot run code on the controller or
-make it allocate more than it sent.
+so a hijacked host can send garbage but cannot run code on the controller.
+Decoding costs CPU linear in the frame's size (hash-colliding keys are
+refused) and at most MEMORY_PER_BYTE bytes of objects per byte received.
 
 It is shipped to the remote as source, so it is stdlib-only and must run on
 Python 3.6.
@@ -23,6 +24,29 @@ __all__ = ['encode', 'decode', 'EncodeError', 'DecodeError']
 
 MAX_DEPTH = 200        # nesting levels either side will build
 BIG_BYTES = 64 * 1024  # bytes values this large travel as their own buffer
+
+# Memory a decoded frame may cost: MEMORY_PER_BYTE bytes of objects per byte
+# received, plus MEMORY_ALLOWANCE.  Each object is charged about what CPython
+# 3.11 spends on it (sys.getsizeof, 8 more for the slot holding it; a dict
+# or set at least its smallest table).  Measured charges per byte received:
+# a list of small ints 4, of floats 3.6, of short str 8, a list of None 8,
+# dicts of short str 10, a list of empty dicts 14, of one-key records
+# ([{'id': None}, ...]) 20: honest data stays under 20.  The densest shapes
+# an attacker can pick cost more: a list of empty sets 45 (a 57 MB reply of
+# them took 2.8 GB), of {None: None} 27.  32 keeps a margin above every
+# honest shape measured.  Fixed-size numbers are not charged (an int costs
+# 28 bytes for its 9 on the wire, a float 24): a frame holds at most
+# 32 + 28/9 times its size.
+MEMORY_PER_BYTE = 32
+MEMORY_ALLOWANCE = 1 << 20
+
+# Keys of one dict or set whose hash values coincide make building it
+# quadratic: 40,000 ints that are multiples of 2**61 - 1 (hash 0) took 8.5 s.
+# More than COLLISIONS_ALLOWED keys of one container that share a hash value
+# with another key refuse the frame.  Honest data has almost none: str and
+# bytes hashes are salted per process, and among numbers hash(-1) == hash(-2)
+# is the usual one.
+COLLISIONS_ALLOWED = 16
 
 _u32 = struct.Struct('<I')
 _i64 = struct.Struct('<q')
@@ -260,12 +284,21 @@ def encode(value):
 # --- decoding ---------------------------------------------------------------
 
 class _Reader(object):
-    __slots__ = ('data', 'pos', 'end')
+    __slots__ = ('data', 'pos', 'end', 'budget')
 
     def __init__(self, data):
         self.data = memoryview(data).cast('B')
         self.pos = 0
         self.end = len(data)
+        self.budget = MEMORY_PER_BYTE * self.end + MEMORY_ALLOWANCE
+
+    def charge(self, nbytes):
+        """Count memory the value being decoded will take (see MEMORY_PER_BYTE)."""
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise DecodeError('the value would take more than %d bytes of memory per byte '
+                              'received (refused at offset %d of %d)'
+                              % (MEMORY_PER_BYTE, self.pos, self.end))
 
     def take(self, n):
         pos = self.pos
@@ -292,9 +325,42 @@ class _Reader(object):
         return n
 
 
-def _dec_items(r, depth):
+def _dec_items(r, depth, header, per_item):
     n = r.length()
+    r.budget -= header + per_item * n  # r.charge, inline
+    if r.budget < 0:
+        r.charge(0)
     return [_decode(r, depth) for _ in range(n)]
+
+
+def _refuse_collisions(keys):
+    """Refuse keys that would make building a dict or set quadratic."""
+    if len(keys) <= COLLISIONS_ALLOWED:
+        return
+    try:
+        # Distinct hash values are ints whose own hashes collide at most a few
+        # at a time (an int hashes to itself modulo 2**61 - 1): linear.  str
+        # hashes are cached and salted: counting them costs little and they
+        # collide only by chance.
+        shared = len(keys) - len(set(map(hash, keys)))
+    except TypeError as e:
+        raise DecodeError('unhashable dict key or set member: %s' % e)
+    if shared > COLLISIONS_ALLOWED:
+        raise DecodeError('%d of %d dict keys or set members share hash values with others '
+                          '(a hash-collision attack: building it would take quadratic time)'
+                          % (shared, len(keys)))
+
+
+def _dec_surrogates(data):
+    """Text that is not strict UTF-8: refused, unless its only fault is lone
+    surrogates (Python can hold them, but print() and every strict encoder
+    raise on them), which come back as U+FFFD."""
+    try:
+        text = str(data, 'utf-8', 'surrogatepass')
+    except UnicodeDecodeError as e:
+        raise DecodeError('invalid UTF-8 text: %s' % e)
+    import re
+    return re.sub('[\ud800-\udfff]', '\ufffd', text)
 
 
 def _dec_text(r):
@@ -318,37 +384,63 @@ def _decode(r, depth):
     if tag == b'i':
         return r.unpack(_i64)[0]
     if tag == b's':
+        n = r.length()
+        r.budget -= 49 + n  # r.charge, inline: the commonest value
+        if r.budget < 0:
+            r.charge(0)
+        data = r.take(n)
         try:
-            return bytes(r.take(r.length())).decode('utf-8', 'surrogatepass')
-        except UnicodeDecodeError as e:
-            raise DecodeError('invalid UTF-8 text: %s' % e)
+            return str(data, 'utf-8')
+        except UnicodeDecodeError:
+            return _dec_surrogates(data)
     if tag == b'b':
-        return bytes(r.take(r.length()))
+        n = r.length()
+        r.charge(33 + n)
+        return bytes(r.take(n))
     if tag == b'l':
-        return _dec_items(r, depth)
+        n = r.length()
+        r.budget -= 56 + 8 * n  # r.charge, inline
+        if r.budget < 0:
+            r.charge(0)
+        return [_decode(r, depth) for _ in range(n)]
     if tag == b't':
-        return tuple(_dec_items(r, depth))
+        return tuple(_dec_items(r, depth, 40, 8))
     if tag == b'd':
         n = r.length(2)
-        result = {}
+        r.budget -= (106 + 42 * n) if n else 64  # r.charge, inline
+        if r.budget < 0:
+            r.charge(0)
+        if n <= COLLISIONS_ALLOWED:
+            result = {}
+            for _ in range(n):
+                key = _decode(r, depth)
+                try:
+                    result[key] = _decode(r, depth)
+                except TypeError:
+                    raise DecodeError('unhashable dict key of type %s' % type(key).__name__)
+            return result
+        keys, values = [], []
         for _ in range(n):
-            key = _decode(r, depth)
-            try:
-                result[key] = _decode(r, depth)
-            except TypeError:
-                raise DecodeError('unhashable dict key of type %s' % type(key).__name__)
-        return result
+            keys.append(_decode(r, depth))
+            values.append(_decode(r, depth))
+        _refuse_collisions(keys)
+        return dict(zip(keys, values))
     if tag == b'f':
         return r.unpack(_f64)[0]
     if tag == b'I':
-        return int.from_bytes(r.take(r.length()), 'little', signed=True)
+        n = r.length()
+        r.charge(28 + n)
+        return int.from_bytes(r.take(n), 'little', signed=True)
     if tag == b'c':
         real, imag = r.unpack(_c128)
         return complex(real, imag)
     if tag == b'y':
-        return bytearray(r.take(r.length()))
+        n = r.length()
+        r.charge(57 + n)
+        return bytearray(r.take(n))
     if tag in (b'S', b'Z'):
-        items = _dec_items(r, depth)
+        items = _dec_items(r, depth, 216, 42)
+        _refuse_collisions(items)
         try:
             return set(items) if tag == b'S' else frozenset(items)
         except TypeError:

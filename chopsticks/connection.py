@@ -319,7 +319,8 @@ class Connection(object):
     def _serve_import(self, rid, query):
         try:
             reply = self.modules.handle(query)
-            self.send(rid, wire.MODULE, reply)
+            # Never a blocking write here: these threads serve every tunnel.
+            self.outbox.send_nowait(rid, wire.MODULE, reply)
         except TunnelClosed:
             pass
         finally:

@@ -6,9 +6,18 @@ zip files, namespace packages), never anything else: the remote names a
 module, not a file, and data files are only read from inside the directory
 of a package this connection was served.
 
+What a host may have (``ServePolicy``, documented in the README's security
+section): by default any pure-Python module on ``sys.path`` by name, and as
+package data only the files a package's installed distribution ships (its
+RECORD) or a zip archive holds; never a file or directory whose name starts
+with a dot.  ``CHOPSTICKS_SERVE=pkg1,pkg2`` (or ``serve=``) limits serving to
+those top-level packages, whose every other file then counts as data;
+``CHOPSTICKS_SERVE=none`` serves nothing but chopsticks and its plugins;
+``*`` among the names keeps the default for all other modules.
+
 Round trips dominate on a real network, so a reply carries the requested
 module *and* its static import closure (the modules its top-level code
-imports, found by reading the AST, recursively), compressed together.  It
+imports, read from its bytecode, recursively), compressed together.  It
 also says which of the names those modules import anywhere (in functions,
 under ``try: ... except ImportError``, behind ``sys.platform`` tests) we
 cannot serve, and, once, which top-level names we never serve (our stdlib):
@@ -24,6 +33,7 @@ import re
 import sys
 import sysconfig
 import threading
+import time
 import zipimport
 import zlib
 import importlib.machinery
@@ -44,6 +54,12 @@ LAZY_BYTES = 256 << 10
 DATA_BYTES = 512 << 10
 FAST_COMPRESS_BYTES = 1 << 20  # see _packed
 CODE_SUFFIXES = ('.py', '.pyc', '.pyi', '.so', '.pyd', 'py.typed')
+# A 'closure' request (a relay asking for a module and everything it imports)
+# cost 90 ms of encoding and compressing each time: replies are kept, at most
+# this many and this many bytes, and re-checked against the files' mtimes
+# at most once a second.
+CLOSURE_CACHE_ENTRIES = 64
+CLOSURE_CACHE_BYTES = 32 << 20
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
 
 
@@ -55,8 +71,85 @@ OTHER_PLATFORMS = ('org', 'java', 'vms_lib', '_winreg', '_wmi', 'win32evtlog',
                    'win32evtlogutil', 'win32wnet', 'netbios', 'Carbon', '_ios_support')
 
 
+ENV_SERVE = 'CHOPSTICKS_SERVE'
+
+
 class Refused(Exception):
     """Not served, and the remote is told why."""
+
+
+class ServePolicy(object):
+    """Which modules and data files one connection's host may have.
+
+    ``names`` None: the default (any module on sys.path; data a distribution
+    ships).  A list of top-level package names: only those (and chopsticks and
+    its plugins, which the host runs for us), all their non-dot files counting
+    as data; ``'*'`` in the list adds the default for every other module; an
+    empty list serves chopsticks and its plugins only."""
+
+    def __init__(self, names=None):
+        if names is None:
+            names = _names_from_env()
+        if isinstance(names, str):
+            names = [names]
+        self.everything = names is None or '*' in names
+        self.named = frozenset(n for n in (names or ()) if n not in ('*', 'none'))
+        self.key = (self.everything, self.named)
+
+    def allows_module(self, fullname):
+        top = fullname.partition('.')[0]
+        return (self.everything or top in self.named or top == 'chopsticks'
+                or top in _plugin_packages())
+
+    def why_not(self, fullname):
+        return ('%s is not served to this host: serving is limited to %s (%s or serve=)'
+                % (fullname, ', '.join(sorted(self.named)) or 'chopsticks', ENV_SERVE))
+
+    def allows_data(self, top, real, zipped):
+        """Whether the file ``real`` of a served package (top-level name
+        ``top``) is data the host may read; dot names were refused before."""
+        if top in self.named or zipped or real.endswith('.py'):
+            return True
+        return real in _shipped_files().get(top, ())
+
+
+def _names_from_env():
+    value = os.environ.get(ENV_SERVE)
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(',') if n.strip()]
+    return [] if names == ['none'] else names
+
+
+_shipped = None  # top-level name -> real paths of the files its distributions install
+
+
+def _shipped_files():
+    """The files each installed distribution lists in its RECORD, by top-level
+    package name: the package data a host may read by default.  Read once per
+    process (an editable install lists none of its package's files)."""
+    global _shipped
+    if _shipped is None:
+        import importlib.metadata
+        shipped = {}
+        for dist in importlib.metadata.distributions():
+            try:
+                files = dist.files or ()
+            except Exception:
+                continue  # a broken RECORD: its files are not served as data
+            for f in files:
+                if len(f.parts) > 1 and f.parts[0] != '..' \
+                        and not f.parts[0].endswith(('.dist-info', '.data')):
+                    real = os.path.realpath(str(dist.locate_file(f)))
+                    shipped.setdefault(f.parts[0], set()).add(real)
+        _shipped = shipped
+    return _shipped
+
+
+def _dotted(rel_path):
+    """Whether a path relative to a package has a component that starts with
+    a dot (.env, .git/, .secrets/...): never served, nor listed."""
+    return any(part.startswith('.') for part in rel_path.replace(os.sep, '/').split('/'))
 
 
 # --- what is on our sys.path -----------------------------------------------------
@@ -112,10 +205,11 @@ def _imported_package_roots(fullname):
 
 
 class ModuleInfo(object):
-    """One servable module: its source and what its top-level code imports."""
+    """One servable module: its source and what it imports (see _static_imports)."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
-                 'imports', 'lazy_imports', 'attributes', 'required', 'loader', 'mtime', 'code')
+                 'imports', 'lazy_imports', 'attributes', 'required', 'loader', 'mtime',
+                 'code', 'listings')
 
     def entry(self, with_code=False):
         """What the remote gets.  ``with_code`` (a remote running our Python
@@ -224,6 +318,7 @@ def _load_info(fullname, spec):
     info.listing = None
     info.mtime = None
     info.code = None
+    info.listings = {}  # ServePolicy.key -> listing as that policy filters it
     locations = spec.submodule_search_locations
     if loader is None or type(loader).__name__ in ('NamespaceLoader', '_NamespaceLoader'):
         paths = [p for p in (locations or ()) if _inside(os.path.realpath(p), _search_roots())]
@@ -279,7 +374,8 @@ _UNCONDITIONAL_IMPORT = re.compile(br'^(?:import|from)[ \t]+([A-Za-z_][\w.]*)', 
 
 
 def _listing(package_dir, loader):
-    """Relative names of the files and directories in a package: its resources."""
+    """Relative names of the files and directories in a package: its
+    resources, as a ServePolicy may filter them (no dot names here)."""
     listing = {}
     if isinstance(loader, zipimport.zipimporter):
         import zipfile
@@ -288,22 +384,40 @@ def _listing(package_dir, loader):
             for name in zf.namelist():
                 if name.startswith(prefix) and name != prefix:
                     rel = name[len(prefix):].rstrip('/')
+                    if _dotted(rel):
+                        continue
                     listing[rel] = 'dir' if name.endswith('/') else 'file'
                     if len(listing) >= LISTING_LIMIT:
                         break
         return listing
     for root, dirs, files in os.walk(package_dir):
-        dirs[:] = [d for d in dirs if d != '__pycache__']
+        dirs[:] = [d for d in dirs if d != '__pycache__' and not d.startswith('.')]
         rel_root = os.path.relpath(root, package_dir).replace(os.sep, '/')
         rel_root = '' if rel_root == '.' else rel_root + '/'
         for d in dirs:
             listing[rel_root + d] = 'dir'
         for name in files:
-            if not name.endswith('.pyc'):
+            if not name.endswith('.pyc') and not name.startswith('.'):
                 listing[rel_root + name] = 'file'
         if len(listing) >= LISTING_LIMIT:
             break
     return listing
+
+
+def _policy_listing(listing, package_dir, top, zipped, policy):
+    """``listing`` without the files ``policy`` does not serve (directories
+    are kept only when something under them is)."""
+    if listing is None or zipped or top in policy.named:
+        return listing
+    kept = {}
+    for rel, kind in listing.items():
+        if kind == 'file' and policy.allows_data(
+                top, os.path.realpath(os.path.join(package_dir, rel)), zipped):
+            kept[rel] = kind
+            parts = rel.split('/')
+            for i in range(1, len(parts)):
+                kept['/'.join(parts[:i])] = 'dir'
+    return kept
 
 
 # What the import statements compile to: LOAD_CONST level (LOAD_SMALL_INT from
@@ -516,14 +630,29 @@ def _packed(reply):
 
 # --- serving one connection --------------------------------------------------------
 
-class ModuleServer(object):
-    """Answers one remote's import requests; remembers what it already sent."""
+class _ClosureReply(object):
+    __slots__ = ('packed', 'files', 'names', 'package_dirs', 'checked')
 
-    def __init__(self):
+    def current(self):
+        return all(_mtime(origin) == mtime for origin, mtime in self.files)
+
+
+_closures = {}  # (name, with bytecode, policy) -> _ClosureReply, oldest first
+_closures_lock = threading.Lock()
+
+
+class ModuleServer(object):
+    """Answers one remote's import requests; remembers what it already sent.
+
+    ``serve``: which packages this host may have (see ServePolicy); None
+    reads ``CHOPSTICKS_SERVE``."""
+
+    def __init__(self, serve=None):
         self.sent = set()
-        self.package_dirs = {}  # real package dir -> loader, for data requests
+        self.package_dirs = {}  # real package dir -> (loader, top-level name), for data
         self.lock = threading.Lock()
         self.remote_magic = None  # the remote's bytecode magic, from its HELLO
+        self.policy = ServePolicy(serve)
         self.told_missing = set()  # names this remote was told we do not have
         self.data_sent = set()  # data files sent ahead (see _named_data)
         self.stdlib_sent = False
@@ -537,7 +666,7 @@ class ModuleServer(object):
             if kind == 'module':
                 reply = self.serve_module(arg)
             elif kind == 'closure':
-                reply = self.serve_module(arg, resend=True)
+                return self.closure_reply(arg)
             elif kind == 'data':
                 reply = {'data': self.serve_data(arg)}
             else:
@@ -549,6 +678,41 @@ class ModuleServer(object):
         except OSError as e:
             reply = {'error': '%s: %s' % (type(e).__name__, e)}
         return _packed(reply)
+
+    def closure_reply(self, fullname):
+        """A 'closure' reply, packed, from the process-wide cache when the
+        same module set was packed before and its files did not change."""
+        key = (fullname, self.remote_magic == MAGIC, self.policy.key)
+        now = time.monotonic()
+        with _closures_lock:
+            cached = _closures.pop(key, None)
+        if cached is not None and (now - cached.checked < 1.0 or cached.current()):
+            if now - cached.checked >= 1.0:
+                cached.checked = now
+        else:
+            reply = self.serve_module(fullname, resend=True)
+            cached = _ClosureReply()
+            cached.packed = _packed(reply)
+            cached.names = set(reply.get('modules', ()))
+            cached.files = [(entry[1], _mtime(entry[1]))
+                            for entry in reply.get('modules', {}).values() if entry[1]]
+            cached.package_dirs = {}
+            for name in cached.names:
+                info = module_info(name)
+                if info is not None and info.package_dir is not None \
+                        and info.kind != 'namespace':
+                    cached.package_dirs[os.path.realpath(info.package_dir)] = (
+                        info.loader, name.partition('.')[0])
+            cached.checked = now
+        with self.lock:
+            self.sent.update(cached.names)
+            self.package_dirs.update(cached.package_dirs)
+        with _closures_lock:
+            _closures[key] = cached  # newest last
+            while len(_closures) > CLOSURE_CACHE_ENTRIES or \
+                    sum(len(c.packed) for c in _closures.values()) > CLOSURE_CACHE_BYTES:
+                del _closures[next(iter(_closures))]
+        return cached.packed
 
     def serve_module(self, fullname, resend=False):
         """The module and its import closure, leaving out what this remote
@@ -565,6 +729,8 @@ class ModuleServer(object):
         modules = {}
         errors = {}
         missing = []
+        if not self.policy.allows_module(fullname):
+            raise Refused(self.policy.why_not(fullname))
         with self.lock:
             root = module_info(fullname)
             if root is None:
@@ -585,6 +751,8 @@ class ModuleServer(object):
                     if name in seen:
                         continue
                     seen.add(name)
+                    if not self.policy.allows_module(name):
+                        continue  # not this host's: it imports its own, or asks and is told
                     if name in attributes and _not_a_submodule(name, infos):
                         if infos[name.rpartition('.')[0]].package_dir is not None:
                             missing.append(name)  # told if it cannot be an attribute either
@@ -604,7 +772,7 @@ class ModuleServer(object):
                         if name != root.name and (total + size > CLOSURE_BYTES or (
                                 is_lazy and lazy_total + size > LAZY_BYTES)):
                             continue
-                        modules[name] = info.entry(self.remote_magic == MAGIC)
+                        modules[name] = self._entry(info)
                         served.append(info)
                         self.sent.add(name)
                         total += size
@@ -612,7 +780,8 @@ class ModuleServer(object):
                         # Any directory on sys.path imports as a namespace package:
                         # only a regular package (one with __init__.py) opens its data files.
                         if info.package_dir is not None and info.kind != 'namespace':
-                            self.package_dirs[os.path.realpath(info.package_dir)] = info.loader
+                            self.package_dirs[os.path.realpath(info.package_dir)] = (
+                                info.loader, name.partition('.')[0])
                     attributes.update(info.attributes)
                     absent = [n for n in info.required if n not in seen and _absent(n)]
                     if absent:
@@ -637,7 +806,8 @@ class ModuleServer(object):
                             probe.append(n)
             data = self._named_data(served)
             for name in probe:
-                if name in seen or not (resend or name not in self.told_missing) or (
+                if name in seen or not (resend or name not in self.told_missing) or \
+                        not self.policy.allows_module(name) or (
                         name in attributes and _not_a_submodule(name, infos)):
                     continue
                 try:
@@ -651,7 +821,7 @@ class ModuleServer(object):
             self.told_missing.update(missing)
         if fullname not in modules and fullname in self.sent:
             # Asked again (after invalidate_caches, or by a second finder): resend.
-            modules[fullname] = root.entry(self.remote_magic == MAGIC)
+            modules[fullname] = self._entry(root)
         reply = {'modules': modules, 'errors': errors, 'missing': missing}
         if data:
             reply['data'] = data
@@ -697,6 +867,18 @@ class ModuleServer(object):
                 name for name in OTHER_PLATFORMS if _absent(name)]
         return reply
 
+    def _entry(self, info):
+        """``info.entry`` with the package listing this host's policy allows."""
+        entry = info.entry(self.remote_magic == MAGIC)
+        if info.listing is None:
+            return entry
+        listing = info.listings.get(self.policy.key)
+        if listing is None:
+            listing = info.listings[self.policy.key] = _policy_listing(
+                info.listing, info.package_dir, info.name.partition('.')[0],
+                isinstance(info.loader, zipimport.zipimporter), self.policy)
+        return entry[:4] + (listing,) + entry[5:]
+
     def preload(self, fullname):
         """What to send ahead of a call into module ``fullname``, compressed
         like an IMPORT reply: the module and its import closure, when a host
@@ -708,6 +890,7 @@ class ModuleServer(object):
         except Refused:
             return None  # the agent asks, and learns why
         if info is None or info.kind != 'source' or fullname in self.sent \
+                or not self.policy.allows_module(fullname) \
                 or not host_lacks(fullname, info.origin):
             return None
         return _packed(self.serve_module(fullname))
@@ -716,16 +899,27 @@ class ModuleServer(object):
         """A data file from inside a package this remote was served."""
         if '\0' in path:
             raise Refused('bad path')
-        for package_dir, loader in list(self.package_dirs.items()):
+        for package_dir, (loader, top) in list(self.package_dirs.items()):
             if isinstance(loader, zipimport.zipimporter):
                 norm = os.path.normpath(path)
                 if _inside(norm, [package_dir]):
+                    if _dotted(os.path.relpath(norm, package_dir)):
+                        raise Refused('%s: files whose names start with a dot are not served'
+                                      % path)
                     return loader.get_data(norm)
                 continue
             real = os.path.realpath(path)
             if _inside(real, [package_dir]) and _inside(real, _search_roots()):
+                if _dotted(os.path.relpath(real, package_dir)):
+                    raise Refused('%s: files whose names start with a dot are not served' % path)
                 if not os.path.isfile(real):
                     raise Refused('%s is not a file' % path)
+                if not self.policy.allows_data(top, real, False):
+                    raise Refused(
+                        '%s is not package data: %s (to share all of a package\'s files with '
+                        'hosts, name it in %s or serve=)'
+                        % (path, 'its distribution does not ship it' if top in _shipped_files()
+                           else '%s is not installed as a distribution' % top, ENV_SERVE))
                 with open(real, 'rb') as f:
                     return f.read()
         raise Refused('%s is not inside a package served to this host' % path)
@@ -770,9 +964,10 @@ class ForwardingModuleServer(object):
         return _packed(reply)
 
 
-def server_for_this_process():
-    """The import server for a new connection: a relay forwards to its controller."""
+def server_for_this_process(serve=None):
+    """The import server for a new connection: a relay forwards to its
+    controller (whose policy then decides).  ``serve``: see ServePolicy."""
     agent = getattr(sys.modules.get('_chopsticks_agent'), 'agent', None)
     if agent is not None:
         return ForwardingModuleServer(agent)
-    return ModuleServer()
+    return ModuleServer(serve)

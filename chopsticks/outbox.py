@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 CORK_MAX = 64 * 1024        # frames up to this size may wait to be sent together
+# Import replies queued for a host that does not read them.  A whole
+# closure is a few MiB at most (fabric and paramiko together: 2.6 MiB); a
+# host with 64 MiB of answers unread stopped reading on purpose.
+QUEUED_MAX = 64 << 20
 
 _CALLER = ReaderState.CALLER
 
@@ -34,6 +38,39 @@ class Outbox(object):
         self.lock = threading.Lock()  # held while writing; the connection's write_lock
         self.frames: List[Any] = []  # corked frames, sent by the broker thread
         self.flushing = False  # a helper thread is sending them (see flush)
+        # Whole frames from send_nowait, under their own short lock: whoever
+        # writes next (a caller, the broker, the helper thread) sends them.
+        self.queued: List[Any] = []
+        self.queued_bytes = 0
+        self.queued_lock = threading.Lock()
+
+    def send_nowait(self, rid: int, op: int, payload: Any) -> None:
+        """Queue a frame and return at once; it goes out with the next write.
+
+        For the import pool, whose few threads serve every tunnel: a host
+        that stops reading its stdin must not hold one of them in a write
+        (issue 22: eight requests from one such host stalled every tunnel's
+        imports).  Past QUEUED_MAX unread bytes the connection is lost.
+        """
+        frame = wire.frame_parts(rid, op, [payload])
+        size = sum(len(p) for p in frame)
+        with self.queued_lock:
+            over = self.queued_bytes + size > QUEUED_MAX
+            if not over:
+                self.queued.extend(frame)
+                self.queued_bytes += size
+        if over:
+            conn = self.conn
+            conn.lost(TunnelClosed('[%s] the host stopped reading: more than %d MiB of import '
+                                   'replies wait unread' % (conn.host, QUEUED_MAX >> 20)))
+            return
+        get_broker().request_flush(self.flush)
+
+    def _take_queued(self) -> List[Any]:
+        """The frames send_nowait queued (call with ``lock`` held)."""
+        with self.queued_lock:
+            queued, self.queued, self.queued_bytes = self.queued, [], 0
+        return queued
 
     def send(self, rid: int, op: int, payload: Any) -> None:
         if len(payload) <= CORK_MAX:
@@ -75,8 +112,8 @@ class Outbox(object):
                 if len(frames) == len(frame):
                     get_broker().request_flush(self.flush)
                 return
-            if self.frames:
-                frame = self.frames + frame
+            if self.frames or self.queued:
+                frame = self.frames + self._take_queued() + frame
                 self.frames = []
             try:
                 direct = self.direct  # inlined _reads_here: this runs for every call
@@ -109,7 +146,7 @@ class Outbox(object):
             return
         write_error = None
         try:
-            batch, self.frames = self.frames, []
+            batch, self.frames = self.frames + self._take_queued(), []
             if not batch or self.conn.closed:
                 return
             try:
@@ -146,7 +183,7 @@ class Outbox(object):
     def _flush_blocking(self):
         with self.lock:
             self.flushing = False
-            batch, self.frames = self.frames, []
+            batch, self.frames = self.frames + self._take_queued(), []
             if not batch or self.conn.closed:
                 return
             try:

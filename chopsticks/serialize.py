@@ -44,6 +44,7 @@ class CallPickler(pickle.Pickler):
         super().__init__(file, protocol=PROTOCOL)
         self.remote_version = remote_version
         self.in_progress = set()
+        self.shipped = []  # functions sent as source or code, to explain a failure
 
     def persistent_id(self, obj):
         kind = type(obj)
@@ -70,27 +71,58 @@ class CallPickler(pickle.Pickler):
                     'cannot send %s to the remote: %s' % (describe(obj), e))
             if not is_function:
                 return ('fn', source, name, filename, lineno, {}, {}, None, None)
-            return ('fn', source, name, filename, lineno, self._globals_used(obj),
-                    closure_values(obj), obj.__defaults__, obj.__kwdefaults__)
+            self.shipped.append(obj)
+            closure, self_cells = self._closure(obj)
+            globals_, self_globals = self._globals_used(obj)
+            # The source's defaults were replaced by None (source_of): their
+            # values, computed here, travel instead (lambda i=i: ... in a loop).
+            return ('fn', source, name, filename, lineno, globals_, closure,
+                    obj.__defaults__, obj.__kwdefaults__, self_cells, self_globals)
         finally:
             self.in_progress.discard(key)
 
     def _code_pid(self, fn):
-        return ('code', marshal.dumps(fn.__code__), fn.__name__, self._globals_used(fn),
-                closure_values(fn), fn.__defaults__, fn.__kwdefaults__)
+        self.shipped.append(fn)
+        closure, self_cells = self._closure(fn)
+        globals_, self_globals = self._globals_used(fn)
+        return ('code', marshal.dumps(fn.__code__), fn.__name__, globals_,
+                closure, fn.__defaults__, fn.__kwdefaults__, self_cells, self_globals)
+
+    def _closure(self, fn):
+        """The closure cells' values, and the names of cells holding ``fn`` itself.
+
+        A nested function that calls itself (``def fact(n): ... fact(n - 1)``)
+        has itself in a cell: the host binds that cell to the function it
+        rebuilds rather than sending the function inside its own pickle."""
+        values, self_names = {}, []
+        for name, value in closure_values(fn).items():
+            if value is fn:
+                self_names.append(name)
+            elif id(value) in self.in_progress:
+                raise pickle.PicklingError(
+                    'cannot send %s to the remote: its closure variable %r holds %s, which '
+                    'refers back to it (mutually recursive nested functions); define them at '
+                    'module level' % (describe(fn), name, describe(value)))
+            else:
+                values[name] = value
+        return values, tuple(self_names)
 
     def _globals_used(self, fn):
+        """The globals ``fn``'s code may load, and the names holding ``fn`` itself."""
         namespace = fn.__globals__
-        used = {}
+        used, self_names = {}, []
         for name in names_used(fn.__code__):
             if name in namespace:
                 value = namespace[name]
+                if value is fn:
+                    self_names.append(name)  # a global lambda calling itself by name
+                    continue
                 # A function being pickled further up (recursion) is defined
                 # by its own source on the remote; don't send it twice.
                 if id(value) in self.in_progress or value is namespace.get('__builtins__'):
                     continue
                 used[name] = value
-        return used
+        return used, tuple(self_names)
 
 
 # Values that cannot hide a function or class: the C pickler alone is right for them.
@@ -126,8 +158,57 @@ def dumps_call(fn, args, kwargs, remote_version=None):
                 return bare_call
             return pickle.dumps((fn, args, kwargs), PROTOCOL)
     buf = io.BytesIO()
-    CallPickler(buf, remote_version).dump((fn, args, kwargs))
+    pickler = CallPickler(buf, remote_version)
+    try:
+        pickler.dump((fn, args, kwargs))
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        culprit = _what_cannot_travel(pickler.shipped, args, kwargs, remote_version)
+        if culprit is None:
+            raise
+        try:  # the same type, so callers catching TypeError still do
+            error = type(e)('%s cannot travel: %s' % (culprit, e))
+        except Exception:
+            raise e
+        raise error from e
     return buf.getvalue()
+
+
+def _travels(value, remote_version):
+    try:
+        CallPickler(io.BytesIO(), remote_version).dump(value)
+    except Exception:
+        return False
+    return True
+
+
+def _what_cannot_travel(shipped, args, kwargs, remote_version):
+    """Name the first value of a failed call that cannot be pickled: an
+    argument, or a default, closure variable or global of a function sent as
+    source.  Runs only after a failure, so an honest call pays nothing."""
+    def kind_of(value):
+        return 'a %s.%s' % (type(value).__module__, type(value).__qualname__)
+    for n, value in enumerate(args):
+        if not _travels(value, remote_version):
+            return 'argument %d (%s)' % (n + 1, kind_of(value))
+    for name, value in kwargs.items():
+        if not _travels(value, remote_version):
+            return 'keyword argument %r (%s)' % (name, kind_of(value))
+    for fn in shipped:
+        code = fn.__code__
+        positional = code.co_varnames[:code.co_argcount]
+        captured = list(zip(positional[len(positional) - len(fn.__defaults__ or ()):],
+                            fn.__defaults__ or (), ['default for parameter'] * code.co_argcount))
+        captured += [(k, v, 'default for keyword-only parameter')
+                     for k, v in (fn.__kwdefaults__ or {}).items()]
+        captured += [(k, v, 'closure variable') for k, v in closure_values(fn).items()]
+        namespace = fn.__globals__
+        captured += [(k, namespace[k], 'global') for k in sorted(names_used(code))
+                     if k in namespace and namespace[k] is not fn
+                     and not isinstance(namespace[k], types.ModuleType)]
+        for name, value, what in captured:
+            if value is not fn and not _travels(value, remote_version):
+                return 'the %s %r of %s (%s)' % (what, name, describe(fn), kind_of(value))
+    return None
 
 
 def describe(obj):
@@ -203,14 +284,67 @@ def source_of(obj):
     text, tree = _parse_file(filename)
     if isinstance(obj, types.FunctionType) and obj.__name__ == '<lambda>':
         node = _find_lambda(tree, obj)
-        segment = ast.get_source_segment(text, node)
+        segment = _signature_without_values(text, node)
         result = ('%s = (%s)\n' % (LAMBDA_NAME, segment), LAMBDA_NAME, filename, node.lineno)
     else:
         node = _find_definition(tree, obj, firstlineno)
-        segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
+        if isinstance(obj, types.FunctionType):
+            segment = _signature_without_values(text, node)
+            padding = _char_col(_lines(text)[node.lineno - 1], node.col_offset)
+            segment = textwrap.dedent(' ' * padding + segment)
+        else:
+            segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
         result = (segment + '\n', obj.__name__, filename, node.lineno)
     _source_cache[key] = result
     return result
+
+
+def _lines(text):
+    """Lines as ast numbers them: split at newlines only (str.splitlines
+    also splits at form feeds, which some source files hold)."""
+    return [line + '\n' for line in text.split('\n')]
+
+
+def _char_col(line, byte_col):
+    """ast columns count UTF-8 bytes; str offsets count characters."""
+    return len(line.encode('utf-8')[:byte_col].decode('utf-8', 'replace'))
+
+
+def _signature_without_values(text, node):
+    """The source of a def or lambda with every expression Python evaluates
+    when it defines the function (defaults, keyword-only defaults,
+    annotations) replaced by ``(None)``.
+
+    Those expressions ran on the controller; on the host the names they use
+    may not exist (``lambda i=i: ...`` inside a loop, a default naming a
+    local).  Their values travel beside the source instead (defaults) or not
+    at all (annotations: the host's function has none).  Line breaks inside a
+    replaced expression are kept so the host's line numbers stay right."""
+    lines = _lines(text)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def offset(lineno, byte_col):
+        return starts[lineno - 1] + _char_col(lines[lineno - 1], byte_col)
+
+    args = node.args
+    evaluated = list(args.defaults) + [d for d in args.kw_defaults if d is not None]
+    if not isinstance(node, ast.Lambda):
+        every_arg = (getattr(args, 'posonlyargs', []) + args.args + args.kwonlyargs
+                     + [a for a in (args.vararg, args.kwarg) if a is not None])
+        evaluated += [a.annotation for a in every_arg if a.annotation is not None]
+        if node.returns is not None:
+            evaluated.append(node.returns)
+    begin, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
+    pieces, at = [], begin
+    for expr in sorted(evaluated, key=lambda e: (e.lineno, e.col_offset)):
+        first, last = offset(expr.lineno, expr.col_offset), offset(expr.end_lineno, expr.end_col_offset)
+        pieces.append(text[at:first])
+        pieces.append('(None%s)' % ('\n' * text.count('\n', first, last)))
+        at = last
+    pieces.append(text[at:end])
+    return ''.join(pieces)
 
 
 def _find_lambda(tree, fn):

@@ -111,12 +111,13 @@ class SSHSettings(object):
         given = {key.lower() for key in self.options}
         # keepalive= asks for ServerAliveInterval; without it, our defaults
         # only fill in what the user's ssh_config leaves unset.
+        scope = (ssh, self.ssh_config, self.host, self.user, self.port)
         if 'serveraliveinterval' not in given and (
-                self.keepalive or not _configured('serveraliveinterval', self.ssh_config)):
+                self.keepalive or not _set_for_host('serveraliveinterval', *scope)):
             interval = max(1, int(math.ceil(self.keepalive))) if self.keepalive else 15
             argv += ['-o', 'ServerAliveInterval=%d' % interval]
         if 'serveralivecountmax' not in given and \
-                not _configured('serveralivecountmax', self.ssh_config):
+                not _set_for_host('serveralivecountmax', *scope):
             argv += ['-o', 'ServerAliveCountMax=3']
         if self.ssh_config:
             argv += ['-F', self.ssh_config]
@@ -130,7 +131,7 @@ class SSHSettings(object):
             argv += ['-i', os.path.expanduser(path)]
         if self.proxy_jump:
             argv += ['-J', self.proxy_jump]
-        if 'ciphers' not in given and _may_choose_ciphers(ssh, self.ssh_config):
+        if 'ciphers' not in given and _may_choose_ciphers(*scope):
             argv += ['-o', 'Ciphers=' + PREFERRED_CIPHERS]
         if self.control_master:
             path = os.path.expanduser('~/.cache/chopsticks')
@@ -143,22 +144,97 @@ class SSHSettings(object):
         return argv + ['--', self.host]
 
 
+# What OpenSSH reads when ssh_config names no UserKnownHostsFile or
+# GlobalKnownHostsFile (ssh_config(5)).
+DEFAULT_USER_KNOWN_HOSTS = ('~/.ssh/known_hosts', '~/.ssh/known_hosts2')
+DEFAULT_GLOBAL_KNOWN_HOSTS = ('/etc/ssh/ssh_known_hosts', '/etc/ssh/ssh_known_hosts2')
+
+
+def known_hosts_files(host_config):
+    """The known_hosts files OpenSSH would read for a host, given its resolved
+    ssh_config (a mapping of lower-case keywords, as paramiko's SSHConfig
+    lookup returns): UserKnownHostsFile and GlobalKnownHostsFile where set,
+    else their defaults.  Only files that exist are returned."""
+    files = []
+    for keyword, defaults in (('userknownhostsfile', DEFAULT_USER_KNOWN_HOSTS),
+                              ('globalknownhostsfile', DEFAULT_GLOBAL_KNOWN_HOSTS)):
+        value = host_config.get(keyword)
+        if isinstance(value, (list, tuple)):
+            value = ' '.join(value)
+        paths = str(value).split() if value else defaults
+        if [p.lower() for p in paths] == ['none']:
+            continue
+        files += [os.path.expanduser(p) for p in paths]
+    return [p for p in files if os.path.isfile(p)]
+
+
 def _configured(keyword, ssh_config):
-    """Whether any ssh_config file that ``ssh`` reads sets ``keyword`` (for
-    any host: a user's or a crypto policy's choice is left alone)."""
-    if ssh_config:
-        files = [ssh_config]  # ssh -F reads that file alone
-    else:
-        files = [os.path.expanduser(USER_SSH_CONFIG), SYSTEM_SSH_CONFIG]
-    return any(keyword in _config_keywords(path, path == SYSTEM_SSH_CONFIG) for path in files)
+    """Whether any ssh_config file that ``ssh`` reads mentions ``keyword``,
+    for any host (the cheap first test of _set_for_host)."""
+    return any(keyword in _config_keywords(path, path == SYSTEM_SSH_CONFIG)
+               for path in _config_files(ssh_config))
 
 
-def _may_choose_ciphers(ssh, ssh_config):
-    """True when no ssh_config sets Ciphers and this ssh understands ``Ciphers=^...``."""
-    if _configured('ciphers', ssh_config):
-        return False
+def _may_choose_ciphers(ssh, ssh_config, host, user=None, port=None):
+    """True when ssh_config sets no Ciphers for ``host`` and this ssh
+    understands ``Ciphers=^...``."""
     version = _openssh_version(ssh)
-    return version is not None and version >= CIPHER_HEAD_SINCE
+    if version is None or version < CIPHER_HEAD_SINCE:
+        return False
+    return not _set_for_host('ciphers', ssh, ssh_config, host, user, port)
+
+
+def _set_for_host(keyword, ssh, ssh_config, host, user=None, port=None):
+    """Whether the ssh_config files give ``host`` a value for ``keyword``
+    (lower case) other than ssh's default.  Most configurations never mention
+    the keyword: then no process is started.  When one does, it may be in
+    another host's Host or Match block: ``ssh -G`` resolves it for this host."""
+    if not _configured(keyword, ssh_config):
+        return False
+    resolved = _resolved_for_host(ssh, ssh_config, host, user, port)
+    default = _resolved_for_host(ssh, os.devnull, 'chopsticks.invalid')
+    if resolved is None or default is None:
+        return True  # unknown: leave ssh's own choice alone
+    return resolved.get(keyword) != default.get(keyword)
+
+
+_resolved_cache = {}  # (ssh, config, host, user, port) -> (config files' state, settings)
+
+
+def _config_files(ssh_config):
+    if ssh_config:
+        return [ssh_config]  # ssh -F reads that file alone
+    return [os.path.expanduser(USER_SSH_CONFIG), SYSTEM_SSH_CONFIG]
+
+
+def _resolved_for_host(ssh, ssh_config, host, user=None, port=None):
+    """``ssh -G``'s settings for a host ({keyword: value}), or None.  Asked
+    once per host while the config files (and those they include) keep their
+    modification times: a connect pays ssh -G (about 8 ms) the first time only."""
+    import subprocess
+    files = _config_files(ssh_config)
+    for path in files:
+        _config_keywords(path, path == SYSTEM_SSH_CONFIG)  # records the files' mtimes
+    state = tuple(_config_cache[path][0] for path in files)
+    key = (ssh, ssh_config, host, user, port)
+    known = _resolved_cache.get(key)
+    if known is not None and known[0] == state:
+        return known[1]
+    argv = [ssh, '-G'] + (['-F', ssh_config] if ssh_config else []) \
+        + (['-l', user] if user else []) + (['-p', str(port)] if port else []) + ['--', host]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    settings = {}
+    for line in out.decode('utf-8', 'replace').splitlines():
+        words = line.split(None, 1)
+        if words:
+            settings.setdefault(words[0].lower(), words[1].strip() if len(words) > 1 else '')
+    settings = settings or None
+    _resolved_cache[key] = (state, settings)
+    return settings
 
 
 _config_cache = {}  # path -> ((path, mtime) of every file read, keywords used)
@@ -292,10 +368,12 @@ class ParamikoTransport(object):
         strict = str(fabric_conn.ssh_config.get('stricthostkeychecking', 'yes')).lower()
         client.set_missing_host_key_policy(
             paramiko.WarningPolicy() if strict == 'no' else paramiko.RejectPolicy())
-        for path in str(fabric_conn.ssh_config.get('userknownhostsfile', '')).split():
-            path = os.path.expanduser(path)
-            if os.path.exists(path):
-                client.load_host_keys(path)
+        for path in known_hosts_files(fabric_conn.ssh_config):
+            try:
+                # As system keys: paramiko never writes these files back.
+                client.load_system_host_keys(path)
+            except OSError:
+                pass  # unreadable, as ssh would skip it
         self.conn = fabric_conn
         try:
             fabric_conn.open()

@@ -12,7 +12,7 @@ from chopsticks import codec
 
 VALUES = [
     None, True, False, 0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 200, -(2 ** 200), 1.5, float('inf'),
-    complex(1, -2), '', 'héllo wörld ☃', '\udc80 lone surrogate', b'', b'\x00\xff' * 100,
+    complex(1, -2), '', 'héllo wörld ☃', b'', b'\x00\xff' * 100,
     b'x' * (1 << 20), bytearray(b'mutable'), [1, [2, [3]]], (1, (2,), ()), {'a': 1, 2: 'b'},
     {(1, 2): frozenset({3}), None: [], b'k': {}}, {1, 'two', (3,)}, frozenset({4}), set(),
     datetime.datetime(2024, 5, 6, 7, 8, 9, 10),

@@ -21,6 +21,8 @@ def write(path, text=''):
 def project(tmp_path, monkeypatch):
     """A package tree that only the controller has on sys.path."""
     root = tmp_path / 'controller_path'
+    # The user shares this package's files (data) with hosts: see ServePolicy.
+    monkeypatch.setenv('CHOPSTICKS_SERVE', 'servedpkg,dynpkg,*')
     write(root / 'servedpkg' / '__init__.py', '''
         from . import sub
         from .sub import deeper

@@ -3,6 +3,7 @@ there, exhaust its memory or starve its other tunnels; host keys are checked."""
 import os
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -134,6 +135,8 @@ import_module = lambda name: __import__('importlib').import_module(name).__name_
 def controller_path(tmp_path, monkeypatch):
     """A directory on the controller's sys.path with one package, and secrets nearby."""
     root = tmp_path / 'on_sys_path'
+    # The user shares this package's files (data) with hosts: see ServePolicy.
+    monkeypatch.setenv('CHOPSTICKS_SERVE', 'victimpkg,*')
     pkg = root / 'victimpkg'
     (pkg / 'data').mkdir(parents=True)
     (pkg / '__init__.py').write_text('VALUE = 1\n')
@@ -351,3 +354,35 @@ def test_a_module_in_the_working_directory_does_not_run_in_the_agent(tmp_path, m
     assert not marker.exists()
     assert 'shadowed' not in info.value.remote_traceback
     assert 'the real traceback' in info.value.remote_traceback
+
+
+def test_a_host_that_stops_reading_cannot_starve_other_tunnels_imports(tmp_path, monkeypatch):
+    """The import pool's few threads serve every tunnel.  A host that stops
+    reading its stdin and then asks for several big closures used to hold
+    every pool thread in a write to its full pipe, and another tunnel's
+    import waited until the attacker was closed."""
+    (tmp_path / 'starved_probe.py').write_text('def answer():\n    return 42\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def go_deaf_and_ask(count):
+        import os
+        import sys
+        module = sys.modules['_chopsticks_agent']
+        agent = module.agent
+        agent.kept_open = os.dup(agent.rfd)
+        never, _ = os.pipe()
+        os.dup2(never, agent.rfd)  # the controller's replies are never read
+        for n in range(count):  # each reply is megabytes: far more than a pipe holds
+            agent.channel.send_value(10 ** 6 + n, module.wire.IMPORT, ('closure', 'fabric'))
+        return 'deaf'
+
+    hostile, honest = Local('deaf'), Local('honest')
+    try:
+        assert hostile.call(go_deaf_and_ask, 8) == 'deaf'
+        time.sleep(1)  # let the pool take the requests (the bug needs no more)
+        # Imported on the host, so the host asks for it (a call's own module
+        # would go ahead of the call, without the pool).
+        assert honest.call(lambda: __import__('starved_probe').answer(), timeout=30) == 42
+    finally:
+        hostile.close()
+        honest.close()
