@@ -38,7 +38,8 @@ ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'fresh_rtt': 3, 'loc
 # A deployment task is three samples of two runs; Ansible's on 48 hosts took
 # 3-4 minutes a run on these loaded cores.
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600,
-                'deploy': 1800, 'deploy_many': 3600, 'thousand': 1200}
+                'deploy': 1800, 'deploy_many': 3600, 'thousand': 1200,
+                'wan_real': 600}
 
 
 def parse_args(argv=None):
@@ -196,6 +197,12 @@ def prepare(args, conf, sshd, workdir, control_dir):
         fixtures.make_random_file(file_path, conf['file_size'])
     tree_dir = os.path.join(workdir, 'tree')
     conf['modules_in_tree'] = fixtures.make_module_tree(tree_dir)
+    real_dir, real_python = None, None
+    if 'wan_real' in tasks_for(args.rows):
+        real_dir, problem = fixtures.ensure_real_packages()
+        if problem:
+            log('the real-packages import row will be n/a: %s' % problem)
+        real_python = fixtures.bare_python(os.path.join(workdir, 'bare-python'))
     mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
     if conf['mem_tunnels'] > mem_cap:
         log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
@@ -212,6 +219,7 @@ def prepare(args, conf, sshd, workdir, control_dir):
         'deploy_hosts': list(sshd.aliases[:conf['deploy_hosts']]),
         'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
         'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
+        'real_packages_dir': real_dir, 'real_python': real_python,
         # One absolute interpreter for every column: over ssh, 'python3' may be
         # a pyenv shim (+130 ms) that some libraries would dodge and others not.
         'remote_python': fixtures.system_python(),

@@ -235,6 +235,32 @@ def wan(ctx):
     }
 
 
+def wan_real(ctx):
+    """Real PyPI packages the host lacks (real_imports.py), over the WAN link."""
+    _need_core()
+    _need_transport(ctx)
+    if not ctx.wan_ssh_config:
+        raise NotAvailable('no slowlink.py')
+    if not ctx.real_packages_dir:
+        raise NotAvailable('the real packages could not be installed')
+    sys.path.insert(0, ctx.real_packages_dir)
+    import real_imports
+    imports, trips = [], []
+    for _ in range(ctx.wan_repeat):
+        t = Tunnel(ctx.host, ssh_config=ctx.wan_ssh_config, transport=ctx.options['transport'],
+                   python=ctx.real_python)
+        t.call(remote_fns.noop)
+        before = t.call(real_imports.requests_made)
+        start = clock()
+        count = t.call(real_imports.import_all)
+        imports.append(clock() - start)
+        trips.append(t.call(real_imports.requests_made) - before)
+        t.close()
+    return {'wan_import_real': Result(
+        imports, 's', note='%d modules, %d import round trips besides the call' % (count, max(trips)),
+        extra={'import round trips': trips})}
+
+
 def many_hosts(ctx):
     _need_core()
     try:
