@@ -34,11 +34,12 @@ NOT_INTERLEAVED = ('memory', 'thousand')  # one long sample; nothing to take tur
 # Round trips vary as much from one process to the next, ours and the
 # floor's alike (2,000 calls in each of 12 processes: the floor 42-81 µs,
 # ours 64-108 µs, medians 1.29x apart; full-27's five gave 1.54x).
-ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'local_connect': 1}
+ONE_SAMPLE_PER_TURN = {'connect_call': 3, 'trivial_rtt': 3, 'fresh_rtt': 3, 'local_connect': 1}
 # A deployment task is three samples of two runs; Ansible's on 48 hosts took
 # 3-4 minutes a run on these loaded cores.
 TASK_TIMEOUT = {'files': 900, 'many_hosts': 900, 'memory': 900, 'wan': 600,
-                'deploy': 1800, 'deploy_many': 3600, 'thousand': 1200}
+                'deploy': 1800, 'deploy_many': 3600, 'thousand': 1200,
+                'wan_real': 600}
 
 
 def parse_args(argv=None):
@@ -89,6 +90,8 @@ def settings(args):
         'rtt_calls': 500 if quick else 2000,
         'wan_rtt_calls': 5 if quick else 10,
         'pipelined_calls': 5000 if quick else 20000,
+        'gather_calls': 2000,
+        'fresh_calls': 1000,  # as a user's script: no warm-up call
         'echo_bytes': 4 * MiB,
         'echo_rounds': 2 if quick else 5,
         'file_size': (args.file_mib or (32 if quick else 256)) * MiB,
@@ -194,6 +197,12 @@ def prepare(args, conf, sshd, workdir, control_dir):
         fixtures.make_random_file(file_path, conf['file_size'])
     tree_dir = os.path.join(workdir, 'tree')
     conf['modules_in_tree'] = fixtures.make_module_tree(tree_dir)
+    real_dir, real_python = None, None
+    if 'wan_real' in tasks_for(args.rows):
+        real_dir, problem = fixtures.ensure_real_packages()
+        if problem:
+            log('the real-packages import row will be n/a: %s' % problem)
+        real_python = fixtures.bare_python(os.path.join(workdir, 'bare-python'))
     mem_cap = int(fixtures.mem_available() * 0.6 // (10 * MiB))  # an idle agent: ~8.5 MiB PSS
     if conf['mem_tunnels'] > mem_cap:
         log('memory row: %d tunnels (not %d): MemAvailable is low' % (mem_cap, conf['mem_tunnels']))
@@ -210,6 +219,7 @@ def prepare(args, conf, sshd, workdir, control_dir):
         'deploy_hosts': list(sshd.aliases[:conf['deploy_hosts']]),
         'file_path': file_path, 'scratch': scratch, 'control_dir': control_dir,
         'tree_dir': tree_dir, 'tree_pkg': fixtures.TREE_PKG,
+        'real_packages_dir': real_dir, 'real_python': real_python,
         # One absolute interpreter for every column: over ssh, 'python3' may be
         # a pyenv shim (+130 ms) that some libraries would dodge and others not.
         'remote_python': fixtures.system_python(),

@@ -23,6 +23,17 @@ PEER_ENV = os.path.join(BENCH_DIR, '.env-peers')
 PEER_REQUIREMENTS = ['chopsticks==1.0', 'mitogen', 'execnet', 'fabric', 'pyinfra==3.10.*',
                      'ansible-core==2.19.*']
 TREE_PKG = 'chopsticks_bench_tree'
+# The real-packages import row: released PyPI packages, pinned, pure Python
+# (markupsafe's and PyYAML's C speedups are optional: a host without them runs
+# their pure fallbacks), in a directory of their own that both the ours and the
+# peers' interpreters put first on sys.path.  Without chardet or
+# charset_normalizer, requests tries both and goes on without a detector.
+REAL_PACKAGES_DIR = os.path.join(BENCH_DIR, '.env-imports')
+REAL_PACKAGES_PURE = [
+    'requests==2.34.2', 'urllib3==2.8.0', 'idna==3.20', 'certifi==2026.10.19.post1',
+    'jinja2==3.1.6', 'click==8.5.0', 'attrs==26.1.0', 'packaging==26.3', 'pygments==2.21.0',
+    'rich==15.0.0', 'python-dateutil==3.0.0', 'six==1.17.0', 'tomli==2.5.0']
+REAL_PACKAGES_OPTIONAL_C = ['markupsafe==3.0.4', 'pyyaml==6.0.4']
 
 
 def log(*args):
@@ -138,6 +149,43 @@ def ensure_peer_env():
     with open(stamp, 'w') as f:
         f.write(wanted)
     return python, None
+
+
+def ensure_real_packages():
+    """bench/.env-imports with REAL_PACKAGES_* (pip --target); made once, then reused.
+
+    Returns (directory, None) or (None, reason).
+    """
+    stamp = os.path.join(REAL_PACKAGES_DIR, '.bench-requirements')
+    wanted = '\n'.join(REAL_PACKAGES_PURE + REAL_PACKAGES_OPTIONAL_C)
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if f.read() == wanted:
+                return REAL_PACKAGES_DIR, None
+    log('installing %s into %s' % (' '.join(wanted.split()), REAL_PACKAGES_DIR))
+    shutil.rmtree(REAL_PACKAGES_DIR, ignore_errors=True)
+    pip = [sys.executable, '-m', 'pip', 'install', '-q', '--disable-pip-version-check',
+           '--no-deps', '--target', REAL_PACKAGES_DIR]
+    # Only wheels tagged py3-none-any: chardet and tomli also ship mypyc-compiled ones.
+    pure = ['--only-binary', ':all:', '--platform', 'any', '--implementation', 'py',
+            '--abi', 'none', '--python-version', '3.8']
+    try:
+        subprocess.run(pip + pure + REAL_PACKAGES_PURE, check=True)
+        subprocess.run(pip + REAL_PACKAGES_OPTIONAL_C, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, 'could not install the real packages: %s' % exc
+    with open(stamp, 'w') as f:
+        f.write(wanted)
+    return REAL_PACKAGES_DIR, None
+
+
+def bare_python(path):
+    """A virtual environment of the system python3 without its site-packages
+    (Debian's has PyYAML, Pygments and six): a host that lacks the real packages."""
+    python = os.path.join(path, 'bin', 'python3')
+    if not os.path.exists(python):
+        subprocess.run([system_python(), '-m', 'venv', '--without-pip', path], check=True)
+    return python
 
 
 def peer_versions(python):

@@ -63,7 +63,7 @@ sys.modules["_chopsticks_agent"].main()
 # marshal's format for tuples, str and bytes, which every Python 3 reads.
 MARSHAL_VERSION = 4
 
-_payloads = {}
+_payloads = {}  # type: dict
 
 
 def payload(with_code=False):

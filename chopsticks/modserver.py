@@ -17,9 +17,15 @@ those top-level packages, whose every other file then counts as data;
 
 Round trips dominate on a real network, so a reply carries the requested
 module *and* its static import closure (the modules its top-level code
-imports, found by reading the AST, recursively), compressed together.
+imports, read from its bytecode, recursively), compressed together.  It
+also says which of the names those modules import anywhere (in functions,
+under ``try: ... except ImportError``, behind ``sys.platform`` tests) we
+cannot serve, and, once, which top-level names we never serve (our stdlib):
+the host then never asks for what nobody has.  Its own finders come first,
+so a negative answer never hides a module the host has itself.
 """
-import ast
+import collections
+import dis
 import importlib.util
 import marshal
 import os
@@ -36,7 +42,18 @@ from . import codec
 
 MAGIC = importlib.util.MAGIC_NUMBER  # bytecode sent only to remotes with the same magic
 MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
-CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this much source
+# Stop adding preloaded modules to one reply past this much source (and as
+# much again of bytecode): the real-packages bench set is 2.4 MB of source.
+CLOSURE_BYTES = 6 << 20
+# Modules that a package's functions import from the package go along while
+# they add up to this much source: lazy by design, often never imported.
+LAZY_BYTES = 256 << 10
+# Data files a package's code names (certifi's cacert.pem, read when requests
+# is imported) go along while they add up to this much: a data request is a
+# round trip of its own.
+DATA_BYTES = 512 << 10
+FAST_COMPRESS_BYTES = 1 << 20  # see _packed
+CODE_SUFFIXES = ('.py', '.pyc', '.pyi', '.so', '.pyd', 'py.typed')
 # A 'closure' request (a relay asking for a module and everything it imports)
 # cost 90 ms of encoding and compressing each time: replies are kept, at most
 # this many and this many bytes, and re-checked against the files' mtimes
@@ -44,6 +61,14 @@ CLOSURE_BYTES = 4 << 20  # stop adding preloaded modules to one reply past this 
 CLOSURE_CACHE_ENTRIES = 64
 CLOSURE_CACHE_BYTES = 32 << 20
 LISTING_LIMIT = 2000     # data-file names listed per package (importlib.resources)
+
+
+# What CPython's own stdlib (3.6 to 3.13) imports for other platforms, under
+# try or a platform test, that is not in sys.stdlib_module_names: copy.py and
+# pickle.py's "from org.python.core import PyStringMap" (Jython) cost every
+# Linux host up to 3.11 a round trip.
+OTHER_PLATFORMS = ('org', 'java', 'vms_lib', '_winreg', '_wmi', 'win32evtlog',
+                   'win32evtlogutil', 'win32wnet', 'netbios', 'Carbon', '_ios_support')
 
 
 ENV_SERVE = 'CHOPSTICKS_SERVE'
@@ -180,10 +205,11 @@ def _imported_package_roots(fullname):
 
 
 class ModuleInfo(object):
-    """One servable module: its source and what its top-level code imports."""
+    """One servable module: its source and what it imports (see _static_imports)."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
-                 'imports', 'loader', 'mtime', 'code', 'listings')
+                 'imports', 'lazy_imports', 'attributes', 'required', 'loader', 'mtime',
+                 'code', 'listings')
 
     def entry(self, with_code=False):
         """What the remote gets.  ``with_code`` (a remote running our Python
@@ -204,6 +230,14 @@ class ModuleInfo(object):
             except (SyntaxError, ValueError):
                 self.code = b''  # let the remote report the error from the source
         return self.code or None
+
+    def compiled(self):
+        """The code object, from bytecode(); None for a module that does not compile."""
+        code = self.bytecode()
+        try:
+            return marshal.loads(code) if code else None
+        except (EOFError, ValueError, TypeError):
+            return None
 
 
 _cache = {}
@@ -278,6 +312,9 @@ def _load_info(fullname, spec):
     info.name = fullname
     info.loader = loader
     info.imports = ()
+    info.lazy_imports = ()
+    info.attributes = frozenset()
+    info.required = ()
     info.listing = None
     info.mtime = None
     info.code = None
@@ -322,8 +359,18 @@ def _load_info(fullname, spec):
     info.package_dir = os.path.dirname(origin) if locations is not None else None
     if info.package_dir is not None:
         info.listing = _listing(info.package_dir, loader)
-    info.imports = tuple(_static_imports(fullname, info.source, info.package_dir is not None))
+    code = info.compiled()
+    if code is not None:
+        info.imports, info.lazy_imports, info.attributes = _static_imports(
+            fullname, info.source, info.package_dir is not None, code)
+        # (a docstring's "from relative deltas" matches too: it imports nothing)
+        info.required = tuple(set(info.imports).intersection(
+            m.decode('ascii').partition('.')[0] for m in _UNCONDITIONAL_IMPORT.findall(info.source)))
     return info
+
+
+# "import x" or "from x import y" at column 0: outside any try, if or function.
+_UNCONDITIONAL_IMPORT = re.compile(br'^(?:import|from)[ \t]+([A-Za-z_][\w.]*)', re.M)
 
 
 def _listing(package_dir, loader):
@@ -373,52 +420,184 @@ def _policy_listing(listing, package_dir, top, zipped, policy):
     return kept
 
 
-# CPython 3.11 (3.11.7 here) keeps ast.parse's recursion check per process:
-# two threads parsing at once fail with "SystemError: AST constructor
-# recursion depth mismatch".  Connections serve imports from several threads.
-_parse_lock = threading.Lock()
+# What the import statements compile to: LOAD_CONST level (LOAD_SMALL_INT from
+# 3.14), LOAD_CONST fromlist, IMPORT_NAME module.  Reading a module's .pyc
+# for them took 1/20 of ast.parse's time over the real-packages bench set
+# (640 modules, 9 MB of source: 0.6 s against 13 s on a loaded machine).
+_IMPORT_NAME = dis.opmap['IMPORT_NAME']
+_LOAD_CONST = dis.opmap['LOAD_CONST']
+_LOAD_SMALL_INT = dis.opmap.get('LOAD_SMALL_INT')
+_EXTENDED_ARG = dis.EXTENDED_ARG
+_CACHE = dis.opmap.get('CACHE')  # inline cache units, from 3.11
+_FIND_IMPORT_NAME = re.compile(b'(?=' + re.escape(bytes([_IMPORT_NAME])) + b')')
+_CO_OPTIMIZED = 0x1  # a function's code (a class body's is not)
+_CodeType = type(compile('', '', 'exec'))
 
 
-def _static_imports(fullname, source, is_package):
-    """Absolute names imported by a module's top-level code (not inside functions)."""
-    try:
-        with _parse_lock:
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
+def _instruction_before(code, end):
+    """(offset, opcode, arg) of the instruction whose last unit precedes
+    ``end`` (cache units skipped, EXTENDED_ARG prefixes folded in), or None."""
+    pos = end - 2
+    while _CACHE is not None and pos >= 0 and code[pos] == _CACHE:
+        pos -= 2
+    if pos < 0:
+        return None
+    arg, shift, start = code[pos + 1], 8, pos
+    while start >= 2 and code[start - 2] == _EXTENDED_ARG:
+        start -= 2
+        arg |= code[start + 1] << shift
+        shift += 8
+    return start, code[pos], arg
+
+
+def _code_imports(code):
+    """(eager, lazy) lists of (level, module, fromlist) imported by a module's
+    code object: its own code and its class bodies' are eager, what its
+    functions (and lambdas, comprehensions) import is lazy."""
+    eager, lazy = [], []
+    stack = [(code, eager)]
+    while stack:
+        co, found = stack.pop()
+        raw = co.co_code
+        for match in _FIND_IMPORT_NAME.finditer(raw):
+            pos = match.start()
+            if pos % 2:
+                continue
+            name = _instruction_before(raw, pos + 2)
+            if name is None or name[2] >= len(co.co_names):
+                continue
+            fromlist = _instruction_before(raw, name[0])
+            level = _instruction_before(raw, fromlist[0]) if fromlist else None
+            found.append((_constant_arg(co, level, 0), co.co_names[name[2]],
+                          _constant_arg(co, fromlist, None)))
+        for const in co.co_consts:
+            if type(const) is _CodeType:
+                stack.append((const, lazy if const.co_flags & _CO_OPTIMIZED else found))
+    return eager, lazy
+
+
+def _constant_arg(co, instruction, default):
+    if instruction is None:
+        return default
+    _, op, arg = instruction
+    if op == _LOAD_CONST and arg < len(co.co_consts):
+        return co.co_consts[arg]
+    if op == _LOAD_SMALL_INT:
+        return arg
+    return default
+
+
+# __import__('x') and importlib.import_module('x'), and a loop over a tuple of
+# names fed to them (requests: for package in ("urllib3", "idna"): __import__(package)).
+_CONSTANT_IMPORT = re.compile(
+    br"""^([ \t]*)[^#\n]*?\b(?:import_module|__import__)\(\s*(?:['"]([\w.]+)['"]\s*\)|(\w+)\s*\))""",
+    re.M)
+_NAME_LOOP = re.compile(br"""^([ \t]*)for\s+(\w+)\s+in\s+[(\[]([^)\]]*)[)\]]\s*:""", re.M)
+_QUOTED = re.compile(br"""['"]([\w.]+)['"]""")
+
+
+def _constant_imports(source):
+    """(name, indented) of the modules ``source`` imports by a constant name
+    passed to ``__import__`` or ``import_module``; ``indented``: in a block,
+    perhaps a function's."""
+    loops = {}
+    for match in _NAME_LOOP.finditer(source):
+        loops[match.group(2)] = (match.group(1), _QUOTED.findall(match.group(3)))
+    for match in _CONSTANT_IMPORT.finditer(source):
+        indent, constant, variable = match.groups()
+        if constant:
+            yield constant.decode('ascii'), bool(indent)
+        elif variable in loops:
+            loop_indent, names = loops[variable]
+            for name in names:
+                yield name.decode('ascii'), bool(loop_indent)
+
+
+def _static_imports(fullname, source, is_package, code):
+    """Absolute names a module imports, read from its compiled ``code``: what
+    its top-level code imports (in ``if``, ``try``, ``with`` and class bodies
+    too), what only its functions do, and which of those may be attributes,
+    not modules (``pkg.name`` of ``from pkg import name``)."""
     package = fullname if is_package else fullname.rpartition('.')[0]
-    found = []
+    attributes = set()
 
-    def visit(body):
-        for node in body:
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    found.append(alias.name)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    parts = package.split('.')
-                    if node.level - 1 >= len(parts):
-                        continue
-                    base = '.'.join(parts[:len(parts) - (node.level - 1)])
-                    base = base + '.' + node.module if node.module else base
-                else:
-                    base = node.module
-                found.append(base)
-                for alias in node.names:
-                    if alias.name != '*':
-                        found.append(base + '.' + alias.name)
-            elif isinstance(node, (ast.If, ast.Try, ast.With)):
-                for field in ('body', 'orelse', 'finalbody'):
-                    visit(getattr(node, field, ()))
-                for handler in getattr(node, 'handlers', ()):
-                    visit(handler.body)
-    visit(tree.body)
+    def absolute(level, module):
+        if not isinstance(level, int) or not level:
+            return module
+        parts = package.split('.')
+        if level - 1 >= len(parts):
+            return None
+        base = '.'.join(parts[:len(parts) - (level - 1)])
+        return base + '.' + module if module else base
+
+    def names(imports):
+        found = []
+        for level, module, fromlist in imports:
+            base = absolute(level, module)
+            if not base:
+                continue
+            found.append(base)
+            for name in fromlist if isinstance(fromlist, tuple) else ():
+                if isinstance(name, str) and name != '*':
+                    found.append(base + '.' + name)
+                    attributes.add(base + '.' + name)
+        return found
+
+    eager, lazy = _code_imports(code)
+    eager, lazy = names(eager), names(lazy)
+    if b'import_module(' in source or b'__import__(' in source:
+        for name, indented in _constant_imports(source):
+            if MODULE_NAME.match(name):
+                (lazy if indented else eager).append(name)
+    modules = set(_with_parents(n for n in eager + lazy if n not in attributes))
+    return _with_parents(eager), _with_parents(lazy), frozenset(attributes - modules)
+
+
+def _with_parents(found):
     names = []
     for name in found:
         parts = name.split('.')
         for i in range(1, len(parts) + 1):
             names.append('.'.join(parts[:i]))
-    return names
+    return tuple(dict.fromkeys(names))
+
+
+def _not_a_submodule(name, infos):
+    """Whether ``pkg.name`` (of ``from pkg import name``) is surely no module,
+    judged from pkg's ModuleInfo in ``infos`` without looking on disk (which
+    cost half of serving the real-packages bench set: 10,000 find_spec calls):
+    pkg is a plain module, or a regular package with no file or directory so
+    named."""
+    parent_name, _, attribute = name.rpartition('.')
+    parent = infos.get(parent_name, False)
+    if parent is False or parent is None:
+        return False  # not looked at yet, or not ours: ask the usual way
+    if parent.package_dir is None:
+        return True
+    listing = parent.listing
+    if listing is None or parent.kind == 'namespace':
+        return False
+    prefix = attribute + '.'
+    return listing.get(attribute) != 'dir' and not any(
+        rel.startswith(prefix) and '/' not in rel for rel in listing)
+
+
+def _submodule_only(name, infos):
+    """Whether ``pkg.name`` (of ``from pkg import name``) can only be a
+    submodule: pkg is a package that does not define ``name`` (it does not
+    spell it, nor import ``*``, nor have a module ``__getattr__``)."""
+    parent_name, _, attribute = name.rpartition('.')
+    parent = infos.get(parent_name)
+    if parent is None or parent.package_dir is None:
+        return False  # not a package: nobody looks for a submodule
+    source = parent.source
+    return attribute.encode() not in source and b'import *' not in source \
+        and b'__getattr__' not in source
+
+
+def _absent(top_level_name):
+    """Whether we have no module ``top_level_name`` at all (nor our stdlib)."""
+    return not is_stdlib(top_level_name) and find_spec(top_level_name) is None
 
 
 def host_lacks(fullname, origin):
@@ -440,8 +619,13 @@ def _plugin_packages():
 
 
 def _packed(reply):
-    """A reply to an IMPORT request (or modules sent ahead) as it travels."""
-    return zlib.compress(codec.encode(reply), 6)
+    """A reply to an IMPORT request (or modules sent ahead) as it travels.
+
+    A big one is compressed fast: the real-packages bench set (9.5 MB of
+    source and bytecode) took 0.51 s at level 1 against 1.84 s at level 6
+    on a loaded machine, for 15% more bytes (3.3 MB against 2.9)."""
+    raw = codec.encode(reply)
+    return zlib.compress(raw, 6 if len(raw) < FAST_COMPRESS_BYTES else 1)
 
 
 # --- serving one connection --------------------------------------------------------
@@ -469,6 +653,9 @@ class ModuleServer(object):
         self.lock = threading.Lock()
         self.remote_magic = None  # the remote's bytecode magic, from its HELLO
         self.policy = ServePolicy(serve)
+        self.told_missing = set()  # names this remote was told we do not have
+        self.data_sent = set()  # data files sent ahead (see _named_data)
+        self.stdlib_sent = False
 
     def handle(self, query):
         """Answer an IMPORT request; the reply is compressed codec bytes."""
@@ -529,48 +716,156 @@ class ModuleServer(object):
 
     def serve_module(self, fullname, resend=False):
         """The module and its import closure, leaving out what this remote
-        already has (unless ``resend``: a relay asking on behalf of others)."""
+        already has (unless ``resend``: a relay asking on behalf of others).
+
+        The closure: what the module imports at its top level, recursively,
+        except through a module that cannot import (it imports, outside any
+        ``try``, a name we lack); then, while LAZY_BYTES last, what those
+        modules' functions import from their own package.  The user's own
+        code (see host_lacks) is about to run on the host: what its functions
+        import is part of its closure.  ``missing`` names what any of them
+        imports, anywhere, that we do not have, so that the host never asks.
+        """
         modules = {}
         errors = {}
+        missing = []
         if not self.policy.allows_module(fullname):
             raise Refused(self.policy.why_not(fullname))
         with self.lock:
             root = module_info(fullname)
             if root is None:
-                return {'missing': [fullname]}
-            queue = [root.name]
-            total = 0
+                return self._once({'missing': [fullname]}, resend)
+            eager = collections.deque([root.name])
+            lazy = collections.deque()
+            if root.kind == 'source' and host_lacks(root.name, root.origin):
+                eager.extend(root.lazy_imports)
+            probe = []
+            served = []
+            attributes = set()
+            infos = {}  # name -> ModuleInfo or None, as found in this walk
+            total = lazy_total = 0
             seen = set()
-            while queue:
-                name = queue.pop(0)
-                if name in seen:
+            for queue, is_lazy in ((eager, False), (lazy, True)):
+                while queue:
+                    name = queue.popleft()
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    if not self.policy.allows_module(name):
+                        continue  # not this host's: it imports its own, or asks and is told
+                    if name in attributes and _not_a_submodule(name, infos):
+                        if infos[name.rpartition('.')[0]].package_dir is not None:
+                            missing.append(name)  # told if it cannot be an attribute either
+                        continue  # a class or function of a module already here
+                    try:
+                        info = module_info(name) if name != root.name else root
+                    except Refused as e:
+                        errors[name] = str(e)
+                        continue
+                    infos[name] = info
+                    if info is None:
+                        if resend or name not in self.told_missing:
+                            missing.append(name)
+                        continue
+                    if resend or name not in self.sent:
+                        size = len(info.source)
+                        if name != root.name and (total + size > CLOSURE_BYTES or (
+                                is_lazy and lazy_total + size > LAZY_BYTES)):
+                            continue
+                        modules[name] = self._entry(info)
+                        served.append(info)
+                        self.sent.add(name)
+                        total += size
+                        lazy_total += size if is_lazy else 0
+                        # Any directory on sys.path imports as a namespace package:
+                        # only a regular package (one with __init__.py) opens its data files.
+                        if info.package_dir is not None and info.kind != 'namespace':
+                            self.package_dirs[os.path.realpath(info.package_dir)] = (
+                                info.loader, name.partition('.')[0])
+                    attributes.update(info.attributes)
+                    absent = [n for n in info.required if n not in seen and _absent(n)]
+                    if absent:
+                        # It cannot import anywhere (urllib3.contrib.pyopenssl without
+                        # OpenSSL): what else it imports would be sent for nothing.
+                        missing.extend(absent)
+                        seen.update(absent)
+                        continue
+                    top = name.partition('.')[0]
+                    if not is_lazy:
+                        queue.extend(n for n in info.imports if n not in seen)
+                        for n in info.lazy_imports:
+                            if n.partition('.')[0] == top:
+                                lazy.append(n)  # its own package's: likely used with it
+                            elif n not in probe:
+                                probe.append(n)  # another's: only said to be missing
+                        continue
+                    for n in info.imports:  # a lazily imported module's closure, in its package
+                        if n.partition('.')[0] == top:
+                            queue.append(n)
+                        elif n not in probe:
+                            probe.append(n)
+            data = self._named_data(served)
+            for name in probe:
+                if name in seen or not (resend or name not in self.told_missing) or \
+                        not self.policy.allows_module(name) or (
+                        name in attributes and _not_a_submodule(name, infos)):
                     continue
-                seen.add(name)
-                if not self.policy.allows_module(name):
-                    continue  # not this host's: it imports its own, or asks and is told
                 try:
-                    info = module_info(name) if name != root.name else root
+                    if module_info(name) is None:
+                        missing.append(name)
                 except Refused as e:
                     errors[name] = str(e)
-                    continue
-                if info is None:
-                    continue
-                if resend or name not in self.sent:
-                    if total > CLOSURE_BYTES and name != root.name:
-                        continue
-                    modules[name] = self._entry(info)
-                    self.sent.add(name)
-                    total += len(info.source)
-                    # Any directory on sys.path imports as a namespace package:
-                    # only a regular package (one with __init__.py) opens its data files.
-                    if info.package_dir is not None and info.kind != 'namespace':
-                        self.package_dirs[os.path.realpath(info.package_dir)] = (
-                            info.loader, name.partition('.')[0])
-                queue.extend(n for n in info.imports if n not in seen)
+            missing = [name for name in dict.fromkeys(missing)
+                       if (name not in attributes or _submodule_only(name, infos))
+                       and not is_stdlib(name) and (resend or name not in self.told_missing)]
+            self.told_missing.update(missing)
         if fullname not in modules and fullname in self.sent:
             # Asked again (after invalidate_caches, or by a second finder): resend.
             modules[fullname] = self._entry(root)
-        return {'modules': modules, 'errors': errors}
+        reply = {'modules': modules, 'errors': errors, 'missing': missing}
+        if data:
+            reply['data'] = data
+        return self._once(reply, resend)
+
+    def _named_data(self, served):
+        """{path: bytes} of the data files in the packages of ``served`` whose
+        names their modules' sources spell out, up to DATA_BYTES."""
+        data = {}
+        total = 0
+        packages = {info.name: info for info in served if info.listing}
+        for info in served:
+            package = packages.get(info.name if info.package_dir else info.name.rpartition('.')[0])
+            if package is None:
+                continue
+            for rel, kind in package.listing.items():
+                if kind != 'file' or rel.endswith(CODE_SUFFIXES) or \
+                        rel.rpartition('/')[2].encode() not in info.source:
+                    continue
+                path = package.package_dir + '/' + rel
+                if path in data or path in self.data_sent:
+                    continue
+                try:
+                    size = os.path.getsize(path)
+                    if total + size > DATA_BYTES:
+                        continue
+                    data[path] = self.serve_data(path)
+                except (OSError, Refused):
+                    continue
+                total += size
+                self.data_sent.add(path)
+        return data
+
+    def _once(self, reply, resend=False):
+        """Add to a reply what a remote needs once: the top-level names we
+        never serve, and those of OTHER_PLATFORMS we lack.  A relay
+        (``resend``) gets them each time: it passes each reply on to
+        whichever host asks that question first."""
+        if resend or not self.stdlib_sent:
+            self.stdlib_sent = True
+            reply['stdlib'] = sorted(STDLIB_NAMES)
+            reply['missing'] = list(reply.get('missing', ())) + [
+                name for name in OTHER_PLATFORMS if _absent(name)]
+        return reply
 
     def _entry(self, info):
         """``info.entry`` with the package listing this host's policy allows."""

@@ -198,7 +198,7 @@ def _set_for_host(keyword, ssh, ssh_config, host, user=None, port=None):
     return resolved.get(keyword) != default.get(keyword)
 
 
-_resolved_cache = {}  # (ssh, config, host, user, port) -> (config files' state, settings)
+_resolved_cache = {}  # type: dict  # (ssh, config, host, user, port) -> (config files' state, settings)
 
 
 def _config_files(ssh_config):
@@ -237,7 +237,7 @@ def _resolved_for_host(ssh, ssh_config, host, user=None, port=None):
     return settings
 
 
-_config_cache = {}  # path -> ((path, mtime) of every file read, keywords used)
+_config_cache = {}  # type: dict  # path -> ((path, mtime) of every file read, keywords used)
 
 
 def _config_keywords(path, system=False):

@@ -11,6 +11,7 @@ import sys
 import threading
 
 from . import bootstrap, cache
+from .aio import loop_inbox
 from .become import BecomeTunnel
 from .connection import Connection
 from .errors import CallTimeout, DepthLimitExceeded, TunnelClosed
@@ -81,7 +82,7 @@ class BaseTunnel(object):
     # Interpreters, as _version_key() names them, whose agent reported our
     # Python version: learned in _connected, and kept between runs in
     # chopsticks.cache under _version_fact().
-    _same_version = {}
+    _same_version = {}  # type: dict
 
     def _version_key(self):
         """What names the interpreter this tunnel starts, for _same_version;
@@ -191,6 +192,9 @@ class BaseTunnel(object):
 
     def close(self):
         """Stop the agent.  The tunnel reconnects if used again."""
+        connecting = sys.modules.get('chopsticks.connecting')  # loaded once call_async connects
+        if connecting is not None:
+            connecting.background_connects().close(self)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -262,12 +266,13 @@ class BaseTunnel(object):
 
     def call_async(self, fn, *args, **kwargs):
         """Start ``fn(*args, **kwargs)`` on the host; returns a
-        ``concurrent.futures.Future``.  Many may be in flight at once."""
+        ``concurrent.futures.Future`` at once.  Many may be in flight at once.
+        A tunnel not connected yet connects in the background (see
+        chopsticks.connecting); a connect error comes through the future."""
         conn = self._conn
         if conn is None or conn.closed:
-            conn, first = self.open_connection((fn, args, kwargs))
-            if first is not None:
-                return first
+            from .connecting import background_connects
+            return background_connects().call_async(self, fn, args, kwargs)
         return conn.call_async(conn.pickle_call(fn, args, kwargs), fn)
 
     def call_iter(self, fn, *args, timeout=None, **kwargs):
@@ -313,11 +318,25 @@ class BaseTunnel(object):
             await asyncio.get_running_loop().run_in_executor(None, self.connect)
         return self
 
-    async def acall(self, fn, *args, timeout=None, **kwargs):
-        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the loop."""
-        await self.aconnect()
-        conn = self.connection()
-        future = asyncio.wrap_future(conn.call_async(conn.pickle_call(fn, args, kwargs), fn))
+    def acall(self, fn, *args, timeout=None, **kwargs):
+        """``await tunnel.acall(fn, ...)``: like ``call`` without blocking the
+        loop.  Returns an awaitable that asyncio takes as a coroutine too
+        (``create_task``, ``gather``, ``asyncio.run``).  On a connected
+        tunnel, from a running loop, the call goes out at once (see
+        chopsticks.aio); a tunnel not connected yet connects in the background."""
+        conn = self._conn
+        if timeout is None and conn is not None and not conn.closed:
+            inbox = loop_inbox()
+            if inbox is not None:
+                return inbox.call(conn, fn, args, kwargs)
+        return self._acall(fn, args, kwargs, timeout)
+
+    async def _acall(self, fn, args, kwargs, timeout):
+        conn = self._conn
+        if conn is None or conn.closed:
+            future = asyncio.wrap_future(self.call_async(fn, *args, **kwargs))
+        else:
+            future = loop_inbox().call(conn, fn, args, kwargs)
         if timeout is None:
             return await future
         try:
@@ -477,7 +496,7 @@ class SSHTunnel(SubprocessTunnel):
         super().__init__(name, python=python, connect_timeout=connect_timeout, via=via,
                          keepalive=keepalive)
 
-    _same_version = {}  # its own: keyed by SSH destination
+    _same_version = {}  # type: dict  # its own: keyed by SSH destination
 
     def _version_key(self):
         s = self.ssh_settings

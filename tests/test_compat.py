@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules a remote imports: the agent itself, and what relays and files pull in.
 REMOTE_MODULES = ['__init__', 'agent', 'codec', 'wire', 'errors', 'tunnel', 'connection',
                   'broker', 'bootstrap', 'modserver', 'serialize', 'ssh', 'files', 'relay',
-                  'group', 'queue', 'hookspecs']
+                  'group', 'queue', 'hookspecs', 'aio', 'connecting']
 
 
 def test_remote_side_modules_compile_on_the_oldest_python():

@@ -22,7 +22,7 @@ def project(tmp_path, monkeypatch):
     """A package tree that only the controller has on sys.path."""
     root = tmp_path / 'controller_path'
     # The user shares this package's files (data) with hosts: see ServePolicy.
-    monkeypatch.setenv('CHOPSTICKS_SERVE', 'servedpkg,*')
+    monkeypatch.setenv('CHOPSTICKS_SERVE', 'servedpkg,dynpkg,*')
     write(root / 'servedpkg' / '__init__.py', '''
         from . import sub
         from .sub import deeper
@@ -46,6 +46,14 @@ def project(tmp_path, monkeypatch):
             import servedpkg.lazy
             return (servedpkg.VALUE, servedpkg.sub.deeper.where(), servedpkg.lazy.f(),
                     requests)
+
+        def import_by_name(name, function):
+            """What ``name.function()`` returns and how many requests the host sent."""
+            import importlib
+            agent = sys.modules['_chopsticks_agent'].agent
+            before = agent.next_request
+            value = getattr(importlib.import_module(name), function)()
+            return value, agent.next_request - before
 
         def get_data():
             import pkgutil
@@ -108,12 +116,32 @@ def tunnel(request):
     t.close()
 
 
-def test_package_and_its_closure_arrive_in_one_round_trip(project, tunnel):
+def test_what_own_code_imports_in_its_functions_comes_with_the_first_call(project, tunnel):
     _, modfuncs = project
+    tunnel.connect()
     value, where, lazy, requests = tunnel.call(modfuncs.import_and_report)
     assert (value, where, lazy) == (42, 'servedpkg.sub.deeper', 'lazy')
-    # servedpkg came with sub, sub.deeper and servedhelper preloaded in one reply
-    assert requests == 1
+    assert requests == 0
+
+
+def test_package_and_its_closure_arrive_in_one_round_trip(project, tunnel):
+    """A name known only at run time costs one request: the package comes
+    with what it imports, its own lazy imports, and what it names of its data."""
+    root, modfuncs = project
+    write(root / 'dynpkg' / '__init__.py', '''
+        import pkgutil
+        from . import first
+        from .second import VALUE
+
+        def later():
+            from . import third
+            return third.VALUE + len(pkgutil.get_data(__name__, 'table.txt'))
+    ''')
+    write(root / 'dynpkg' / 'first.py', 'import servedhelper\n')
+    write(root / 'dynpkg' / 'second.py', 'VALUE = 2\n')
+    write(root / 'dynpkg' / 'third.py', 'VALUE = 3\n')
+    write(root / 'dynpkg' / 'table.txt', 'four')
+    assert tunnel.call(modfuncs.import_by_name, 'dynpkg', 'later') == (7, 1)
 
 
 def test_the_first_call_into_own_code_brings_its_module(project, tunnel):
@@ -274,3 +302,77 @@ def test_package_from_an_editable_install_is_served(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     with Local() as t:
         assert t.call(module.answer) == 42
+
+
+OPTIONAL_IMPORTS = '''
+    import sys
+    try:
+        import absent_everywhere
+    except ImportError:
+        absent_everywhere = None
+    if sys.platform == 'win32':
+        import absent_platform_module
+    try:
+        import msvcrt  # the stdlib's, on Windows only
+    except ImportError:
+        msvcrt = None
+    try:
+        import host_only
+    except ImportError:
+        host_only = None
+    for name in ('absent_json_a', 'absent_json_b'):  # as requests picks a library
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+    def optional_in_function():
+        try:
+            from absent_in_function import thing
+        except ImportError:
+            return 'fallback'
+        return thing
+
+    def report():
+        return (absent_everywhere, msvcrt, getattr(host_only, 'WHERE', None),
+                optional_in_function())
+'''
+
+
+def test_optional_imports_absent_everywhere_cost_no_round_trip(project, tunnel):
+    """What a package imports under try/except ImportError, behind a platform
+    test or inside a function, and that nobody has: the reply that brings the
+    package says so, and the host's ImportError still reaches the user's try."""
+    root, modfuncs = project
+    write(root / 'optpkg' / '__init__.py', OPTIONAL_IMPORTS)
+    assert tunnel.call(modfuncs.import_by_name, 'optpkg', 'report') == (
+        (None, None, None, 'fallback'), 1)
+    asked = tunnel.call(modfuncs.import_requests_so_far)
+    with pytest.raises(RemoteException) as info:
+        tunnel.call(modfuncs.where_is, 'absent_everywhere')
+    assert info.value.type_name == 'ModuleNotFoundError'
+    assert tunnel.call(modfuncs.import_requests_so_far) == asked  # told, not asked again
+
+
+def test_a_name_the_controller_lacks_is_still_imported_from_the_host(project, tmp_path,
+                                                                     monkeypatch):
+    root, modfuncs = project
+    write(root / 'optpkg' / '__init__.py', OPTIONAL_IMPORTS)
+    remote_dir = tmp_path / 'remote_only'
+    write(remote_dir / 'host_only.py', 'WHERE = "remote"\n')
+    monkeypatch.setenv('PYTHONPATH', str(remote_dir))
+    with Local() as t:
+        assert t.call(modfuncs.import_by_name, 'optpkg', 'report') == (
+            (None, None, 'remote', 'fallback'), 1)
+
+
+def test_a_namespace_package_takes_portions_from_host_and_controller(project, tmp_path,
+                                                                     monkeypatch):
+    root, modfuncs = project
+    write(root / 'nsmix' / 'controller_part.py', 'WHERE = "controller"\n')
+    remote_dir = tmp_path / 'remote_only'
+    write(remote_dir / 'nsmix' / 'host_part.py', 'WHERE = "remote"\n')
+    monkeypatch.setenv('PYTHONPATH', str(remote_dir))
+    with Local() as t:
+        assert t.call(modfuncs.where_is, 'nsmix.host_part') == 'remote'
+        assert t.call(modfuncs.where_is, 'nsmix.controller_part') == 'controller'

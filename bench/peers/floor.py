@@ -105,6 +105,19 @@ def trivial_rtt(ctx, config=None, calls=None):
         cat.close()
 
 
+def fresh_rtt(ctx):
+    """A new ``ssh host cat``, used as soon as its first echo is back."""
+    data = b'0123456789abcdef'
+    samples = []
+    for _ in range(ctx.repeat):
+        cat = Cat(ssh(ctx, ctx.host, 'cat'))
+        try:
+            samples.append(h.per_op(lambda: cat.round_trip(data), ctx.fresh_calls))
+        finally:
+            cat.close()
+    return Result(samples, 's', note='16 bytes through a new ssh host cat')
+
+
 def echo_4mib(ctx):
     cat = Cat(ssh(ctx, ctx.host, 'cat'))
     data = os.urandom(ctx.echo_bytes)

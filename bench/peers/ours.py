@@ -117,6 +117,57 @@ def pipelined(ctx):
         t.close()
 
 
+def fresh_rtt(ctx):
+    """What a user's script meets: this process has just started, connects,
+    and calls at once, with no warm-up call (one sample per process)."""
+    t = tunnel(ctx)
+    t.connect()
+    try:
+        return Result([h.per_op(lambda: t.call(len, 'abc'), ctx.fresh_calls)
+                       for _ in range(ctx.repeat)], 's',
+                      note='t.call(len, "abc") right after connect, in a new process')
+    finally:
+        t.close()
+
+
+def asyncio_gather(ctx):
+    """``asyncio.gather`` of many ``acall`` on one tunnel, taking turns with
+    as many ``call_async`` in the same process (the note gives the ratio)."""
+    import asyncio
+    import statistics
+    t = _connected(ctx)
+    n = ctx.gather_calls
+
+    def call_async_burst():
+        start = clock()
+        for future in [t.call_async(remote_fns.noop) for _ in range(n)]:
+            future.result()
+        return n / (clock() - start)
+
+    async def gather_burst():
+        start = clock()
+        await asyncio.gather(*(t.acall(remote_fns.noop) for _ in range(n)))
+        return n / (clock() - start)
+
+    async def measure():
+        call_async_burst()  # warm
+        await gather_burst()
+        gathered, plain = [], []
+        for _ in range(ctx.repeat):
+            plain.append(call_async_burst())
+            gathered.append(await gather_burst())
+        return gathered, plain
+
+    try:
+        gathered, plain = asyncio.run(measure())
+    finally:
+        t.close()
+    ratio = statistics.median(gathered) / statistics.median(plain)
+    return Result(gathered, 'calls/s', extra={'call_async': plain},
+                  note='%.2fx call_async in the same process (%s/s)'
+                       % (ratio, '{:,.0f}'.format(statistics.median(plain))))
+
+
 def echo_4mib(ctx):
     t = _connected(ctx)
     data = os.urandom(ctx.echo_bytes)
@@ -182,6 +233,32 @@ def wan(ctx):
         'wan_rtt': Result(rtt, 's'),
         'wan_import': Result(imports, 's', note='%d modules' % count),
     }
+
+
+def wan_real(ctx):
+    """Real PyPI packages the host lacks (real_imports.py), over the WAN link."""
+    _need_core()
+    _need_transport(ctx)
+    if not ctx.wan_ssh_config:
+        raise NotAvailable('no slowlink.py')
+    if not ctx.real_packages_dir:
+        raise NotAvailable('the real packages could not be installed')
+    sys.path.insert(0, ctx.real_packages_dir)
+    import real_imports
+    imports, trips = [], []
+    for _ in range(ctx.wan_repeat):
+        t = Tunnel(ctx.host, ssh_config=ctx.wan_ssh_config, transport=ctx.options['transport'],
+                   python=ctx.real_python)
+        t.call(remote_fns.noop)
+        before = t.call(real_imports.requests_made)
+        start = clock()
+        count = t.call(real_imports.import_all)
+        imports.append(clock() - start)
+        trips.append(t.call(real_imports.requests_made) - before)
+        t.close()
+    return {'wan_import_real': Result(
+        imports, 's', note='%d modules, %d import round trips besides the call' % (count, max(trips)),
+        extra={'import round trips': trips})}
 
 
 def many_hosts(ctx):

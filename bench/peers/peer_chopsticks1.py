@@ -116,6 +116,34 @@ def wan(ctx):
     }
 
 
+def wan_real(ctx):
+    """Real PyPI packages the host lacks (real_imports.py), over the WAN link."""
+    if not ctx.wan_ssh_config:
+        raise NotAvailable('no slowlink.py')
+    if not ctx.real_packages_dir:
+        raise NotAvailable('the real packages could not be installed')
+    sys.path.insert(0, ctx.real_packages_dir)
+    import real_imports
+
+    class BareTunnel(tunnel_class(ctx, ctx.wan_ssh_config)):
+        python3 = ctx.real_python  # 3.11: still has imp
+
+    imports = []
+    for _ in range(ctx.wan_repeat):
+        t = BareTunnel(ctx.host)
+        t.call(remote_fns.noop)
+        start = clock()
+        try:
+            count = t.call(real_imports.import_all)
+        except Exception as exc:  # noqa: BLE001 (its RemoteException)
+            raise NotAvailable('importing requests fails: 1.0 serves no package data '
+                               "(certifi's cacert.pem): %s" % str(exc).splitlines()[-1].strip())
+        finally:
+            t.close()
+        imports.append(clock() - start)
+    return {'wan_import_real': Result(imports, 's', note='%d modules' % count)}
+
+
 def many_hosts(ctx):
     cls = tunnel_class(ctx)
 

@@ -83,6 +83,27 @@ def pipelined(ctx):
         gw.exit()
 
 
+def asyncio_gather(ctx):
+    """execnet has no asyncio: its channel, as many messages in flight."""
+    gw, channel = _echo_channel(ctx)
+    n = ctx.gather_calls
+
+    def burst():
+        start = clock()
+        for _ in range(n):
+            channel.send(None)
+        for _ in range(n):
+            channel.receive()
+        return n / (clock() - start)
+
+    try:
+        burst()
+        return Result(h.samples(ctx.repeat, burst), 'calls/s',
+                      note='%d channel messages in flight (no asyncio API)' % n)
+    finally:
+        gw.exit()
+
+
 def echo_4mib(ctx):
     gw, channel = _echo_channel(ctx)
     data = os.urandom(ctx.echo_bytes)

@@ -123,6 +123,26 @@ def wan(ctx):
     }
 
 
+def wan_real(ctx):
+    """Real PyPI packages the host lacks (real_imports.py), over the WAN link."""
+    if not ctx.wan_ssh_config:
+        raise NotAvailable('no slowlink.py')
+    if not ctx.real_packages_dir:
+        raise NotAvailable('the real packages could not be installed')
+    sys.path.insert(0, ctx.real_packages_dir)
+    import real_imports
+    imports = []
+    for _ in range(ctx.wan_repeat):
+        context = router.ssh(hostname=ctx.host, python_path=ctx.real_python,
+                             ssh_args=['-F', ctx.wan_ssh_config])
+        context.call(remote_fns.noop)
+        start = clock()
+        count = context.call(real_imports.import_all)
+        imports.append(clock() - start)
+        context.shutdown(wait=True)
+    return {'wan_import_real': Result(imports, 's', note='%d modules' % count)}
+
+
 def many_hosts(ctx):
     hosts = ctx.many_hosts
 

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ['LoopbackSSHD', 'SSHDNotFound']
 
@@ -102,7 +102,7 @@ class LoopbackSSHD:
 
         self.directory = tempfile.mkdtemp(prefix='chopsticks-sshd-')
         # Cleans up even if the caller forgets stop(), e.g. when a test crashes.
-        self._state = {'proc': None, 'directory': self.directory}
+        self._state: Dict[str, Any] = {'proc': None, 'directory': self.directory}
         self._finalizer = weakref.finalize(self, _cleanup, self._state)
         try:
             self._prepare_files()
