@@ -307,6 +307,7 @@ def _summary(value: Any) -> str:
 def exec_(words: Sequence[str], timeout: float | None, stream: bool, as_json: bool) -> None:
     """Run a shell command on hosts in parallel; output grouped per host.
 
+    \b
         chopsticks exec web1 web2 -- uptime
         chopsticks exec -i hosts.ini 'web:!web3' --become -K -- apt-get update
     """

@@ -1,8 +1,8 @@
 """Real installs: the plugin distributions pip-installed into a fresh virtualenv.
 
 One virtualenv per session holds chopsticks, chopsticks-facts, chopsticks-pkg
-and the third-party plugin of README.rst ("Writing a plugin"), built
-from its text, so the documented example is what is tested.  Broken plugins
+and the third-party plugin of the plugin author's guide (docs/plugins.rst),
+built from its files, so the documented example is what is tested.  Broken plugins
 (one that fails to import, one whose hook raises, one that registers a
 duplicate fact) are installed into a separate ``--target`` directory put on
 ``PYTHONPATH`` by the tests that want them.  Everything runs as real
@@ -13,7 +13,6 @@ and the venv gets pluggy and click from it, as any user's would.
 """
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import chopsticks_facts
 import chopsticks_pkg
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "README.rst"
+DOCS = ROOT / "docs" / "plugin-example" / "chopsticks-hello"
 
 # Building the virtualenv (pip and the package index) takes most of a minute
 # here; a slow index must not be mistaken for a hung test.
@@ -43,12 +42,8 @@ NEEDS_HOOKIMPL_EXPORT = pytest.mark.xfail(
 
 
 def documented_file(name):
-    """The code block that follows ``name`` in README.rst ("Writing a plugin")."""
-    text = DOCS.read_text()
-    match = re.search(r"^``%s``:\n\n\.\. code:: \w+\n\n((?:    .*\n|\n)+)" % re.escape(name),
-                      text, re.MULTILINE)
-    assert match, f"README.rst has no code block for {name}"
-    return textwrap.dedent(match.group(1)).strip() + "\n"
+    """A file of the plugin author's guide's complete example (docs/plugins.rst)."""
+    return (DOCS / name).read_text()
 
 
 def _copy_project(src, dest):

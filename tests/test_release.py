@@ -166,7 +166,8 @@ def test_plugin_requires_this_chopsticks(project):
 def plugin_templates() -> Dict[str, str]:
     """The plugin pyproject.toml examples in the documentation, by where they are."""
     pages = [ROOT / "README.rst", *sorted((ROOT / "docs").rglob("*.rst")),
-             *sorted((ROOT / "docs").rglob("*.md"))]
+             *sorted((ROOT / "docs").rglob("*.md")),
+             *sorted((ROOT / "docs").rglob("pyproject.toml"))]  # the plugin guide's example
     templates = {}
     for page in pages:
         text = page.read_text().replace("\n    ", "\n")  # code blocks unindented
