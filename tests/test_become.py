@@ -16,7 +16,8 @@ from chopsticks.cli import main
 
 PASSWORD_USER = 'chopsticks-pw'
 PASSWORD = 'c0rrect h0rse; $(battery)'  # a space, a quote-worthy char, shell syntax: all literal
-SUDOERS = '/etc/sudoers.d/chopsticks-pw-test'
+# One file per test run: two suites on one machine (worktrees) share /etc.
+SUDOERS = '/etc/sudoers.d/chopsticks-pw-test-%d' % os.getpid()
 
 
 @pytest.fixture(scope='session')
@@ -40,7 +41,10 @@ def password_user(sudo_user):
     try:
         yield PASSWORD_USER
     finally:
-        os.unlink(SUDOERS)
+        try:
+            os.unlink(SUDOERS)
+        except FileNotFoundError:
+            pass
         if created:
             subprocess.run(['userdel', '--remove', PASSWORD_USER], stderr=subprocess.DEVNULL)
 
