@@ -25,7 +25,6 @@ the host then never asks for what nobody has.  Its own finders come first,
 so a negative answer never hides a module the host has itself.
 """
 import collections
-import dis
 import importlib.util
 import marshal
 import os
@@ -38,10 +37,11 @@ import zipimport
 import zlib
 import importlib.machinery
 
-from . import codec
+from . import codec, modscan
+from .modscan import MODULE_NAME
+from .servepolicy import ENV_SERVE, ServePolicy, dotted, plugin_packages, shipped_files
 
 MAGIC = importlib.util.MAGIC_NUMBER  # bytecode sent only to remotes with the same magic
-MODULE_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 # Stop adding preloaded modules to one reply past this much source (and as
 # much again of bytecode): the real-packages bench set is 2.4 MB of source.
 CLOSURE_BYTES = 6 << 20
@@ -71,85 +71,8 @@ OTHER_PLATFORMS = ('org', 'java', 'vms_lib', '_winreg', '_wmi', 'win32evtlog',
                    'win32evtlogutil', 'win32wnet', 'netbios', 'Carbon', '_ios_support')
 
 
-ENV_SERVE = 'CHOPSTICKS_SERVE'
-
-
 class Refused(Exception):
     """Not served, and the remote is told why."""
-
-
-class ServePolicy(object):
-    """Which modules and data files one connection's host may have.
-
-    ``names`` None: the default (any module on sys.path; data a distribution
-    ships).  A list of top-level package names: only those (and chopsticks and
-    its plugins, which the host runs for us), all their non-dot files counting
-    as data; ``'*'`` in the list adds the default for every other module; an
-    empty list serves chopsticks and its plugins only."""
-
-    def __init__(self, names=None):
-        if names is None:
-            names = _names_from_env()
-        if isinstance(names, str):
-            names = [names]
-        self.everything = names is None or '*' in names
-        self.named = frozenset(n for n in (names or ()) if n not in ('*', 'none'))
-        self.key = (self.everything, self.named)
-
-    def allows_module(self, fullname):
-        top = fullname.partition('.')[0]
-        return (self.everything or top in self.named or top == 'chopsticks'
-                or top in _plugin_packages())
-
-    def why_not(self, fullname):
-        return ('%s is not served to this host: serving is limited to %s (%s or serve=)'
-                % (fullname, ', '.join(sorted(self.named)) or 'chopsticks', ENV_SERVE))
-
-    def allows_data(self, top, real, zipped):
-        """Whether the file ``real`` of a served package (top-level name
-        ``top``) is data the host may read; dot names were refused before."""
-        if top in self.named or zipped or real.endswith('.py'):
-            return True
-        return real in _shipped_files().get(top, ())
-
-
-def _names_from_env():
-    value = os.environ.get(ENV_SERVE)
-    if value is None:
-        return None
-    names = [n.strip() for n in value.split(',') if n.strip()]
-    return [] if names == ['none'] else names
-
-
-_shipped = None  # top-level name -> real paths of the files its distributions install
-
-
-def _shipped_files():
-    """The files each installed distribution lists in its RECORD, by top-level
-    package name: the package data a host may read by default.  Read once per
-    process (an editable install lists none of its package's files)."""
-    global _shipped
-    if _shipped is None:
-        import importlib.metadata
-        shipped = {}
-        for dist in importlib.metadata.distributions():
-            try:
-                files = dist.files or ()
-            except Exception:
-                continue  # a broken RECORD: its files are not served as data
-            for f in files:
-                if len(f.parts) > 1 and f.parts[0] != '..' \
-                        and not f.parts[0].endswith(('.dist-info', '.data')):
-                    real = os.path.realpath(str(dist.locate_file(f)))
-                    shipped.setdefault(f.parts[0], set()).add(real)
-        _shipped = shipped
-    return _shipped
-
-
-def _dotted(rel_path):
-    """Whether a path relative to a package has a component that starts with
-    a dot (.env, .git/, .secrets/...): never served, nor listed."""
-    return any(part.startswith('.') for part in rel_path.replace(os.sep, '/').split('/'))
 
 
 # --- what is on our sys.path -----------------------------------------------------
@@ -205,7 +128,7 @@ def _imported_package_roots(fullname):
 
 
 class ModuleInfo(object):
-    """One servable module: its source and what it imports (see _static_imports)."""
+    """One servable module: its source and what it imports (see chopsticks.modscan.static_imports)."""
 
     __slots__ = ('name', 'kind', 'origin', 'source', 'package_dir', 'listing',
                  'imports', 'lazy_imports', 'attributes', 'required', 'loader', 'mtime',
@@ -361,7 +284,7 @@ def _load_info(fullname, spec):
         info.listing = _listing(info.package_dir, loader)
     code = info.compiled()
     if code is not None:
-        info.imports, info.lazy_imports, info.attributes = _static_imports(
+        info.imports, info.lazy_imports, info.attributes = modscan.static_imports(
             fullname, info.source, info.package_dir is not None, code)
         # (a docstring's "from relative deltas" matches too: it imports nothing)
         info.required = tuple(set(info.imports).intersection(
@@ -384,7 +307,7 @@ def _listing(package_dir, loader):
             for name in zf.namelist():
                 if name.startswith(prefix) and name != prefix:
                     rel = name[len(prefix):].rstrip('/')
-                    if _dotted(rel):
+                    if dotted(rel):
                         continue
                     listing[rel] = 'dir' if name.endswith('/') else 'file'
                     if len(listing) >= LISTING_LIMIT:
@@ -418,148 +341,6 @@ def _policy_listing(listing, package_dir, top, zipped, policy):
             for i in range(1, len(parts)):
                 kept['/'.join(parts[:i])] = 'dir'
     return kept
-
-
-# What the import statements compile to: LOAD_CONST level (LOAD_SMALL_INT from
-# 3.14), LOAD_CONST fromlist, IMPORT_NAME module.  Reading a module's .pyc
-# for them took 1/20 of ast.parse's time over the real-packages bench set
-# (640 modules, 9 MB of source: 0.6 s against 13 s on a loaded machine).
-_IMPORT_NAME = dis.opmap['IMPORT_NAME']
-_LOAD_CONST = dis.opmap['LOAD_CONST']
-_LOAD_SMALL_INT = dis.opmap.get('LOAD_SMALL_INT')
-_EXTENDED_ARG = dis.EXTENDED_ARG
-_CACHE = dis.opmap.get('CACHE')  # inline cache units, from 3.11
-_FIND_IMPORT_NAME = re.compile(b'(?=' + re.escape(bytes([_IMPORT_NAME])) + b')')
-_CO_OPTIMIZED = 0x1  # a function's code (a class body's is not)
-_CodeType = type(compile('', '', 'exec'))
-
-
-def _instruction_before(code, end):
-    """(offset, opcode, arg) of the instruction whose last unit precedes
-    ``end`` (cache units skipped, EXTENDED_ARG prefixes folded in), or None."""
-    pos = end - 2
-    while _CACHE is not None and pos >= 0 and code[pos] == _CACHE:
-        pos -= 2
-    if pos < 0:
-        return None
-    arg, shift, start = code[pos + 1], 8, pos
-    while start >= 2 and code[start - 2] == _EXTENDED_ARG:
-        start -= 2
-        arg |= code[start + 1] << shift
-        shift += 8
-    return start, code[pos], arg
-
-
-def _code_imports(code):
-    """(eager, lazy) lists of (level, module, fromlist) imported by a module's
-    code object: its own code and its class bodies' are eager, what its
-    functions (and lambdas, comprehensions) import is lazy."""
-    eager, lazy = [], []
-    stack = [(code, eager)]
-    while stack:
-        co, found = stack.pop()
-        raw = co.co_code
-        for match in _FIND_IMPORT_NAME.finditer(raw):
-            pos = match.start()
-            if pos % 2:
-                continue
-            name = _instruction_before(raw, pos + 2)
-            if name is None or name[2] >= len(co.co_names):
-                continue
-            fromlist = _instruction_before(raw, name[0])
-            level = _instruction_before(raw, fromlist[0]) if fromlist else None
-            found.append((_constant_arg(co, level, 0), co.co_names[name[2]],
-                          _constant_arg(co, fromlist, None)))
-        for const in co.co_consts:
-            if type(const) is _CodeType:
-                stack.append((const, lazy if const.co_flags & _CO_OPTIMIZED else found))
-    return eager, lazy
-
-
-def _constant_arg(co, instruction, default):
-    if instruction is None:
-        return default
-    _, op, arg = instruction
-    if op == _LOAD_CONST and arg < len(co.co_consts):
-        return co.co_consts[arg]
-    if op == _LOAD_SMALL_INT:
-        return arg
-    return default
-
-
-# __import__('x') and importlib.import_module('x'), and a loop over a tuple of
-# names fed to them (requests: for package in ("urllib3", "idna"): __import__(package)).
-_CONSTANT_IMPORT = re.compile(
-    br"""^([ \t]*)[^#\n]*?\b(?:import_module|__import__)\(\s*(?:['"]([\w.]+)['"]\s*\)|(\w+)\s*\))""",
-    re.M)
-_NAME_LOOP = re.compile(br"""^([ \t]*)for\s+(\w+)\s+in\s+[(\[]([^)\]]*)[)\]]\s*:""", re.M)
-_QUOTED = re.compile(br"""['"]([\w.]+)['"]""")
-
-
-def _constant_imports(source):
-    """(name, indented) of the modules ``source`` imports by a constant name
-    passed to ``__import__`` or ``import_module``; ``indented``: in a block,
-    perhaps a function's."""
-    loops = {}
-    for match in _NAME_LOOP.finditer(source):
-        loops[match.group(2)] = (match.group(1), _QUOTED.findall(match.group(3)))
-    for match in _CONSTANT_IMPORT.finditer(source):
-        indent, constant, variable = match.groups()
-        if constant:
-            yield constant.decode('ascii'), bool(indent)
-        elif variable in loops:
-            loop_indent, names = loops[variable]
-            for name in names:
-                yield name.decode('ascii'), bool(loop_indent)
-
-
-def _static_imports(fullname, source, is_package, code):
-    """Absolute names a module imports, read from its compiled ``code``: what
-    its top-level code imports (in ``if``, ``try``, ``with`` and class bodies
-    too), what only its functions do, and which of those may be attributes,
-    not modules (``pkg.name`` of ``from pkg import name``)."""
-    package = fullname if is_package else fullname.rpartition('.')[0]
-    attributes = set()
-
-    def absolute(level, module):
-        if not isinstance(level, int) or not level:
-            return module
-        parts = package.split('.')
-        if level - 1 >= len(parts):
-            return None
-        base = '.'.join(parts[:len(parts) - (level - 1)])
-        return base + '.' + module if module else base
-
-    def names(imports):
-        found = []
-        for level, module, fromlist in imports:
-            base = absolute(level, module)
-            if not base:
-                continue
-            found.append(base)
-            for name in fromlist if isinstance(fromlist, tuple) else ():
-                if isinstance(name, str) and name != '*':
-                    found.append(base + '.' + name)
-                    attributes.add(base + '.' + name)
-        return found
-
-    eager, lazy = _code_imports(code)
-    eager, lazy = names(eager), names(lazy)
-    if b'import_module(' in source or b'__import__(' in source:
-        for name, indented in _constant_imports(source):
-            if MODULE_NAME.match(name):
-                (lazy if indented else eager).append(name)
-    modules = set(_with_parents(n for n in eager + lazy if n not in attributes))
-    return _with_parents(eager), _with_parents(lazy), frozenset(attributes - modules)
-
-
-def _with_parents(found):
-    names = []
-    for name in found:
-        parts = name.split('.')
-        for i in range(1, len(parts) + 1):
-            names.append('.'.join(parts[:i]))
-    return tuple(dict.fromkeys(names))
 
 
 def _not_a_submodule(name, infos):
@@ -607,15 +388,10 @@ def host_lacks(fullname, origin):
     installed here may well be installed there too: sending it unasked could
     cost more than the round trip it saves."""
     top = fullname.partition('.')[0]
-    if top == 'chopsticks' or top in _plugin_packages():
+    if top == 'chopsticks' or top in plugin_packages():
         return True
     parts = os.path.realpath(origin).split(os.sep)
     return 'site-packages' not in parts and 'dist-packages' not in parts
-
-
-def _plugin_packages():
-    plugins = sys.modules.get('chopsticks.plugins')  # not imported: no plugin is in use
-    return plugins.get_plugin_manager().plugin_packages() if plugins is not None else ()
 
 
 def _packed(reply):
@@ -903,14 +679,14 @@ class ModuleServer(object):
             if isinstance(loader, zipimport.zipimporter):
                 norm = os.path.normpath(path)
                 if _inside(norm, [package_dir]):
-                    if _dotted(os.path.relpath(norm, package_dir)):
+                    if dotted(os.path.relpath(norm, package_dir)):
                         raise Refused('%s: files whose names start with a dot are not served'
                                       % path)
                     return loader.get_data(norm)
                 continue
             real = os.path.realpath(path)
             if _inside(real, [package_dir]) and _inside(real, _search_roots()):
-                if _dotted(os.path.relpath(real, package_dir)):
+                if dotted(os.path.relpath(real, package_dir)):
                     raise Refused('%s: files whose names start with a dot are not served' % path)
                 if not os.path.isfile(real):
                     raise Refused('%s is not a file' % path)
@@ -918,7 +694,7 @@ class ModuleServer(object):
                     raise Refused(
                         '%s is not package data: %s (to share all of a package\'s files with '
                         'hosts, name it in %s or serve=)'
-                        % (path, 'its distribution does not ship it' if top in _shipped_files()
+                        % (path, 'its distribution does not ship it' if top in shipped_files()
                            else '%s is not installed as a distribution' % top, ENV_SERVE))
                 with open(real, 'rb') as f:
                     return f.read()

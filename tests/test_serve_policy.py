@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from chopsticks import Local, RemoteException, modserver
+from chopsticks import Local, RemoteException, modserver, servepolicy
 
 
 def write(path, text=''):
@@ -43,7 +43,7 @@ def project(tmp_path, monkeypatch):
                                       'shippedpkg/.env', 'shippedpkg-1.0.dist-info/RECORD']))
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(modserver, '_shipped', None)  # read the RECORDs again
+    monkeypatch.setattr(servepolicy, '_shipped', None)  # read the RECORDs again
     monkeypatch.delenv(modserver.ENV_SERVE, raising=False)
     for name in [n for n in sys.modules if n.startswith(('myproj', 'local_secrets', 'shippedpkg'))]:
         del sys.modules[name]

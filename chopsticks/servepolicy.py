@@ -1,0 +1,99 @@
+"""What the import server may hand one host: its serving policy.
+
+By default a host may import any pure-Python module on the controller's
+``sys.path`` by name, and read as package data only what an installed
+distribution ships (its RECORD) or a zip holds; never a file or directory
+whose name starts with a dot.  ``CHOPSTICKS_SERVE=pkg,...`` (or ``serve=``)
+limits serving to named top-level packages, ``*`` adding the default for the
+rest, ``none`` serving chopsticks and its plugins only.  The README's
+security section and docs/reliability.rst explain it for users.
+"""
+import os
+import sys
+
+__all__ = ['ENV_SERVE', 'ServePolicy', 'dotted', 'plugin_packages', 'shipped_files']
+
+
+#: The environment variable that limits serving: ``pkg,other``, ``pkg,*`` or ``none``.
+ENV_SERVE = 'CHOPSTICKS_SERVE'
+
+
+class ServePolicy(object):
+    """Which modules and data files one connection's host may have.
+
+    ``names`` None: the default (any module on sys.path; data a distribution
+    ships).  A list of top-level package names: only those (and chopsticks and
+    its plugins, which the host runs for us), all their non-dot files counting
+    as data; ``'*'`` in the list adds the default for every other module; an
+    empty list serves chopsticks and its plugins only."""
+
+    def __init__(self, names=None):
+        if names is None:
+            names = _names_from_env()
+        if isinstance(names, str):
+            names = [names]
+        self.everything = names is None or '*' in names
+        self.named = frozenset(n for n in (names or ()) if n not in ('*', 'none'))
+        self.key = (self.everything, self.named)
+
+    def allows_module(self, fullname):
+        top = fullname.partition('.')[0]
+        return (self.everything or top in self.named or top == 'chopsticks'
+                or top in plugin_packages())
+
+    def why_not(self, fullname):
+        return ('%s is not served to this host: serving is limited to %s (%s or serve=)'
+                % (fullname, ', '.join(sorted(self.named)) or 'chopsticks', ENV_SERVE))
+
+    def allows_data(self, top, real, zipped):
+        """Whether the file ``real`` of a served package (top-level name
+        ``top``) is data the host may read; dot names were refused before."""
+        if top in self.named or zipped or real.endswith('.py'):
+            return True
+        return real in shipped_files().get(top, ())
+
+
+def _names_from_env():
+    value = os.environ.get(ENV_SERVE)
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(',') if n.strip()]
+    return [] if names == ['none'] else names
+
+
+_shipped = None  # top-level name -> real paths of the files its distributions install
+
+
+def shipped_files():
+    """The files each installed distribution lists in its RECORD, by top-level
+    package name: the package data a host may read by default.  Read once per
+    process (an editable install lists none of its package's files)."""
+    global _shipped
+    if _shipped is None:
+        import importlib.metadata
+        shipped = {}
+        for dist in importlib.metadata.distributions():
+            try:
+                files = dist.files or ()
+            except Exception:
+                continue  # a broken RECORD: its files are not served as data
+            for f in files:
+                if len(f.parts) > 1 and f.parts[0] != '..' \
+                        and not f.parts[0].endswith(('.dist-info', '.data')):
+                    real = os.path.realpath(str(dist.locate_file(f)))
+                    shipped.setdefault(f.parts[0], set()).add(real)
+        _shipped = shipped
+    return _shipped
+
+
+def dotted(rel_path):
+    """Whether a path relative to a package has a component that starts with
+    a dot (.env, .git/, .secrets/...): never served, nor listed."""
+    return any(part.startswith('.') for part in rel_path.replace(os.sep, '/').split('/'))
+
+
+def plugin_packages():
+    """The top-level packages of the loaded chopsticks plugins (hosts run
+    them on the controller's behalf, so every policy serves them)."""
+    plugins = sys.modules.get('chopsticks.plugins')  # not imported: no plugin is in use
+    return plugins.get_plugin_manager().plugin_packages() if plugins is not None else ()
