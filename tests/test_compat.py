@@ -9,8 +9,9 @@ from conftest import available_pythons
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules a remote imports: the agent itself, and what relays and files pull in.
 REMOTE_MODULES = ['__init__', 'agent', 'codec', 'wire', 'errors', 'tunnel', 'connection',
-                  'broker', 'bootstrap', 'modserver', 'serialize', 'ssh', 'files', 'relay',
-                  'group', 'queue', 'hookspecs', 'aio', 'connecting']
+                  'broker', 'bootstrap', 'modserver', 'modfind', 'modscan', 'servepolicy',
+                  'serialize', 'ssh', 'files', 'relay', 'group', 'queue', 'hookspecs', 'aio',
+                  'connecting']
 
 
 def test_remote_side_modules_compile_on_the_oldest_python():
