@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
-from chopsticks.display import printable
+from chopsticks.display import printable, printable_lines
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -176,14 +176,9 @@ def _show_host(host: str, result: Any) -> None:
     click.echo(f'[{host}] {"ok" if result.ok else "FAILED"} ({result.status()})')
     # The host's text is escaped line by line: a \r or an escape sequence in
     # it cannot repaint another host's lines.
-    for line in _lines(result.stdout):
-        click.echo(f'    {printable(line)}')
-    for line in _lines(result.stderr):  # marked, and kept with its host
-        click.echo(f'  ! {printable(line)}')
-
-
-def _lines(text: str) -> List[str]:
-    return text[:-1].split('\n') if text.endswith('\n') else text.split('\n') if text else []
+    for text, prefix in ((result.stdout, '    '), (result.stderr, '  ! ')):  # stderr marked
+        if text:
+            click.echo(printable_lines(text[:-1] if text.endswith('\n') else text, prefix))
 
 
 # --- list-hosts ---------------------------------------------------------------------------

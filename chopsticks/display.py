@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["printable", "value_lines", "table_lines"]
+__all__ = ["printable", "printable_lines", "value_lines", "table_lines"]
 
 # C0 controls but tab, DEL, and C1 controls (U+0080-U+009F; U+009B is a
 # one-character CSI on many terminals).
@@ -28,6 +28,12 @@ def printable(text: str) -> str:
     """``text`` with control characters (tab excepted) escaped as ``\\n``,
     ``\\r``, ``\\x1b``, ...: one line, nothing a terminal acts on."""
     return _CONTROL.sub(lambda m: _NAMED.get(m.group(), "\\x%02x" % ord(m.group())), text)
+
+
+def printable_lines(text: str, prefix: str = "") -> str:
+    """``text`` escaped line by line (:func:`printable`), ``prefix`` before
+    each line: the lines joined with newlines, no newline at the end."""
+    return "\n".join(prefix + printable(line) for line in text.split("\n"))
 
 
 def _scalar(value: Any) -> str:

@@ -39,8 +39,8 @@ class RemoteException(ChopsticksError):
 
 def _escaped(text):
     """A host's ``text`` with control characters escaped, line by line."""
-    from .display import printable  # only when shown: it imports json
-    return '\n'.join(printable(line) for line in str(text).split('\n'))
+    from .display import printable_lines  # only when shown: it imports json
+    return printable_lines(str(text))
 
 
 class ConnectError(ChopsticksError, ConnectionError):

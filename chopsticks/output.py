@@ -15,7 +15,7 @@ import threading
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from . import wire
-from .display import printable
+from .display import printable, printable_lines
 
 STDERR_TAIL = 64 * 1024     # stderr kept for error messages
 STDERR_LINE_MAX = 16 * 1024  # a longer line is shown in pieces
@@ -169,12 +169,6 @@ def remote_logger(name: str, may_create: bool = True) -> Tuple[logging.Logger, b
     return logging.getLogger(name), True
 
 
-def prefixed_lines(prefix: str, text: str) -> str:
-    """``text`` with its control characters escaped and ``prefix`` before
-    each line (lines joined with newlines, no newline at the end)."""
-    return '\n'.join(prefix + printable(line) for line in text.split('\n'))
-
-
 class RemoteOutput(object):
     """One connection's stderr and log records (see the module docstring).
     Called on the thread that reads the transport.
@@ -262,9 +256,9 @@ class RemoteOutput(object):
         if logger.name != name:
             fields['remote_name'] = printable(name[:LOGGER_NAME_MAX])
         prefix = self.prefix
-        fields['msg'] = prefixed_lines(prefix, fields.get('msg', ''))
+        fields['msg'] = printable_lines(fields.get('msg', ''), prefix)
         if 'exc_text' in fields:
-            fields['exc_text'] = prefixed_lines(prefix, fields['exc_text'].rstrip('\n'))
+            fields['exc_text'] = printable_lines(fields['exc_text'].rstrip('\n'), prefix)
         for key in TEXT_FIELDS:
             if key in fields:
                 fields[key] = printable(fields[key])
