@@ -61,7 +61,7 @@ def new_token():
 
 
 def _make_password_transport():
-    from .connection import ProcessTransport
+    from .transport import ProcessTransport
 
     class PasswordTransport(ProcessTransport):
         """A process transport that answers sudo's password prompt before the
@@ -144,7 +144,7 @@ _password_transport = None
 
 
 def PasswordTransport(*args, **kwargs):
-    """A :class:`~chopsticks.connection.ProcessTransport` that answers a password prompt."""
+    """A :class:`~chopsticks.transport.ProcessTransport` that answers a password prompt."""
     global _password_transport
     if _password_transport is None:
         _password_transport = _make_password_transport()
@@ -189,7 +189,7 @@ class BecomeTunnel(object):
         return self.become_argv(None) + self.python_args()
 
     def transport(self):
-        from .connection import ProcessTransport
+        from .transport import ProcessTransport
         python = self.python_args()
         if self._password is None:
             argv = self.become_argv(None)

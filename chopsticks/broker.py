@@ -163,12 +163,12 @@ def get_broker():
     if _broker is None:
         with _broker_lock:
             if _broker is None:
-                _raise_fd_limit()
+                raise_fd_limit()
                 _broker = Broker()
     return _broker
 
 
-def _raise_fd_limit():
+def raise_fd_limit():
     """Each tunnel holds a few pipes: let a controller hold thousands."""
     try:
         import resource

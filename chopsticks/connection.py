@@ -28,14 +28,14 @@ from .broker import on_broker_thread
 from .display import printable
 from .errors import ConnectError, ProtocolError, TunnelClosed, CallTimeout
 from .modserver import server_for_this_process
-from .outbox import CORK_MAX, Outbox  # noqa: F401  (CORK_MAX: re-exported)
+from .outbox import Outbox
 from .output import RemoteOutput
-from .replies import (  # noqa: F401  (ReplyReader: re-exported for chopsticks.group)
-    CallFuture, CallHandler, Handler, IterHandler, ReplyCallback, ReplyHandler, ReplyReader,
+from .replies import (
+    CallFuture, Handler, IterHandler, ReplyCallback, ReplyHandler,
     Reading, Settle, StreamHandler, What, name_of, reads_alone, waiting_for_itself)
 from .serialize import dumps_call, describe, importable
-from .transport import (  # noqa: F401  (FileRegion, ProcessTransport: re-exported)
-    DirectReading, FileRegion, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink)
+from .transport import (
+    DirectReading, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink)
 
 if sys.version_info >= (3, 8):
     from typing import Protocol
@@ -548,12 +548,6 @@ class Connection(object):
             raise waiting_for_itself(self.host, what)
         handler = StreamHandler(self, what)
         return handler.pour(self.request(wire.CALL_STREAM, handler, payload), chunks, timeout)
-
-    # Old names, for code written against them (relays and groups of before the split).
-    call_async_payload = call_async
-    call_payload_then = call_then
-    call_iter_payload = call_iter
-    call_stream_payload = call_stream
 
     def wait(self, future: 'concurrent.futures.Future[Any]', timeout: Optional[float],
              what: What) -> Any:

@@ -83,8 +83,8 @@ def check_descriptors(tunnels, max_connect, what='connecting'):
         import resource
     except ImportError:
         return  # not Unix: no such limit to check
-    from .broker import _raise_fd_limit
-    _raise_fd_limit()
+    from .broker import raise_fd_limit
+    raise_fd_limit()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = soft if soft != resource.RLIM_INFINITY else hard
     if limit == resource.RLIM_INFINITY:

@@ -71,7 +71,7 @@ def file_regions(fd, path, size, progress):
     write error: it ends the connection, where _file_chunks' reader raises
     an OSError and the tunnel goes on.)
     """
-    from .connection import FileRegion  # the controller's side only, as _read_ahead_buffer
+    from .transport import FileRegion  # the controller's side only, as _read_ahead_buffer
     hasher = _Hasher(fd, size)
     try:
         for offset in range(0, size, CHUNK):

@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chopsticks import codec, wire
-from chopsticks.connection import (
-    CallHandler, Connection, IterHandler, MAX_FRAME, StreamHandler,
-)
+from chopsticks.connection import MAX_FRAME, Connection
+from chopsticks.replies import CallHandler, IterHandler, StreamHandler
 from chopsticks.errors import ProtocolError
 from chopsticks.transport import NO_CAPABILITIES
 
