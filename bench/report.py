@@ -147,3 +147,41 @@ def notes(results, settings):
         if parts:
             out.append('- %s: %s' % (label(ROW_BY_ID[row_id], settings), '; '.join(parts)))
     return '\n'.join(out)
+
+
+def rst_table(markdown, caption):
+    """The markdown ``table`` as a reStructuredText list-table, for the docs
+    and the README (both show the last full run)."""
+    rows = [[cell.strip() for cell in line.strip().strip('|').split('|')]
+            for line in markdown.splitlines() if line.startswith('|') and '---|' not in line]
+    out = ['.. list-table:: %s' % caption, '   :header-rows: 1', '   :stub-columns: 1', '']
+    for row in rows:
+        out.append('   * - %s' % (row[0] or ' '))
+        out.extend('     - %s' % (cell or ' ') for cell in row[1:])
+    return '\n'.join(out)
+
+
+def main(argv=None):
+    """``python -m bench.report RUN.json [--rst]``: a saved run's table again."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog='python -m bench.report', description=main.__doc__)
+    p.add_argument('json', help='a file written by python -m bench --json')
+    p.add_argument('--rst', action='store_true', help='as a reStructuredText list-table')
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        run = json.load(f)
+    results = {row_id: row['columns'] for row_id, row in run['rows'].items()}
+    markdown = table(results, run['settings'])
+    if args.rst:
+        print(rst_table(markdown, 'python -m bench (%s, commit %s)' % (
+            run['date'], run['commit'])))
+    else:
+        print(markdown)
+    print()
+    print('%s (%.0f s, commit %s) on %s; %s' % (run['command'], run['seconds'], run['commit'],
+                                               run['machine'], run['load']))
+
+
+if __name__ == '__main__':
+    main()
