@@ -277,8 +277,11 @@ def _payload_op(payload, what):
 
 def relay_group_run(key, setup, payload, what, timeout):
     """Call ``payload`` (None: connect) on every far host of the group ``key``;
-    ``('ok', {host: ('ok', value) or a _failure tuple})``, ``('unknown',)``
-    when the group must be set up again, or a _failure of the whole relay.
+    ``('ok', values, failures)``: the hosts' values in the order of their
+    specs and ``{index: _failure tuple}`` for those that failed (no names, no
+    wrapper per host: a quarter of the controller's decoding at 250 hosts);
+    ``('unknown',)`` when the group must be set up again, or a _failure of
+    the whole relay.
 
     With a ``timeout`` the reply leaves within it, connects included: a far
     host still connecting or running then is reported as timed out and its
@@ -288,7 +291,7 @@ def relay_group_run(key, setup, payload, what, timeout):
         group = _far_group(key, setup)
         if group is None:
             return ('unknown',)
-        return ('ok', _run_far(group, payload, what, timeout))
+        return ('ok',) + _run_far(group, payload, what, timeout)
     except Exception as e:
         return _failure(e)
 
@@ -307,10 +310,10 @@ def _run_far(group, payload, what, timeout):
                             op.what)
     settled = {}
 
-    def store(host, value, exc):
-        settled[host] = ('ok', value) if exc is None else _failure(exc)
+    def store(index, value, exc):
+        settled[index] = (value, exc)
 
-    dispatcher.add_each([(t, functools.partial(store, t.host)) for t in group.tunnels], op)
+    dispatcher.add_each([(t, functools.partial(store, i)) for i, t in enumerate(group.tunnels)], op)
     if timeout is None:
         dispatcher.run()
     else:
@@ -329,16 +332,26 @@ def _run_far(group, payload, what, timeout):
             runner.join(5.0)
         if crashed:
             raise crashed[0]
-    outcomes = dict(settled)
-    for tunnel in group.tunnels:
-        if tunnel.host not in outcomes:
+    done = dict(settled)  # a copy: a stopped run settles nothing more, but to be sure
+    values = [None] * len(group.tunnels)
+    failures = {}
+    for index, tunnel in enumerate(group.tunnels):
+        value, exc = done.get(index, (None, _timed_out))
+        if exc is _timed_out:
             if payload is None or not tunnel.connected:
                 text = '[%s] did not connect%s within %ss' % (
                     tunnel.host, '' if payload is None else ' and finish ' + op.what, timeout)
             else:
                 text = '[%s] %s did not finish within %ss' % (tunnel.host, op.what, timeout)
-            outcomes[tunnel.host] = _failure(CallTimeout(text))
-    return outcomes
+            exc = CallTimeout(text)
+        if exc is None:
+            values[index] = value
+        else:
+            failures[index] = _failure(exc)
+    return values, failures
+
+
+_timed_out = object()
 
 
 def relay_group_close(key):

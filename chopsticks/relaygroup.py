@@ -183,10 +183,14 @@ class RelayedGroup(object):
                 for host, _ in far:
                     results[host] = ErrorResult(host, _through(host, relay, exc))
                 continue
-            outcomes = _relay_outcomes(relay, value)
-            for host, _ in far:
-                results[host] = _outcome(host, relay, outcomes.get(host, _MISSING)
-                                         if isinstance(outcomes, dict) else outcomes)
+            values, failures = _relay_outcomes(relay, value, len(far))
+            for index, (host, _) in enumerate(far):
+                if index in failures:
+                    results[host] = _outcome(host, relay, failures[index])
+                elif index < len(values):
+                    results[host] = values[index]
+                else:
+                    results[host] = _outcome(host, relay, _MISSING)
         return results
 
     def _ask_relays(self, relays: List[GroupTunnel], payload: Optional[bytes], what: str,
@@ -276,11 +280,14 @@ _NAMED_ERRORS = {cls.__name__: cls for cls in (
 )}
 
 
-def _relay_outcomes(relay: GroupTunnel, reply: Any) -> Any:
-    """The relay's ``{host: outcome}``, or one outcome for all its hosts."""
-    if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == 'ok':
-        return reply[1]
-    return ('relay', _relay_failure(relay, reply))
+def _relay_outcomes(relay: GroupTunnel, reply: Any, count: int) -> Tuple[list, dict]:
+    """The relay's ``(values, {index: failure})`` for its ``count`` hosts
+    (see relay_group_run); a relay that failed as a whole fails each host."""
+    if (isinstance(reply, tuple) and len(reply) == 3 and reply[0] == 'ok'
+            and isinstance(reply[1], list) and isinstance(reply[2], dict)):
+        return reply[1], reply[2]
+    failed = ('relay', _relay_failure(relay, reply))
+    return [], dict.fromkeys(range(count), failed)
 
 
 def _relay_failure(relay: GroupTunnel, reply: Any) -> BaseException:
@@ -298,12 +305,10 @@ def _relay_failure(relay: GroupTunnel, reply: Any) -> BaseException:
     return errors.ProtocolError('[%s] sent a malformed reply for its group: %.200r' % (relay.host, reply))
 
 
-def _outcome(host: str, relay: GroupTunnel, outcome: Any) -> Any:
-    """A far host's value, or its ErrorResult."""
+def _outcome(host: str, relay: GroupTunnel, outcome: Any) -> ErrorResult:
+    """A far host's ErrorResult, from the failure its relay sent."""
     try:
         kind = outcome[0]
-        if kind == 'ok' and len(outcome) == 2:
-            return outcome[1]
         if kind == 'relay':
             return ErrorResult(host, _through(host, relay, outcome[1]))
         if kind == 'remote':

@@ -41,10 +41,12 @@ def make_hostile(kind):
 
     def crafted(key, setup, payload, what, timeout):
         if kind == 'unsendable':
-            return ('ok', {'a': ('ok', Unsendable())})
+            return ('ok', [Unsendable()], {})
         if kind == 'hang':
             time.sleep(60)
-        return ('ok', {'a': ('ok', PICKLE), 'b': ('remote',), 'c': 'junk',
-                       'e': ('error', 'CommandFailed', 'made up'), 'intruder': ('ok', 1)})
+        # a, b, c have values (b and c fail too); d none; e a failure of a
+        # class a relay may not name; entries for hosts that are not there
+        return ('ok', [PICKLE, 0, 0], {1: ('remote',), 2: 'junk', 4: ('error', 'CommandFailed', 'made up'),
+                                       'intruder': ('ok', 1), 7: ('ok', 2)})
     chopsticks.relay.relay_group_run = crafted
     return True
