@@ -50,3 +50,7 @@ def make_hostile(kind):
                                        'intruder': ('ok', 1), 7: ('ok', 2)})
     chopsticks.relay.relay_group_run = crafted
     return True
+
+
+def version():
+    return tuple(sys.version_info[:2])

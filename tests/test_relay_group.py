@@ -194,3 +194,20 @@ def test_a_hung_relay_does_not_hang_the_controller(relays, monkeypatch):
     assert results['b'] == 1
     assert isinstance(results['a'].exception.__cause__, CallTimeout)
     assert results['a'].msg.startswith('through the relay relay1: ')
+
+
+def test_a_relay_on_the_oldest_python_connects_its_hosts_at_once(pythons):
+    """The relay half runs on Python 3.6; its far hosts (its own interpreter)
+    connect concurrently, each sent the agent compiled by the relay: the
+    payload's length in each stub must match what is sent."""
+    oldest = pythons[0]
+    relay = Local('old-relay', python=oldest)
+    group = RelayedGroup({relay: [Local('far%d' % i) for i in range(8)]}, progress=False)
+    try:
+        results = group.call(helpers.version)
+        assert not list(results.failures())
+        versions = set(results.values())
+        assert len(versions) == 1 and versions == {tuple(relay.call(helpers.version))}
+    finally:
+        group.close()
+        relay.close()
