@@ -161,6 +161,7 @@ class RelayedGroup(object):
             relay.close()
 
     def __enter__(self) -> 'RelayedGroup':
+        self.connect()  # as Group does: failures are in the first call's results
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -137,13 +137,12 @@ def test_a_relay_over_ssh_runs_its_group(ssh_alias):
 
 def test_a_group_opened_via_relays_becomes_one_call_per_relay(relays):
     via = Group([Local('a', via=relays[0]), Local('b', via=relays[0]), Local('c', via=relays[1])])
-    group = RelayedGroup(via, progress=False)
-    try:
+    with RelayedGroup(via, progress=False) as group:
         assert [r.host for r in group.relays] == ['relay1', 'relay2']
         assert group.hosts_of(relays[0]) == ['a', 'b']
         assert dict(group.call(helpers.host_name)) == {'a': 'a', 'b': 'b', 'c': 'c'}
-    finally:
-        group.close()
+        pids = group.call(os.getpid)
+    assert all(gone(pid) for pid in pids.values())
     with pytest.raises(ValueError, match='no relay'):
         RelayedGroup([Local('direct')])
     with pytest.raises(ValueError, match=r"named 'localhost' \(behind relay1 and relay2\)"):
