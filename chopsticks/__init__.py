@@ -14,7 +14,7 @@ __all__ = [
     'Tunnel', 'SSHTunnel', 'Local', 'Sudo', 'Docker', 'SubprocessTunnel', 'BaseTunnel',
     'ChopsticksError', 'RemoteException', 'ConnectError', 'TunnelClosed', 'CallTimeout',
     'ProtocolError', 'DepthLimitExceeded', 'hookimpl',
-    'Group', 'GroupResult', 'ErrorResult', 'Queue', 'AsyncResult',
+    'Group', 'GroupResult', 'ErrorResult', 'RelayedGroup', 'Queue', 'AsyncResult',
     'CommandResult', 'CommandFailed', 'CommandTimeout', 'Su', 'Doas', 'inventory',
 ]
 
@@ -27,6 +27,7 @@ _LAZY = {
     'Tunnel': 'tunnel', 'SSHTunnel': 'tunnel', 'Local': 'tunnel', 'Sudo': 'tunnel',
     'Docker': 'tunnel', 'SubprocessTunnel': 'tunnel', 'BaseTunnel': 'tunnel',
     'Group': 'group', 'GroupResult': 'group', 'ErrorResult': 'group',
+    'RelayedGroup': 'relaygroup',
     'Queue': 'queue', 'AsyncResult': 'queue',
     'CommandResult': 'shell', 'Su': 'tunnel', 'Doas': 'tunnel',
     'hookimpl': 'hookspecs',  # pluggy: not something a remote (maybe Python 3.6) should import

@@ -97,7 +97,10 @@ def payload(with_code=False):
         if cached is None:
             cached = _build_payload(loader, sources, with_code)
             cache.write_blob(blob_name, cached)
-        _payloads[with_code] = cached
+        # Two first connects may build it at once, and marshal's bytes for
+        # code objects vary from one build to the next: keep the first, so the
+        # stub's length and the payload sent agree for every connect.
+        cached = _payloads.setdefault(with_code, cached)
     return cached
 
 

@@ -318,6 +318,16 @@ class Dispatcher(object):
         self._check_descriptors()
         await _run_in_loop(self)
 
+    def stop(self) -> None:
+        """From any thread: abandon every job not settled yet (late replies
+        are dropped, jobs not started never start); ``run()`` returns soon."""
+        with self.lock:
+            notify = self._notify
+            self._abandon()
+            self._timers.clear()  # no retried connect either
+        if notify is not None:
+            notify(Wake())
+
     def _check_descriptors(self) -> None:
         # A group too big for RLIMIT_NOFILE fails here, not host by host.
         with self.lock:

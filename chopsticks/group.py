@@ -237,6 +237,8 @@ class Group(object):
     ``via=relay`` (a tunnel or a host string) opens the tunnels of host
     strings from the host ``relay`` (see ``chopsticks.relay``): the controller holds one connection, to the
     relay, which fans out to the hosts and serves them their imports.
+    Each call still goes to each host; ``chopsticks.RelayedGroup(group)``
+    sends one call per relay instead (for thousands of hosts).
     """
 
     def __init__(self, hosts: Iterable[Any], max_parallel: int = DEFAULT_MAX_PARALLEL,

@@ -5,7 +5,9 @@ usage: python bench/tools/thousand.py [hosts] [rounds] [--profile FILE]
 Prints the connect + first call time and its failures, the median of
 ``rounds`` calls to all hosts, the controller's RSS and descriptors per host
 and its CPU per round.  ``--profile FILE`` writes a cProfile of the call
-rounds (controller thread) to FILE.
+rounds (controller thread) to FILE.  ``RELAYS=4`` alternates blocks of five
+rounds between the direct group and the same number of hosts behind four
+relays (a ``RelayedGroup``: one call per relay).
 """
 import gc
 import os
@@ -25,6 +27,11 @@ import remote_fns  # noqa: E402
 
 def rss():
     with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def rss_of(pid):
+    with open('/proc/%d/statm' % pid) as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
@@ -51,42 +58,50 @@ def children_switches(pids):
     return total
 
 
-def compare_relays(direct, relays, per_relay, python, rounds, block=5):
+def compare_relays(direct, count, python, rounds, block=5):
     """Alternate blocks of rounds: one call to the direct group, then one call
-    per relay that carries the relay's whole group (bench/tools/relay_fns.py)."""
-    import relay_fns
+    per relay through a RelayedGroup of as many hosts behind ``count`` relays."""
+    from chopsticks.relaygroup import RelayedGroup
+    n = len(direct)
+    relays = [Local('relay%d' % r) for r in range(count)]
+    fleet = RelayedGroup({relay: [Local('far%d' % i, python=python) for i in range(r, n, count)]
+                          for r, relay in enumerate(relays)}, progress=False)
     start = time.perf_counter()
-    first = relays.call(relay_fns.group_call, per_relay, python, remote_fns.noop)
-    failed = sum(1 for _ in first.failures()) + sum(
-        1 for v in first.values() if isinstance(v, dict) for x in v.values() if x is not None)
-    print('relays: %d x %d hosts connect + first call %.2fs, failed %d' % (
-        len(relays), per_relay, time.perf_counter() - start, failed))
-    errors = [x for v in first.values() if isinstance(v, dict) for x in v.values() if x is not None]
-    if errors:
-        print('  e.g.', errors[0][:300])
-    print('controller fds %d, threads %d, rss %.0f MiB' % (
-        fds(), len(os.listdir('/proc/self/task')), rss() / 2**20))
-    stats = {'direct': ([], []), 'relayed': ([], [])}
+    cpu0 = time.process_time()
+    first = fleet.call(remote_fns.noop)
+    failures = list(first.failures())
+    print('relayed: %d relays x %d hosts, connect + first call %.2fs (controller cpu %.2fs), failed %d%s' % (
+        count, n // count, time.perf_counter() - start, time.process_time() - cpu0, len(failures),
+        ('  e.g. %s' % failures[0][1]) if failures else ''))
+    relay_pids = [relay.direct_connection.transport.pid() for relay in relays]
+    print('controller fds %d, threads %d, rss %.0f MiB; relays rss %s MiB, fds %s' % (
+        fds(), len(os.listdir('/proc/self/task')), rss() / 2**20,
+        '/'.join('%.0f' % (rss_of(pid) / 2**20) for pid in relay_pids),
+        '/'.join(str(len(os.listdir('/proc/%d/fd' % pid))) for pid in relay_pids)))
+    stats = {'direct': ([], [], []), 'relayed': ([], [], [])}
     for b in range(rounds // block):
         label = ('direct', 'relayed')[b % 2]
+        group = direct if label == 'direct' else fleet
         for _ in range(block):
+            k0 = children_cpu(relay_pids)
             c0 = time.process_time()
             t0 = time.perf_counter()
-            if label == 'direct':
-                bad = sum(1 for _ in direct.call(remote_fns.noop).failures())
-            else:
-                r = relays.call(relay_fns.group_call, per_relay, python, remote_fns.noop)
-                bad = sum(1 for _ in r.failures()) + sum(
-                    1 for v in r.values() if isinstance(v, dict) for x in v.values() if x is not None)
+            bad = sum(1 for _ in group.call(remote_fns.noop).failures())
             stats[label][0].append(time.perf_counter() - t0)
             stats[label][1].append(time.process_time() - c0)
+            stats[label][2].append(children_cpu(relay_pids) - k0)
             if bad:
                 print('%s round: %d failed' % (label, bad))
-    for label, (ts, cs) in stats.items():
-        print('%s: one call to %d hosts, median %.1f ms (min %.1f), controller process cpu %.1f ms '
-              '(%d rounds)' % (label, len(direct), statistics.median(ts) * 1e3, min(ts) * 1e3,
-                               statistics.median(cs) * 1e3, len(ts)))
-    relays.call(relay_fns.close_groups)
+    med = statistics.median
+    for label, (ts, cs, ks) in stats.items():
+        print('%s: one call to %d hosts, median %.1f ms (min %.1f), controller process cpu %.1f ms, '
+              'relays cpu %.1f ms (%d rounds)' % (label, n, med(ts) * 1e3, min(ts) * 1e3,
+                                                 med(cs) * 1e3, med(ks) * 1e3, len(ts)))
+    start = time.perf_counter()
+    fleet.close()
+    for relay in relays:
+        relay.close()
+    print('relayed close %.2fs' % (time.perf_counter() - start))
 
 
 def compare_parallel(group, values, rounds, block=5):
@@ -196,10 +211,7 @@ def main(argv):
     times, cpus = [], []
     pids = [t.direct_connection.transport.pid() for t in group.tunnels]
     if os.environ.get('RELAYS'):
-        count = int(os.environ['RELAYS'])
-        relays = Group([Local('relay%d' % i) for i in range(count)], progress=False)
-        compare_relays(group, relays, n // count, python, rounds)
-        relays.close()
+        compare_relays(group, int(os.environ['RELAYS']), python, rounds)
         group.close()
         return
     if os.environ.get('MP', '').startswith('alt:'):
