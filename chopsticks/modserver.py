@@ -35,7 +35,7 @@ import zlib
 from . import codec
 from .modfind import (MAGIC, STDLIB_NAMES, Refused, find_spec, inside, is_stdlib, module_info,
                       file_mtime, policy_listing, search_roots)
-from .servepolicy import ENV_SERVE, ServePolicy, dotted, plugin_packages, shipped_files
+from .servepolicy import ENV_SERVE, ServePolicy, dotted, plugin_packages, shipped_by
 
 # Stop adding preloaded modules to one reply past this much source (and as
 # much again of bytecode): the real-packages bench set is 2.4 MB of source.
@@ -416,7 +416,7 @@ class ModuleServer(object):
                     raise Refused(
                         '%s is not package data: %s (to share all of a package\'s files with '
                         'hosts, name it in %s or serve=)'
-                        % (path, 'its distribution does not ship it' if top in shipped_files()
+                        % (path, 'its distribution does not ship it' if shipped_by(top) is not None
                            else '%s is not installed as a distribution' % top, ENV_SERVE))
                 with open(real, 'rb') as f:
                     return f.read()

@@ -10,8 +10,10 @@ security section and docs/reliability.rst explain it for users.
 """
 import os
 import sys
+import threading
 
-__all__ = ['ENV_SERVE', 'ServePolicy', 'dotted', 'plugin_packages', 'shipped_files']
+__all__ = ['ENV_SERVE', 'ServePolicy', 'dotted', 'plugin_packages', 'shipped_by',
+           'shipped_files']
 
 
 #: The environment variable that limits serving: ``pkg,other``, ``pkg,*`` or ``none``.
@@ -50,7 +52,7 @@ class ServePolicy(object):
         ``top``) is data the host may read; dot names were refused before."""
         if top in self.named or zipped or real.endswith('.py'):
             return True
-        return real in shipped_files().get(top, ())
+        return real in (shipped_by(top) or ())
 
 
 def _names_from_env():
@@ -61,29 +63,63 @@ def _names_from_env():
     return [] if names == ['none'] else names
 
 
-_shipped = None  # top-level name -> real paths of the files its distributions install
+_shipped = None  # top-level name -> _Shipped: the files its distributions install
+# Connections serve modules from many threads at once: one of them reads the
+# RECORDs (0.08 s for the ~80 distributions of a test environment), the
+# others wait for it rather than read them all again.
+_shipped_lock = threading.Lock()
+
+
+class _Shipped(object):
+    """The files the distributions install under one top-level name; their
+    real paths are resolved on first use (resolving every file of every
+    distribution took 0.6 s: thousands of locale files nobody serves)."""
+
+    __slots__ = ('located', 'real')
+
+    def __init__(self):
+        self.located = []
+        self.real = None
+
+
+def _shipped_index():
+    global _shipped
+    with _shipped_lock:
+        if _shipped is None:
+            import importlib.metadata
+            index = {}
+            for dist in importlib.metadata.distributions():
+                try:
+                    files = dist.files or ()
+                except Exception:
+                    continue  # a broken RECORD: its files are not served as data
+                for f in files:
+                    if len(f.parts) > 1 and f.parts[0] != '..' \
+                            and not f.parts[0].endswith(('.dist-info', '.data')):
+                        index.setdefault(f.parts[0], _Shipped()).located.append(
+                            str(dist.locate_file(f)))
+            _shipped = index
+        return _shipped
+
+
+def shipped_by(top):
+    """The real paths of the files installed distributions ship under the
+    top-level name ``top`` (its RECORDs); ``None`` when none ships it.  Read
+    once per process (an editable install lists none of its package's files)."""
+    index = _shipped_index()
+    entry = index.get(top)
+    if entry is None:
+        return None
+    with _shipped_lock:
+        if entry.real is None:
+            entry.real = frozenset(os.path.realpath(path) for path in entry.located)
+        return entry.real
 
 
 def shipped_files():
     """The files each installed distribution lists in its RECORD, by top-level
-    package name: the package data a host may read by default.  Read once per
-    process (an editable install lists none of its package's files)."""
-    global _shipped
-    if _shipped is None:
-        import importlib.metadata
-        shipped = {}
-        for dist in importlib.metadata.distributions():
-            try:
-                files = dist.files or ()
-            except Exception:
-                continue  # a broken RECORD: its files are not served as data
-            for f in files:
-                if len(f.parts) > 1 and f.parts[0] != '..' \
-                        and not f.parts[0].endswith(('.dist-info', '.data')):
-                    real = os.path.realpath(str(dist.locate_file(f)))
-                    shipped.setdefault(f.parts[0], set()).add(real)
-        _shipped = shipped
-    return _shipped
+    package name: the package data a host may read by default."""
+    return {top: set(shipped_by(top)) for top in list(_shipped_index())}
 
 
 def dotted(rel_path):
