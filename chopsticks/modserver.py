@@ -42,6 +42,9 @@ from .servepolicy import ENV_SERVE, ServePolicy, dotted, plugin_packages, shippe
 CLOSURE_BYTES = 6 << 20
 # Modules that a package's functions import from the package go along while
 # they add up to this much source: lazy by design, often never imported.
+# Not chopsticks' own: what its host halves import in functions is their
+# controller half (shell.run_group's chopsticks.group brought the whole core,
+# 720 KB of the 1 MB a deployment's module had sent ahead to every host).
 LAZY_BYTES = 256 << 10
 # Data files a package's code names (certifi's cacert.pem, read when requests
 # is imported) go along while they add up to this much: a data request is a
@@ -302,7 +305,7 @@ class ModuleServer(object):
                     if not is_lazy:
                         queue.extend(n for n in info.imports if n not in seen)
                         for n in info.lazy_imports:
-                            if n.partition('.')[0] == top:
+                            if n.partition('.')[0] == top and top != 'chopsticks':
                                 lazy.append(n)  # its own package's: likely used with it
                             elif n not in probe:
                                 probe.append(n)  # another's: only said to be missing
