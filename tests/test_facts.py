@@ -322,3 +322,20 @@ def test_unsupported_platform_error_names_it():
     assert isinstance(error, NotImplementedError)
     assert str(error).startswith("the fact 'disks' supports Linux; this host runs ")
     assert str(_util.unsupported("memory")).startswith("the fact 'memory' supports Linux and macOS")
+
+
+def test_which_finds_commands_as_shutil_does(tmp_path, monkeypatch):
+    # package_manager looks the managers up with _util.which (no shutil on the host).
+    (tmp_path / "dir" / "apt-get").mkdir(parents=True)  # a directory: not a command
+    tool = tmp_path / "bin" / "apt-get"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    unexecutable = tmp_path / "noexec" / "dnf"
+    unexecutable.parent.mkdir()
+    unexecutable.write_text("")
+    path = os.pathsep.join(str(tmp_path / d) for d in ("dir", "noexec", "bin"))
+    monkeypatch.setenv("PATH", path)
+    for name in ("apt-get", "dnf", "sh"):
+        assert _util.which(name) == shutil.which(name, path=path)
+    assert _util.which("apt-get") == str(tool)

@@ -164,6 +164,27 @@ def test_a_group_call_into_own_code_brings_its_module(project):
         group.close()
 
 
+def test_a_module_sent_ahead_to_another_host_is_the_file_as_it_is_now(project):
+    """Hosts that connect later get what was packed for the first from a cache,
+    unless the file changed (a user editing a module between two runs of a
+    long-lived controller)."""
+    import importlib
+    root, _ = project
+    write(root / 'editme.py', 'def version():\n    return 1\n')
+    sys.modules.pop('editme', None)
+    import editme
+    for name, expected in (('first', 1), ('second', 1), ('third', 2)):
+        if expected == 2:
+            write(root / 'editme.py', 'def version():\n    return 2\n')
+            stat = os.stat(root / 'editme.py')
+            os.utime(root / 'editme.py', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+            importlib.reload(editme)
+        with Local(name) as t:
+            t.connect()
+            assert t.call(editme.version) == expected
+            assert t.call(lambda: sys.modules['_chopsticks_agent'].agent.finder.requests) == 0
+
+
 def test_a_function_that_travels_as_source_does_not_bring_its_module(project, tunnel):
     _, modfuncs = project
     tunnel.connect()

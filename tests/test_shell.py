@@ -129,6 +129,33 @@ def test_a_killed_agent_takes_its_commands_with_it():
     tunnel.close()
 
 
+def test_watchdog_ends_only_the_groups_still_registered():
+    """The watchdog's bookkeeping: a group unregistered (its command ended; its
+    id may be reused by anyone) is left alone, one that ignores SIGTERM gets
+    SIGKILL, and ids that share digits (100012345 and 12345) are told apart."""
+    def group(trap=''):
+        return subprocess.Popen(['/bin/sh', '-c', trap + 'sleep 60 & wait'],
+                                start_new_session=True)
+
+    finished, stubborn, other = group(), group("trap '' TERM; "), group()
+    watchdog = subprocess.Popen(['/bin/sh', '-c', chopsticks.shell.WATCHDOG],
+                                stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        lines = ['+%d' % finished.pid, '+%d' % stubborn.pid, '+%d' % other.pid,
+                 # past pid_max (2**22): no group of that id can exist, were it killed
+                 '+%d' % (10 ** 8 + stubborn.pid), '-%d' % (10 ** 8 + stubborn.pid),
+                 '-%d' % finished.pid]
+        watchdog.communicate(('\n'.join(lines) + '\n').encode(), timeout=10)
+        assert stubborn.wait(10) == -9 and other.wait(10) == -15
+        time.sleep(0.2)
+        assert finished.poll() is None
+    finally:
+        for proc in (finished, stubborn, other):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
 def test_stream_shows_lines_prefixed_with_the_host_and_returns_them(capfd):
     with Local('streamer') as tunnel:
         result = tunnel.run('for i in 1 2 3; do echo line$i; done; echo bad >&2', stream=True)

@@ -9,7 +9,6 @@ import only the standard library and run on Python 3.6+; only
     Local().call(facts.ip)
     Local().call(chopsticks_facts.gather, ['ip', 'memory'])   # one round trip
 """
-import importlib
 import time
 
 from chopsticks_facts._util import Job
@@ -39,6 +38,8 @@ def _resolve(name):
     if ":" not in name:
         raise LookupError("chopsticks-facts has no fact %r (it has: %s); name another "
                           "plugin's fact as 'module:function'" % (name, ", ".join(sorted(FACTS))))
+    import importlib
+
     module, _, qualname = name.partition(":")
     obj = importlib.import_module(module)
     for part in qualname.split("."):

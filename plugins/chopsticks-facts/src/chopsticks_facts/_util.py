@@ -1,5 +1,10 @@
-"""Helpers for the fact modules.  Runs on the host: standard library only, Python 3.6+."""
-import platform
+"""Helpers for the fact modules.  Runs on the host: standard library only, Python 3.6+.
+
+The fact modules import their heavier standard modules (platform, socket,
+shutil) in the functions that need them: chopsticks-pkg imports this package
+on every host for package_manager, and those imports cost 8 ms there.
+"""
+import os
 import subprocess
 import sys
 import threading
@@ -70,9 +75,28 @@ def run(argv):
 
 def unsupported(fact):
     """The error a fact raises on a platform it does not know."""
+    import platform
+
     return NotImplementedError("the fact %r supports Linux%s; this host runs %s (%s)" % (
         fact, " and macOS" if fact not in MACOS_UNSUPPORTED else "",
         platform.system() or "an unknown system", sys.platform))
+
+
+def which(name):
+    """The path of the command ``name`` on ``$PATH`` (``shutil.which`` for a bare
+    name, without shutil's archive modules), or None."""
+    path = os.environ.get("PATH")
+    if path is None:
+        try:
+            path = os.confstr("CS_PATH")
+        except (AttributeError, ValueError):
+            path = None
+        path = path or os.defpath
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or os.curdir, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 MACOS_UNSUPPORTED = ("interfaces", "default_route", "disks")

@@ -7,7 +7,6 @@ filesystems are skipped unless asked for.  Runs on the host: standard
 library only, Python 3.6+.
 """
 import os
-import re
 import time
 
 from chopsticks_facts._util import LINUX, MACOS, Job, read_text, run, unsupported
@@ -27,12 +26,14 @@ PSEUDO_FILESYSTEMS = frozenset((
     "rpc_pipefs", "nsfs", "efivarfs", "selinuxfs", "devtmpfs", "overlay_internal",
 ))
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+_OCTAL_ESCAPE = r"\\([0-7]{3})"
 
 
 def _unescape(field):
     # /proc/self/mounts writes space, tab, newline and backslash as \040 etc.
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+    import re  # here: a host that only wants the package manager skips it
+
+    return re.sub(_OCTAL_ESCAPE, lambda m: chr(int(m.group(1), 8)), field)
 
 
 def parse_proc_mounts(text):
@@ -48,6 +49,8 @@ def parse_proc_mounts(text):
 
 def parse_macos_mount(text):
     """``mount`` output on macOS (``/dev/disk1s1 on / (apfs, local, journaled)``)."""
+    import re
+
     entries = []
     for line in text.splitlines():
         match = re.match(r"^(.*) on (.*) \(([^,)]*)(?:, (.*))?\)$", line)

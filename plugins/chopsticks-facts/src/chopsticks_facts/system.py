@@ -3,24 +3,25 @@
 Runs on the host: standard library only, Python 3.6+.
 """
 import os
-import platform
-import shutil
-import socket
 import sys
 import time
 
-from chopsticks_facts._util import LINUX, MACOS, read_text, run, unsupported
+from chopsticks_facts._util import LINUX, MACOS, read_text, run, unsupported, which
 
 _KIB = 1024
 
 
 def hostname():
     """The host's name as it calls itself (``socket.gethostname()``): ``'web1'``."""
+    import socket
+
     return socket.gethostname()
 
 
 def fqdn():
     """The fully qualified domain name (``socket.getfqdn()``; may ask DNS): ``'web1.example.com'``."""
+    import socket
+
     return socket.getfqdn()
 
 
@@ -61,6 +62,8 @@ def os_release():
     ``'suse'``, ``'arch'``, ``'alpine'``, ``'gentoo'``, ``'darwin'`` or ``None``.
     """
     if MACOS:
+        import platform
+
         version = platform.mac_ver()[0]
         return {"id": "macos", "name": "macOS", "version_id": version,
                 "pretty_name": "macOS %s" % version, "id_like": [], "family": "darwin"}
@@ -96,6 +99,8 @@ def cpu():
     CPUs, ``usable`` those this process may run on (affinity, cgroups'
     cpusets), ``cores`` physical cores over all ``sockets``.
     """
+    import platform
+
     info = {"architecture": platform.machine(), "count": os.cpu_count(),
             "usable": os.cpu_count(), "model": None, "sockets": None, "cores": None}
     if hasattr(os, "sched_getaffinity"):
@@ -169,6 +174,8 @@ def users():
 def python():
     """The Python running the fact: ``{'version': '3.11.7', 'version_info': [3, 11, 7],
     'implementation': 'CPython', 'executable', 'prefix'}``."""
+    import platform
+
     return {"version": platform.python_version(), "version_info": list(sys.version_info[:3]),
             "implementation": platform.python_implementation(),
             "executable": sys.executable, "prefix": sys.prefix}
@@ -206,7 +213,7 @@ def package_manager():
     preferred = _PREFERRED.get(family)
     order = ([preferred] if preferred else []) + [name for name, _ in PACKAGE_MANAGERS]
     for name in order:
-        if shutil.which(executables[name]):
+        if which(executables[name]):
             return name
     return None
 

@@ -7,7 +7,6 @@ host lacks it: in the call itself up to ``STREAM_THRESHOLD``, streamed in
 chunks with flow control beyond it (as ``chopsticks.files.put`` does).
 Standard library only.
 """
-import hashlib
 import os
 
 from chopsticks_files.tasks import DIFF_LIMIT, file, file_by_digest, file_from_stream
@@ -24,6 +23,8 @@ def upload(tunnel, path, content=None, *, local_path=None, owner=None, group=Non
     Give ``content`` (str or bytes) or ``local_path`` (a file here, read in
     chunks and never held whole in memory).  Returns ``file``'s result.
     """
+    import hashlib  # here: this module is imported on hosts too, which never call upload
+
     if (content is None) == (local_path is None):
         raise TypeError("upload(%r): give content or local_path, not both or neither" % (path,))
     if content is not None:
@@ -49,6 +50,8 @@ def upload(tunnel, path, content=None, *, local_path=None, owner=None, group=Non
 
 
 def _digest_file(path):
+    import hashlib
+
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:

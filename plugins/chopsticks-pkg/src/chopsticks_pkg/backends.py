@@ -3,10 +3,9 @@
 Each backend runs its manager's query commands in the C locale and parses
 their documented output formats (the ``parse_*`` functions, tested on
 recorded outputs).  Runs on the host: standard library only, Python 3.6+.
+What only some managers need (json for brew, re for yum) is imported where used.
 """
-import json
 import os
-import re
 import subprocess
 import time
 
@@ -87,8 +86,8 @@ def parse_rpm_query(text):
     return installed
 
 
-_YUM_HEADERS = re.compile(r"^(Available|Installed|Updated|Upgraded|Extra|Obsoleting) Packages|"
-                          r"^Last metadata expiration check|^Error:")
+_YUM_HEADERS = (r"^(Available|Installed|Updated|Upgraded|Extra|Obsoleting) Packages|"
+                r"^Last metadata expiration check|^Error:")
 
 
 def parse_yum_list(text):
@@ -97,10 +96,13 @@ def parse_yum_list(text):
     Each entry is ``name.arch version repo``; yum wraps a long name onto its
     own line, so entries are read as whitespace-separated triples.
     """
+    import re
+
+    headers = re.compile(_YUM_HEADERS)
     candidates = {}
     tokens = []
     for line in text.splitlines():
-        if _YUM_HEADERS.match(line):
+        if headers.match(line):
             continue
         tokens.extend(line.split())
         while len(tokens) >= 3:
@@ -181,6 +183,8 @@ def parse_brew_list(text):
 
 def parse_brew_info(text):
     """``brew info --json=v2 NAME...``: stable version of each formula and cask."""
+    import json
+
     data = json.loads(text or "{}")
     candidates = {}
     for formula in data.get("formulae", []):
