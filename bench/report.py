@@ -106,13 +106,19 @@ def _median(values):
 
 def table(results, settings):
     """A markdown table (readable in a terminal too)."""
+    return table_of([(row_id, cells, settings) for row_id, cells in results.items()])
+
+
+def table_of(entries):
+    """The markdown table of ``(row_id, cells, settings)`` entries, which may
+    come from different runs (each row labelled with its own run's sizes)."""
     # A column with no cell in any row shown (the deployment tools in a run
     # without the deployment rows, and the other way round) is left out.
-    columns = [c for c in COLUMNS if any(cells.get(c.id) for cells in results.values())]
+    columns = [c for c in COLUMNS if any(cells.get(c.id) for _, cells, _ in entries)]
     titles = [c.title for c in columns]
     head = ['metric'] + titles + ['target', 'met (openssh / paramiko)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for row_id, cells in results.items():
+    for row_id, cells, settings in entries:
         row = ROW_BY_ID[row_id]
         cols = [cell_text(row, cells, c.id) for c in columns]
         met = []
@@ -162,25 +168,30 @@ def rst_table(markdown, caption):
 
 
 def main(argv=None):
-    """``python -m bench.report RUN.json [--rst]``: a saved run's table again."""
+    """``python -m bench.report RUN.json... [--rst]``: saved runs' tables again,
+    the engine's rows in one table and the whole deployments in another."""
     import argparse
     import json
     p = argparse.ArgumentParser(prog='python -m bench.report', description=main.__doc__)
-    p.add_argument('json', help='a file written by python -m bench --json')
-    p.add_argument('--rst', action='store_true', help='as a reStructuredText list-table')
+    p.add_argument('json', nargs='+', help='files written by python -m bench --json')
+    p.add_argument('--rst', action='store_true', help='as reStructuredText list-tables')
     args = p.parse_args(argv)
-    with open(args.json) as f:
-        run = json.load(f)
-    results = {row_id: row['columns'] for row_id, row in run['rows'].items()}
-    markdown = table(results, run['settings'])
-    if args.rst:
-        print(rst_table(markdown, 'python -m bench (%s, commit %s)' % (
-            run['date'], run['commit'])))
-    else:
-        print(markdown)
-    print()
-    print('%s (%.0f s, commit %s) on %s; %s' % (run['command'], run['seconds'], run['commit'],
-                                               run['machine'], run['load']))
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            runs.append(json.load(f))
+    entries = [(row_id, row['columns'], run['settings'])
+               for run in runs for row_id, row in run['rows'].items()]
+    for title, rows in (('the engine', [e for e in entries if not ROW_BY_ID[e[0]].columns]),
+                        ('whole deployments', [e for e in entries if ROW_BY_ID[e[0]].columns])):
+        if not rows:
+            continue
+        markdown = table_of(rows)
+        print(rst_table(markdown, 'python -m bench: %s' % title) if args.rst else markdown)
+        print()
+    for run in runs:
+        print('%s (%.0f s, commit %s) on %s; %s' % (run['command'], run['seconds'], run['commit'],
+                                                   run['machine'], run['load']))
 
 
 if __name__ == '__main__':
