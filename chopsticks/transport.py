@@ -278,14 +278,26 @@ class ProcessTransport(object):
             poller = self.stdout_poller = select.poll()  # only read_lock's holder uses it
             poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
+        readv = os.readv
         while not future.done() and self.state is not _CLOSED:
             # In slices, so a close() from another thread is seen soon.
             wait = DIRECT_READ_SLICE if deadline is None else \
                 min(DIRECT_READ_SLICE, deadline - time.monotonic())
             if wait < 0:
                 return
-            if poller.poll(wait * 1000.0) and not self.read_once(conn, buf):
-                return
+            if poller.poll(wait * 1000.0):
+                # read_once, inlined: this loop is half of a small call's time here.
+                try:
+                    n = readv(fd, [buf])
+                except BlockingIOError:
+                    continue
+                except (OSError, ValueError):
+                    n = 0
+                if not n:
+                    self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
+                    self._eof(conn)
+                    return
+                conn.feed(buf, n)
 
     def read_once(self, conn, buf):
         """Read what stdout holds into ``buf`` and dispatch it; False at EOF.
