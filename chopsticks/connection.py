@@ -59,6 +59,7 @@ _HEADER_SIZE = wire.HEADER.size
 _unpack_header = wire.HEADER.unpack_from
 
 _PARKED = ReaderState.PARKED
+_REFUSED = TakeResult.REFUSED
 
 _import_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _import_pool_lock = threading.Lock()
@@ -518,8 +519,9 @@ class Connection(object):
     def call(self, payload: bytes, what: What, timeout: Optional[float] = None) -> Any:
         # The pipe is taken before the call goes out, so the broker thread
         # never wakes for the reply: this thread reads it.
-        reading = self.take_reading()
-        if reading is TakeResult.REFUSED and on_broker_thread():
+        direct = self.direct  # (take_reading, inlined)
+        reading = _REFUSED if direct is None else direct.take_stdout()
+        if reading is _REFUSED and on_broker_thread():
             raise waiting_for_itself(self.host, what)
         reply = ReplyHandler(self, what)
         try:
