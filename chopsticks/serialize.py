@@ -137,29 +137,37 @@ _by_reference = {}
 _ONE_FRAME_MAX = 32 << 10
 _PROTO4_FRAME = b'\x80\x04\x95'
 _u64 = struct.Struct('<Q')
-_FN_OPS = frozenset(('SHORT_BINUNICODE', 'BINUNICODE', 'STACK_GLOBAL'))
-_BARE_TAIL = ['EMPTY_TUPLE', 'EMPTY_DICT', 'MEMOIZE', 'TUPLE3', 'MEMOIZE', 'STOP']
+_u32 = struct.Struct('<I')
+_BARE_TAIL = b')}\x94\x87\x94.'  # EMPTY_TUPLE EMPTY_DICT MEMOIZE TUPLE3 MEMOIZE STOP
 
 
 def _pushing_fn(bare_call):
     """The opcodes of ``bare_call``, ``(fn, (), {})`` pickled, that push fn,
     without their MEMOIZEs; None if it was not pickled the usual way
-    (module and name, then STACK_GLOBAL)."""
-    import pickletools  # once per function: not at import
-    ops = list(pickletools.genops(bare_call))
-    names = [op.name for op, _, _ in ops]
-    if names[:2] != ['PROTO', 'FRAME'] or names[-6:] != _BARE_TAIL or \
+    (module and name, then STACK_GLOBAL).  Read here rather than with
+    pickletools, whose import cost a new process's first call 3 ms."""
+    end = len(bare_call) - len(_BARE_TAIL)
+    if not bare_call.startswith(_PROTO4_FRAME) or not bare_call.endswith(_BARE_TAIL) or \
             _u64.unpack_from(bare_call, 3)[0] != len(bare_call) - 11:
         return None
     pieces = []
-    for i in range(2, len(ops) - 6):
-        op, _, start = ops[i]
-        if op.name == 'MEMOIZE':
+    pos = 11
+    while pos < end:
+        op = bare_call[pos]
+        if op == 0x94:  # MEMOIZE
+            pos += 1
             continue
-        if op.name not in _FN_OPS:
+        if op == 0x8c:  # SHORT_BINUNICODE
+            size = 2 + bare_call[pos + 1]
+        elif op == 0x58:  # BINUNICODE
+            size = 5 + _u32.unpack_from(bare_call, pos + 1)[0]
+        elif op == 0x93:  # STACK_GLOBAL
+            size = 1
+        else:
             return None
-        pieces.append(bare_call[start:ops[i + 1][2]])
-    return b''.join(pieces)
+        pieces.append(bare_call[pos:pos + size])
+        pos += size
+    return b''.join(pieces) if pos == end else None
 
 
 def _spliced(push_fn, args, kwargs):
