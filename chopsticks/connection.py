@@ -532,7 +532,7 @@ class Connection(object):
             raise
         left = timeout if reading is TakeResult.REFUSED else \
             self.read_until_done(reply, timeout, reading is TakeResult.TAKEN)
-        if not reply.wait(left):
+        if reply.outcome is None and not reply.wait(left):  # (read here, mostly: settled)
             self.pending.pop(rid, None)
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, name_of(what), timeout))
         value, error = reply.outcome  # type: ignore[misc]  # settled: wait() said so

@@ -320,8 +320,10 @@ class ProcessTransport(object):
         caller takes it within PARK_TIME (unpark() when a reply is awaited)."""
         with self.state_lock:
             self.reader = None
-            self._let_go_of_stdout()
-            if self.state is not ReaderState.CLOSED:
+            if self.state is _CLOSED:
+                self._let_go_of_stdout()
+            else:
+                self.read_lock.release()  # (_let_go_of_stdout, inlined: not closed)
                 self.state = ReaderState.PARKED
                 self.broker.park(self.stdout, self._on_stdout)
 
