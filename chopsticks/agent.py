@@ -698,7 +698,7 @@ class Agent(object):
         CALL, RESULT = wire.CALL, wire.RESULT
         loads, encode_parts = pickle.loads, codec.encode_parts
         writer = self.channel.writer
-        small, write_frame = writer.SMALL - size, writer.write_frame
+        small, write_lock, write_all, wfd = writer.SMALL - size, writer.lock, wire.write_all, writer.fd
         readv = os.readv
         while True:
             room = None if parser.have is None else parser.room()  # a big frame's own buffer
@@ -723,8 +723,21 @@ class Agent(object):
                             fn, args, kwargs = load_call(payload)  # sent as source
                         value = fn(*args, **kwargs)
                         parts = [b'N'] if value is None else encode_parts(value)
-                        if len(parts) == 1 and len(parts[0]) <= small:
-                            write_frame(pack(len(parts[0]), rid, RESULT) + parts[0])
+                        body = parts[0]
+                        if len(parts) == 1 and len(body) <= small:
+                            # CombiningWriter.write_frame's commonest case, inlined.
+                            frame = pack(len(body), rid, RESULT) + body
+                            with write_lock:
+                                idle = not (writer.writing or writer.corked or writer.queue or
+                                            writer.error is not None)
+                                if idle:
+                                    try:
+                                        write_all(wfd, [frame])
+                                    except BaseException as e:
+                                        writer._fail(e)
+                                        raise
+                            if not idle:
+                                writer.write([frame])
                         else:
                             self.channel.send_parts(rid, RESULT, parts)
                     except BaseException as e:

@@ -271,6 +271,14 @@ def encode_parts(value):
     """Encode ``value`` as a list of buffers (large bytes are not copied)."""
     if value is None:
         return [b'N']  # the commonest result, without an encoder
+    # The commonest scalars without an _Out and encoder calls: 1.4 to 0.4 µs
+    # for an int on the host, in the round trip of every small call.
+    kind = type(value)
+    if kind is int and _I64_MIN <= value <= _I64_MAX:
+        return [b'i' + _i64.pack(value)]
+    if kind is str and len(value) < BIG_BYTES // 4:  # (4 bytes of UTF-8 at most per character)
+        data = str.encode(value, 'utf-8', 'surrogatepass')
+        return [b's' + _u32.pack(len(data)) + data]
     out = _Out()
     _encode(value, out, 0)
     return out.finish()
@@ -498,8 +506,17 @@ _ONE_BYTE_VALUES = {b'N': None, b'T': True, b'F': False}
 
 def decode(data):
     """Decode one value that must fill ``data`` exactly."""
-    if len(data) == 1 and type(data) is bytes and data in _ONE_BYTE_VALUES:
-        return _ONE_BYTE_VALUES[data]  # the commonest results, without a reader
+    size = len(data)
+    if type(data) is bytes:  # the commonest results, without a reader
+        if size == 1 and data in _ONE_BYTE_VALUES:
+            return _ONE_BYTE_VALUES[data]
+        if size == 9 and data[0] == 0x69:  # b'i'
+            return _i64.unpack_from(data, 1)[0]
+        if 5 <= size <= 4096 and data[0] == 0x73 and _u32.unpack_from(data, 1)[0] == size - 5:
+            try:  # b's'
+                return str(data[5:], 'utf-8')
+            except UnicodeDecodeError:
+                pass  # (the general way says what is wrong)
     r = _Reader(data)
     try:
         value = _decode(r, 0)

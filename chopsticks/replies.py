@@ -82,7 +82,7 @@ class Handler(Protocol):
     # tunnel (see Connection.dispatch).  False: frame() only queues the bytes.
     decodes_in_frame: bool
 
-    def frame(self, op: int, payload: memoryview) -> bool:
+    def frame(self, op: int, payload: Union[bytes, memoryview]) -> bool:
         """Handle a reply frame (RESULT, ERROR, ITEM, END or CREDIT); True
         once the call is over and its id may be forgotten."""
 

@@ -707,3 +707,27 @@ def test_functions_from_main_lambdas_and_closures(tmp_path, which):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ['41', '120', '101', 'ABC', '42']
+
+
+
+@pytest.mark.parametrize('value', [
+    'abc',
+    ('same', 'same', 'same'),  # one string object referenced three times in the pickle
+    (b'x' * 100000, 2 ** 70, -1.5, None, True),  # too big for the pickling shortcut
+])
+def test_arguments_arrive_as_sent(local, value):
+    for _ in range(2):
+        assert local.call(echo, value) == value
+        assert local.call(echo, value=value) == value
+
+
+def test_plain_arguments_arrive_as_sent(local):
+    # A function called by reference is pickled once; each call with plain
+    # arguments (str, bytes, numbers...) adds its arguments to that pickle.
+    same = 'same'
+    for _ in range(2):
+        assert local.call(os.path.join, same, same, same) == 'same/same/same'
+        assert local.call(int, 'ff', base=16) == 255
+        assert local.call(len, b'x' * 100000) == 100000  # too big for the shortcut
+        assert local.call(divmod, 2 ** 70, -1.5) == divmod(2 ** 70, -1.5)
+        assert local.call(len, '') == 0

@@ -87,3 +87,28 @@ def test_deep_nesting_is_refused_not_a_crash():
     data = b'l\x01\x00\x00\x00' * 100000 + b'N'
     with pytest.raises(codec.DecodeError, match='nested'):
         codec.decode(data)
+
+
+@pytest.mark.parametrize('value', [0, -1, 7, 2 ** 63 - 1, -2 ** 63, 2 ** 63, -2 ** 63 - 1, '', 'abc',
+                                   'é' * 5000, 'x' * 16383, 'x' * 16384, True, 1.5])
+def test_scalars_round_trip_with_their_type(value):
+    # Small ints and short str take a shortcut on both sides: same bytes, same value.
+    encoded = codec.encode(value)
+    decoded = codec.decode(encoded)
+    assert decoded == value and type(decoded) is type(value)
+    assert codec.decode(memoryview(encoded)) == value
+
+
+@pytest.mark.parametrize('data, message', [
+    (b'i\x00\x00\x00\x00\x00\x00\x00', 'truncated'),
+    (b'i\x00\x00\x00\x00\x00\x00\x00\x00\x00', 'trailing'),
+    (b's\x03\x00\x00\x00ab', 'exceeds'),
+    (b's\x01\x00\x00\x00ab', 'trailing'),
+])
+def test_malformed_scalars_are_decode_errors(data, message):
+    with pytest.raises(codec.DecodeError, match=message):
+        codec.decode(data)
+
+
+def test_lone_surrogates_in_a_short_str_come_back_replaced():
+    assert codec.decode(codec.encode('a\ud800b')) == 'a\ufffdb'
