@@ -240,7 +240,7 @@ def test_classifiers_exist(project):
 def test_readme_links_are_absolute(project):
     """The README is the package index page: a relative link goes nowhere there."""
     text = (project / "README.rst").read_text()
-    targets = re.findall(r"`[^`<]*<([^>]+)>`__?", text) + re.findall(r"^\.\. _[^:]+:\s*(\S+)", text, re.MULTILINE)
+    targets = re.findall(r"`[^`<]*<([^<>\s]+)>`__?", text) + re.findall(r"^\.\. _[^:]+:\s*(\S+)", text, re.MULTILINE)
     relative = [t for t in targets if not t.startswith("https://")]
     assert not relative, f"{project.relative_to(ROOT)}/README.rst links to {relative}"
 
