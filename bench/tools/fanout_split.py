@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from procstat import cpu_seconds
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 PEERS = os.path.join(REPO, 'bench', 'peers')
@@ -46,18 +48,6 @@ while True:
     fn(*args, **kwargs)
     os.write(1, header.pack(1, rid, 20) + b'N')  # RESULT, None
 ''' % PEERS
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        for tid in os.listdir('/proc/%d/task' % pid):
-            try:
-                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
-                    total += int(f.read().split()[0])
-            except OSError:
-                pass  # a thread that ended meanwhile
-    return total / 1e9
 
 
 def parent(pid):

@@ -23,6 +23,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, 'bench', 'peers'), HERE]
 from chopsticks.group import Group  # noqa: E402
 from chopsticks.tunnel import Local  # noqa: E402
 import remote_fns  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
 
 def rss():
@@ -83,13 +84,13 @@ def compare_relays(direct, count, python, rounds, block=5):
         label = ('direct', 'relayed')[b % 2]
         group = direct if label == 'direct' else fleet
         for _ in range(block):
-            k0 = children_cpu(relay_pids)
+            k0 = cpu_seconds(relay_pids)
             c0 = time.process_time()
             t0 = time.perf_counter()
             bad = sum(1 for _ in group.call(remote_fns.noop).failures())
             stats[label][0].append(time.perf_counter() - t0)
             stats[label][1].append(time.process_time() - c0)
-            stats[label][2].append(children_cpu(relay_pids) - k0)
+            stats[label][2].append(cpu_seconds(relay_pids) - k0)
             if bad:
                 print('%s round: %d failed' % (label, bad))
     med = statistics.median
@@ -128,14 +129,14 @@ def compare_naps(group, pids, naps, rounds, block=5):
         nap = naps[b % len(naps)]
         group.call(set_relief_nap, nap).raise_failures()
         group.call(remote_fns.noop)
-        k0, s0 = children_cpu(pids), children_switches(pids)
+        k0, s0 = cpu_seconds(pids), children_switches(pids)
         for _ in range(block):
             c0 = time.thread_time()
             t0 = time.perf_counter()
             group.call(remote_fns.noop)
             stats[nap]['t'].append(time.perf_counter() - t0)
             stats[nap]['cpu'].append(time.thread_time() - c0)
-        stats[nap]['kids'].append((children_cpu(pids) - k0) / block)
+        stats[nap]['kids'].append((cpu_seconds(pids) - k0) / block)
         stats[nap]['sw'].append((children_switches(pids) - s0) / block)
     med = statistics.median
     for nap, st in stats.items():
@@ -143,19 +144,6 @@ def compare_naps(group, pids, naps, rounds, block=5):
               'agents context switches %.0f (%d rounds)' % (
                   nap, med(st['t']) * 1e3, med(st['cpu']) * 1e3, med(st['kids']) * 1e3, med(st['sw']),
                   len(st['t'])))
-
-
-def children_cpu(pids):
-    """Seconds on CPU of every thread of ``pids`` (schedstat: nanoseconds, not ticks)."""
-    total = 0
-    for pid in pids:
-        try:
-            for tid in os.listdir('/proc/%d/task' % pid):
-                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
-                    total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e9
 
 
 def broker_cpu():
@@ -225,7 +213,7 @@ def main(argv):
     if os.environ.get('NAP'):
         group.call(set_relief_nap, float(os.environ['NAP'])).raise_failures()
         print('agents relief nap max', os.environ['NAP'])
-    kids0 = children_cpu(pids)
+    kids0 = cpu_seconds(pids)
     switches0 = children_switches(pids)
     broker0 = broker_cpu()
     prof = None
@@ -248,7 +236,7 @@ def main(argv):
         bad = sum(1 for _ in r.failures())
         if bad:
             print('round failed on %d hosts' % bad)
-    kids = (children_cpu(pids) - kids0) / rounds
+    kids = (cpu_seconds(pids) - kids0) / rounds
     print('per round: children context switches %.0f' % ((children_switches(pids) - switches0) / rounds))
     print('per round: children cpu %.1f ms (%.1f us/host), broker thread cpu %.1f ms' % (
         kids * 1e3, kids / n * 1e6, (broker_cpu() - broker0) / rounds * 1e3))

@@ -23,6 +23,7 @@ from chopsticks.group import Group  # noqa: E402
 from chopsticks.testing.sshd import LoopbackSSHD  # noqa: E402
 from chopsticks.tunnel import Tunnel  # noqa: E402
 import remote_fns  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
 TICK = os.sysconf('SC_CLK_TCK')
 
@@ -42,19 +43,6 @@ def processes():
         fields = text[text.rindex(')') + 2:].split()
         out[int(name)] = (int(fields[1]), comm, 0.0)
     return out
-
-
-def exact_cpu(pids):
-    """Seconds on CPU of every thread of ``pids`` (schedstat: nanoseconds, not ticks)."""
-    total = 0
-    for pid in pids:
-        try:
-            for tid in os.listdir('/proc/%d/task' % pid):
-                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
-                    total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e9
 
 
 def descendants(procs, root):
@@ -115,14 +103,14 @@ def measure(n, rounds):
         by_kind, procs = kinds(sshd._proc.pid)
         own = time.process_time()
         times = []
-        before = {k: exact_cpu(p) for k, p in by_kind.items()}
+        before = {k: cpu_seconds(p) for k, p in by_kind.items()}
         c0 = time.process_time()
         for _ in range(rounds):
             t0 = time.perf_counter()
             group.call(remote_fns.noop)
             times.append(time.perf_counter() - t0)
         controller = (time.process_time() - c0) / rounds
-        per_round = {k: (exact_cpu(p) - before[k]) / rounds for k, p in by_kind.items()}
+        per_round = {k: (cpu_seconds(p) - before[k]) / rounds for k, p in by_kind.items()}
         fds = len(os.listdir('/proc/self/fd')) - fd0
         pss = {k: sum(pss_kib(p) for p in pids) for k, pids in by_kind.items()}
         print('%d hosts: connect + first call %.1fs (%d failed), round median %.1f ms (min %.1f)'

@@ -1,0 +1,16 @@
+"""What processes cost, read from /proc: the bench tools' one copy."""
+import os
+
+
+def cpu_seconds(pids):
+    """Seconds on CPU of every thread of ``pids`` (schedstat: nanoseconds,
+    not 10 ms ticks); a process or thread that ended meanwhile counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir('/proc/%d/task' % pid):
+                with open('/proc/%d/task/%s/schedstat' % (pid, tid)) as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total / 1e9
