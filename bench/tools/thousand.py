@@ -11,7 +11,6 @@ relays (a ``RelayedGroup``: one call per relay).
 """
 import gc
 import os
-import resource
 import statistics
 import sys
 import time
