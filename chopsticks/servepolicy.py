@@ -12,8 +12,7 @@ import os
 import sys
 import threading
 
-__all__ = ['ENV_SERVE', 'ServePolicy', 'dotted', 'plugin_packages', 'shipped_by',
-           'shipped_files']
+__all__ = ['ENV_SERVE', 'ServePolicy', 'dotted', 'plugin_packages', 'shipped_by']
 
 
 #: The environment variable that limits serving: ``pkg,other``, ``pkg,*`` or ``none``.
@@ -116,21 +115,6 @@ def shipped_by(top):
         if _shipped is None:
             _shipped = _Shipped()
         return _shipped.real_paths(top)
-
-
-def shipped_files():
-    """The files each installed distribution lists in its RECORD, by top-level
-    package name: the package data a host may read by default.  (Slow: it
-    resolves every file; serving asks :func:`shipped_by` for one name.)"""
-    import importlib.metadata
-    tops = set()
-    for dist in importlib.metadata.distributions():
-        try:
-            tops.update(f.parts[0] for f in dist.files or () if len(f.parts) > 1)
-        except Exception:
-            continue
-    shipped = {top: shipped_by(top) for top in tops}
-    return {top: set(paths) for top, paths in shipped.items() if paths is not None}
 
 
 def dotted(rel_path):
