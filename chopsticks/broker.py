@@ -27,6 +27,8 @@ class Broker(object):
         self.pid = None
         self.flushes = []  # callables to run on the broker thread soon
         self.parked = {}  # fileobj -> (callback, when to register it): see park()
+        self.held = set()  # transports whose stdout a caller keeps: see watch_held()
+        self.next_held_look = 0.0
         self.sleeping = False  # in a select() that waits for an event, without a timeout
         self.last_park = 0.0
         # Callbacks read into this (they run one at a time, on the broker thread).
@@ -78,6 +80,21 @@ class Broker(object):
         if wake:
             self._wake()  # so its select() gets a timeout
 
+    def watch_held(self, transport):
+        """Call ``transport.release_if_idle()`` every PARK_TIME until it
+        calls unwatch_held: for a pipe a caller keeps between its calls
+        (ProcessTransport.hold_stdout), taken back once they stop."""
+        with self.lock:
+            self.held.add(transport)
+            self._ensure_thread()
+            wake, self.sleeping = self.sleeping, False
+        if wake:
+            self._wake()  # so its select() gets a timeout
+
+    def unwatch_held(self, transport):
+        with self.lock:
+            self.held.discard(transport)
+
     def request_flush(self, flush):
         """Run ``flush()`` on the broker thread as soon as it can."""
         with self.lock:
@@ -108,9 +125,21 @@ class Broker(object):
             self.thread.start()
 
     def _register_parked(self):
-        """Register the parked pipes whose time is up; return the seconds to the next."""
+        """Register the parked pipes whose time is up, and take back held ones
+        that went idle; return the seconds to the next look."""
+        now = time.monotonic()
+        if self.held and now >= self.next_held_look:
+            # Every PARK_TIME, not at every event: a holder calling all the
+            # time must not lose its pipe to a busy broker's quick looks.
+            # Outside self.lock: a transport's state_lock comes first (see
+            # ProcessTransport.hold_stdout), and release_if_idle takes it.
+            self.next_held_look = now + PARK_TIME
+            for transport in list(self.held):
+                transport.release_if_idle()
         with self.lock:
             now = time.monotonic()
+            if self.held and not self.parked:
+                return max(0.0, self.next_held_look - now)
             if not self.parked:
                 # While a caller parks a pipe after every call, stay on a timer:
                 # waking this thread from park() would cost what parking saves.
@@ -127,7 +156,10 @@ class Broker(object):
                     pass  # closed meanwhile
             if not self.parked:
                 return PARK_TIME
-            return max(0.0, min(when for _, when in self.parked.values()) - now)
+            nearest = min(when for _, when in self.parked.values())
+            if self.held:
+                nearest = min(nearest, self.next_held_look)
+            return max(0.0, nearest - now)
 
     def _run(self):
         select = self.selector.select

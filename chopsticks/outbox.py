@@ -74,23 +74,23 @@ class Outbox(object):
 
     def send(self, rid: int, op: int, payload: Any) -> None:
         if len(payload) <= CORK_MAX:
-            self._send_frame([wire.frame(rid, op, payload)], len(payload))
+            self.send_frame([wire.frame(rid, op, payload)], len(payload))
         else:
             self.send_parts(rid, op, [payload])
 
     def send_parts(self, rid: int, op: int, parts: List[Any]) -> None:
         frame = wire.frame_parts(rid, op, parts)
-        self._send_frame(frame, sum(len(p) for p in frame))
+        self.send_frame(frame, sum(len(p) for p in frame))
 
     def send_region(self, rid: int, region: FileRegion) -> None:
         """A DATA frame of a FileRegion: the transport sends it from the file
         when it can (``file_regions``), else its bytes go like any frame's."""
         if region.length <= CORK_MAX or not self.file_regions or self._reads_here():
             # (Small ones may be corked; a thread that reads the replies must
-            # not block writing: see _send_frame.)
+            # not block writing: see send_frame.)
             self.send_parts(rid, wire.DATA, [region.read()])
         else:
-            self._send_frame([wire.HEADER.pack(region.length, rid, wire.DATA), region],
+            self.send_frame([wire.HEADER.pack(region.length, rid, wire.DATA), region],
                              wire.HEADER.size + region.length)
 
     def _reads_here(self):
@@ -99,7 +99,10 @@ class Outbox(object):
         return direct is not None and direct.state is _CALLER and \
             direct.reader == threading.get_ident()
 
-    def _send_frame(self, frame, size):
+    def send_frame(self, frame: List[Any], size: int) -> None:
+        """Send one frame, ``frame`` being its parts (header first) and
+        ``size`` its payload's length; corked if small and other calls are
+        pending.  TunnelClosed if the connection is gone."""
         conn = self.conn
         with self.lock:
             if conn.closed:

@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 
 DIRECT_READ_BUFFER = 256 << 10  # per caller thread that reads its own replies
 DIRECT_READ_SLICE = 0.5     # seconds such a caller waits before looking for a close()
+LONE_REPLY_MAX = 64 << 10   # the largest reply read_reply returns as it is (decoded by the caller)
+_SLICE_MS = DIRECT_READ_SLICE * 1000.0
+_HEADER_SIZE = wire.HEADER.size
+_unpack_header = wire.HEADER.unpack_from
+_RESULT = wire.RESULT
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -59,6 +64,13 @@ class TransportSink(Protocol):
 
     def eof(self) -> None:
         """stdout ended: the agent is gone (stderr was read to its end first)."""
+
+
+class LoneReader(TransportSink, Protocol):
+    """A sink that can say whether a reply read alone may skip ``feed``."""
+
+    def reads_nothing_else(self) -> bool:
+        """Whether nothing is half-read: no partial frame, no frame queued."""
 
 
 class Capabilities(object):
@@ -109,10 +121,13 @@ class ReaderState(enum.Enum):
     BROKER = 'the broker thread reads it'
     CALLER = 'a caller thread took it and reads its own replies'
     PARKED = 'given back to the broker, which reads it unless a caller takes it soon'
+    HELD = ('kept by the caller that read its own reply, for its next call: the broker '
+            'takes it back when that caller stops calling, or another thread awaits a reply')
     CLOSED = 'the transport closed; whoever still reads it closes the pipe'
 
 
 _CLOSED = ReaderState.CLOSED
+_HELD = ReaderState.HELD
 
 
 class TakeResult(enum.Enum):
@@ -130,8 +145,10 @@ class DirectReading(Protocol):
 
     def take_stdout(self) -> TakeResult: ...
     def give_back_stdout(self) -> None: ...
+    def hold_stdout(self) -> None: ...
     def unpark(self) -> None: ...
     def read_until(self, sink: TransportSink, future: 'Settles', timeout: Optional[float]) -> None: ...
+    def read_reply(self, sink: 'LoneReader', rid: int, timeout: Optional[float]) -> Optional[bytes]: ...
     def read_once(self, sink: TransportSink, buf: Any) -> bool: ...
 
 
@@ -200,6 +217,10 @@ class ProcessTransport(object):
         self.stderr_lock = threading.RLock()
         self.state = ReaderState.BROKER
         self.reader: Optional[int] = None
+        self.holder: Optional[int] = None  # the thread that keeps stdout HELD
+        self.held_calls = 0  # calls that took stdout from HELD (release_if_idle)
+        self.held_calls_seen = 0
+        self.held_watched = False  # in the broker's watch_held set
         self.stdout_poller = None
         self.broker = get_broker()  # looked up once: the call would cost every reply
 
@@ -254,6 +275,13 @@ class ProcessTransport(object):
         me = threading.get_ident()
         if self.reader == me:
             return TakeResult.NESTED
+        if self.state is _HELD and self.holder == me:
+            with self.state_lock:
+                if self.state is _HELD:  # (not taken back by the broker meanwhile)
+                    self.state = ReaderState.CALLER
+                    self.reader = me
+                    self.held_calls += 1
+                    return TakeResult.TAKEN
         if not self.read_lock.acquire(blocking=False):
             return TakeResult.REFUSED
         with self.state_lock:
@@ -299,6 +327,39 @@ class ProcessTransport(object):
                     return
                 conn.feed(buf, n)
 
+    def read_reply(self, conn, rid, timeout):
+        """Wait up to ``timeout`` seconds (None: DIRECT_READ_SLICE) for stdout and
+        read it once: the payload of a lone small RESULT frame for call ``rid``
+        (its reply, as bytes), else None, after handing what was read, if
+        anything, to ``conn.feed`` (or EOF to ``conn.eof``).  The first wait
+        of a call made while no other is pending (Connection._call_alone),
+        before read_until's general loop."""
+        poller = self.stdout_poller
+        if poller is None:
+            poller = self.stdout_poller = select.poll()  # only read_lock's holder uses it
+            poller.register(self.stdout.fileno(), select.POLLIN)
+        if self.state is _CLOSED or not poller.poll(
+                _SLICE_MS if timeout is None else min(_SLICE_MS, max(timeout, 0.0) * 1000.0)):
+            return None
+        buf = reading_buffer()
+        try:
+            n = os.readv(self.stdout.fileno(), [buf])
+        except BlockingIOError:
+            return None
+        except (OSError, ValueError):
+            n = 0
+        if not n:
+            self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
+            self._eof(conn)
+            return None
+        if n > _HEADER_SIZE:
+            length, got, op = _unpack_header(buf, 0)
+            if got == rid and op == _RESULT and length == n - _HEADER_SIZE and \
+                    length <= LONE_REPLY_MAX and conn.reads_nothing_else():
+                return bytes(buf[_HEADER_SIZE:n])
+        conn.feed(buf, n)
+        return None
+
     def read_once(self, conn, buf):
         """Read what stdout holds into ``buf`` and dispatch it; False at EOF.
         Only for the thread that took stdout (take_stdout)."""
@@ -327,12 +388,53 @@ class ProcessTransport(object):
                 self.state = ReaderState.PARKED
                 self.broker.park(self.stdout, self._on_stdout)
 
+    def hold_stdout(self):
+        """Keep stdout for this thread's next call (ReaderState.HELD), rather
+        than give it back (give_back_stdout): a thread making calls one after
+        another then takes it back without a lock handed over or a word to
+        the broker.  The broker takes it back once no call came for
+        PARK_TIME (release_if_idle), and unpark() as soon as another thread
+        awaits a reply."""
+        with self.state_lock:
+            self.reader = None
+            if self.state is _CLOSED:
+                self._let_go_of_stdout()
+                return
+            self.state = _HELD
+            self.holder = threading.get_ident()
+            if self.held_watched:
+                return
+            self.held_watched = True
+            self.held_calls_seen = -1  # the broker's first look only counts
+        self.broker.watch_held(self)
+
+    def release_if_idle(self):
+        """(The broker's timer, every PARK_TIME.)  Give the broker stdout if
+        it is held and no call took it since the last look."""
+        with self.state_lock:
+            if self.state is _HELD and self.held_calls == self.held_calls_seen:
+                self._release_held()
+            elif self.state is _HELD or self.state is ReaderState.CALLER:
+                self.held_calls_seen = self.held_calls
+                return
+            self.held_watched = False
+            self.broker.unwatch_held(self)
+
+    def _release_held(self):
+        # (Under state_lock, HELD.)  The holder's read_lock, released for it.
+        self.holder = None
+        self.state = ReaderState.BROKER
+        self.read_lock.release()
+        self.broker.register(self.stdout, self._on_stdout)
+
     def unpark(self):
         """The broker reads stdout from now on: a reply is awaited."""
         with self.state_lock:
             if self.state is ReaderState.PARKED:
                 self.state = ReaderState.BROKER
                 self.broker.register(self.stdout, self._on_stdout)
+            elif self.state is _HELD:
+                self._release_held()
 
     def _eof(self, conn):
         # The process's last stderr lines say why it ended ("Connection refused"):
@@ -447,6 +549,7 @@ class ProcessTransport(object):
         if proc is None:
             return
         with self.state_lock:
+            held = self.state is _HELD
             self.state = ReaderState.CLOSED  # first: from now on nobody parks or registers stdout
         broker = self.broker
         for pipe in (proc.stdout, proc.stderr):
@@ -454,8 +557,8 @@ class ProcessTransport(object):
         with self.state_lock:
             if self.reader == threading.get_ident():
                 _close_quietly(proc.stdout)  # this thread reads it, and is not inside a read
-            elif self.read_lock.acquire(blocking=False):
-                self._let_go_of_stdout()  # nobody reads it: closed now
+            elif held or self.read_lock.acquire(blocking=False):
+                self._let_go_of_stdout()  # nobody reads it (HELD: for its holder): closed now
             # else its reader, in poll() or a read now, closes it as it lets go
         with self.stderr_lock:
             _close_quietly(proc.stderr)

@@ -14,6 +14,7 @@ import pytest
 from chopsticks import CallTimeout, ConnectError, Local, RemoteException, Tunnel, TunnelClosed
 from chopsticks.broker import get_broker
 from chopsticks.connection import Connection
+from chopsticks.transport import ReaderState
 from chopsticks.codec import EncodeError  # noqa: F401  (the type named in errors)
 
 from test_codec import VALUES
@@ -330,6 +331,53 @@ def test_replies_to_a_long_batch_of_calls_are_not_held_to_its_end(local, tmp_pat
     assert [f.result(timeout=60) for f in futures] == [None] * 500
 
 
+@pytest.mark.parametrize('then', ['call', 'call_async', 'thread_ends'])
+def test_a_pipe_kept_by_one_caller_reaches_the_others(local, then):
+    """After a call, the calling thread keeps the pipe for its next call
+    (ProcessTransport.hold_stdout).  Another thread's call, or a future
+    awaited where nobody reads, must still get its reply, whether the
+    keeper waits idle or has ended, with no pause beyond a broker tick."""
+    kept, done = threading.Event(), threading.Event()
+    local.connect()
+
+    def keeper():
+        local.call(echo, 'first')
+        kept.set()
+        if then != 'thread_ends':
+            done.wait(30)
+
+    thread = threading.Thread(target=keeper)
+    thread.start()
+    assert kept.wait(30)
+    if then == 'thread_ends':
+        thread.join(30)
+    try:
+        if then == 'call_async':
+            future = local.call_async(echo, 'second')
+            assert future.result(timeout=10) == 'second'
+        else:
+            results = []
+            other = threading.Thread(target=lambda: results.append(
+                local.call(echo, 'second', timeout=10)))
+            other.start()
+            other.join(30)
+            assert results == ['second']
+    finally:
+        done.set()
+        thread.join(30)
+    assert local.call(echo, 'third') == 'third'  # and the keeper's thread is any thread
+
+
+def test_closing_a_tunnel_whose_pipe_is_kept_closes_the_pipe():
+    tunnel = Local()
+    tunnel.connect()
+    tunnel.call(echo, 1)  # this thread now keeps stdout for its next call
+    assert tunnel._conn.transport.state is ReaderState.HELD
+    stdout = tunnel._conn.transport.stdout
+    tunnel.close()
+    assert stdout.closed
+
+
 def test_close_from_another_thread_ends_a_waiting_call(local):
     local.connect()
     closer = threading.Timer(0.3, local.close)
@@ -555,8 +603,10 @@ def test_remote_logging_reaches_controller_logging(local, caplog):
     assert 'disk /var is full' in record.getMessage()
 
 
-def test_an_idle_tunnel_still_hears_its_remote(local, caplog):
-    """After a call, the caller gives the pipe back to the broker (parked):
+@pytest.mark.parametrize('calls_before', [0, 3])
+def test_an_idle_tunnel_still_hears_its_remote(local, caplog, calls_before):
+    """After a call, the caller gives the pipe back to the broker (parked),
+    or keeps it for its next call (held) until the broker takes it back:
     what the remote sends unasked must still arrive, and its exit be seen."""
     def log_later_then_exit():
         import logging
@@ -570,6 +620,8 @@ def test_an_idle_tunnel_still_hears_its_remote(local, caplog):
             time.sleep(0.3)
             os._exit(0)
         threading.Thread(target=later).start()
+    for _ in range(calls_before):
+        local.call(echo, None)
     with caplog.at_level(logging.INFO):
         local.call(log_later_then_exit)
         deadline = time.monotonic() + 10
