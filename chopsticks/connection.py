@@ -35,7 +35,8 @@ from .replies import (
     Reading, Settle, StreamHandler, What, name_of, reads_alone, waiting_for_itself)
 from .serialize import dumps_call, describe, importable
 from .transport import (
-    DirectReading, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink)
+    DirectReading, ProcessTransport, ReaderState, TakeResult, Transport, TransportSink,
+    reading_buffer)
 
 if sys.version_info >= (3, 8):
     from typing import Protocol
@@ -521,68 +522,40 @@ class Connection(object):
         return rid
 
     def call(self, payload: bytes, what: What, timeout: Optional[float] = None) -> Any:
-        # The pipe is taken before the call goes out, so the broker thread
-        # never wakes for the reply: this thread reads it.
-        direct = self.direct  # (take_reading, inlined)
-        reading = _REFUSED if direct is None else direct.take_stdout()
-        if reading is _TAKEN and not self.pending:
-            return self._call_alone(direct, payload, what, timeout)  # type: ignore[arg-type]
-        if reading is _REFUSED and on_broker_thread():
-            raise waiting_for_itself(self.host, what)
-        reply = ReplyHandler(self, what)
-        try:
-            rid = self.request(wire.CALL, reply, payload)
-        except BaseException:
-            if reading is TakeResult.TAKEN:
-                self.give_back_reading()
-            raise
-        left = timeout if reading is TakeResult.REFUSED else \
-            self.read_until_done(reply, timeout, reading is TakeResult.TAKEN)
-        if reply.outcome is None and not reply.wait(left):  # (read here, mostly: settled)
-            self.pending.pop(rid, None)
-            raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, name_of(what), timeout))
-        value, error = reply.outcome  # type: ignore[misc]  # settled: wait() said so
-        if error is not None:
-            raise error
-        return value
+        """Send a pickled call (``pickle_call``) and wait for its value.
 
-    def _call_alone(self, direct: DirectReading, payload: bytes, what: What,
-                    timeout: Optional[float]) -> Any:
-        """``call`` when this thread took the reading and no other call is
-        pending: a script's loop of calls, the commonest use by far.
-
-        The reply then most likely comes alone, in one read: read_reply
-        returns its payload, decoded here, without the general way's reader
-        (read_until_done), parser and handler dispatch.  Anything else (other
-        frames, a partial read, a slow call) goes on the general way.  And
-        the pipe is kept for this thread's next call (hold_stdout), not
-        handed back to the broker.  In a loop of calls every Python function
-        on this path costs about half a microsecond, caches being cold after
-        each switch between the processes: with 69 calls a round trip cut to
-        48, the controller's CPU per call on a Local tunnel went from 48.5
-        to 41.9 µs, the round trip from 99.6 to 89.7 µs (medians of 8
-        alternated runs, /tmp-style A/B in bench/RESULTS.md).
+        The pipe is taken before the call goes out, so the broker thread
+        never wakes for the reply: this thread reads it.  A call made while
+        no other is pending, a script's loop of calls and the commonest use
+        by far, takes a short way: its reply most likely comes alone, in one
+        read, which read_reply hands over as it is, and the pipe is kept for
+        this thread's next call (hold_stdout) rather than handed back to the
+        broker.  The handler, reader and parser of the general way
+        (_call_shared) join in only if anything else comes.  In a loop of
+        calls each Python function on this path costs about half a
+        microsecond, caches being cold after every switch between the
+        processes; from 69 functions a round trip to 31 took the
+        controller's CPU per call from 50 to 38 µs over ssh and from 48 to
+        36 µs over a Local tunnel (bench/RESULTS.md, "The round trip as a
+        user meets it").
         """
-        reply = ReplyHandler(self, what)
+        direct = self.direct
+        reading = _REFUSED if direct is None else direct.take_stdout()
         size = len(payload)
-        try:
-            if size > CORK_MAX:
-                rid = self.request(wire.CALL, reply, payload)
-            else:  # (request and Outbox.send, inlined: this thread reads, nothing to unpark)
-                rid = next(self.ids)
-                self.pending[rid] = reply
-                try:
-                    self.outbox.send_frame([_pack_header(size, rid, _CALL) + payload], size)
-                except TunnelClosed:
-                    self.pending.pop(rid, None)
-                    raise
+        if reading is not _TAKEN or self.pending or size > CORK_MAX:
+            return self._call_shared(reading, payload, what, timeout)
+        assert direct is not None  # (TAKEN)
+        rid = next(self.ids)
+        try:  # (request and Outbox.send, inlined: nothing to unpark, this thread reads)
+            self.outbox.send_frame([_pack_header(size, rid, _CALL) + payload], size)
         except BaseException:
             self.give_back_reading()
             raise
         deadline = None if timeout is None else time.monotonic() + timeout
-        body = direct.read_reply(self, rid, timeout)
-        if body is not None:
-            self.pending.pop(rid, None)
+        parser = self.parser
+        got = direct.read_reply(self, rid, timeout,
+                                not self.backlog and not parser.buf and parser.have is None)
+        if isinstance(got, bytes):
             # Kept for this thread's next call; given to the broker at once if
             # another thread's call is pending (it checks HELD after adding
             # itself to pending, as this does the reverse: one sees the other).
@@ -592,26 +565,52 @@ class Connection(object):
             if self.keepalive:  # (as feed does)
                 self.last_rx = time.monotonic()
             try:
-                return codec.decode(body)
+                return codec.decode(got)
             except PROTOCOL_ERRORS as e:
                 raise self.invalid_data(e)
+        # Anything else: the general way, with a handler for the reply first.
+        reply = ReplyHandler(self, what)
+        self.pending[rid] = reply
+        if self.closed:  # lost while we read, maybe before the handler was there to fail
+            self.pending.pop(rid, None)
+            self.give_back_reading()
+            raise self.closed_error()
+        if got:
+            self.feed(reading_buffer(), got)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if reply.outcome is None:
             left = self.read_until_done(reply, left)
         else:
             self.give_back_reading()
-        if reply.outcome is None and not reply.wait(left):
+        return self._outcome(reply, rid, what, timeout, left)
+
+    def _call_shared(self, reading: TakeResult, payload: bytes, what: What,
+                     timeout: Optional[float]) -> Any:
+        """``call`` while other calls are pending, or when another thread reads."""
+        if reading is _REFUSED and on_broker_thread():
+            raise waiting_for_itself(self.host, what)
+        reply = ReplyHandler(self, what)
+        try:
+            rid = self.request(wire.CALL, reply, payload)
+        except BaseException:
+            if reading is _TAKEN:
+                self.give_back_reading()
+            raise
+        left = timeout if reading is _REFUSED else \
+            self.read_until_done(reply, timeout, reading is _TAKEN)
+        return self._outcome(reply, rid, what, timeout, left)
+
+    def _outcome(self, reply: ReplyHandler, rid: int, what: What, timeout: Optional[float],
+                 left: Optional[float]) -> Any:
+        """The value of the call ``rid``, once its reply is read (or ``left``
+        seconds more, if another thread reads it)."""
+        if reply.outcome is None and not reply.wait(left):  # (read here, mostly: settled)
             self.pending.pop(rid, None)
             raise CallTimeout('[%s] %s did not finish within %ss' % (self.host, name_of(what), timeout))
         value, error = reply.outcome  # type: ignore[misc]  # settled: wait() said so
         if error is not None:
             raise error
         return value
-
-    def reads_nothing_else(self) -> bool:
-        """Whether no frame is half-read or queued (see ProcessTransport.read_reply)."""
-        parser = self.parser
-        return not self.backlog and not parser.buf and parser.have is None
 
     def call_async(self, payload: bytes, what: What) -> CallFuture:
         """Start a call (pickled once by ``dumps_call(..., remote_version=None)``

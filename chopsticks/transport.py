@@ -66,13 +66,6 @@ class TransportSink(Protocol):
         """stdout ended: the agent is gone (stderr was read to its end first)."""
 
 
-class LoneReader(TransportSink, Protocol):
-    """A sink that can say whether a reply read alone may skip ``feed``."""
-
-    def reads_nothing_else(self) -> bool:
-        """Whether nothing is half-read: no partial frame, no frame queued."""
-
-
 class Capabilities(object):
     """What a transport can do beyond ``Transport``; read once per connection."""
     __slots__ = ('direct_reading', 'file_regions')
@@ -148,7 +141,8 @@ class DirectReading(Protocol):
     def hold_stdout(self) -> None: ...
     def unpark(self) -> None: ...
     def read_until(self, sink: TransportSink, future: 'Settles', timeout: Optional[float]) -> None: ...
-    def read_reply(self, sink: 'LoneReader', rid: int, timeout: Optional[float]) -> Optional[bytes]: ...
+    def read_reply(self, sink: TransportSink, rid: int, timeout: Optional[float],
+                   lone_ok: bool) -> Union[bytes, int]: ...
     def read_once(self, sink: TransportSink, buf: Any) -> bool: ...
 
 
@@ -327,38 +321,41 @@ class ProcessTransport(object):
                     return
                 conn.feed(buf, n)
 
-    def read_reply(self, conn, rid, timeout):
-        """Wait up to ``timeout`` seconds (None: DIRECT_READ_SLICE) for stdout and
-        read it once: the payload of a lone small RESULT frame for call ``rid``
-        (its reply, as bytes), else None, after handing what was read, if
-        anything, to ``conn.feed`` (or EOF to ``conn.eof``).  The first wait
-        of a call made while no other is pending (Connection._call_alone),
-        before read_until's general loop."""
+    def read_reply(self, conn, rid, timeout, lone_ok):
+        """Wait up to ``timeout`` seconds (None: DIRECT_READ_SLICE) for stdout
+        and read it once, into this thread's reading_buffer(): the payload of
+        call ``rid``'s reply, as bytes, if the read is that reply alone, small,
+        and ``lone_ok`` (the sink holds no partial frame); else how many
+        bytes were read, for the caller to feed (0: none; at EOF the sink's
+        eof() was called).  The first wait of a call made while no other is
+        pending (Connection.call), before read_until's general loop."""
         poller = self.stdout_poller
         if poller is None:
             poller = self.stdout_poller = select.poll()  # only read_lock's holder uses it
             poller.register(self.stdout.fileno(), select.POLLIN)
         if self.state is _CLOSED or not poller.poll(
                 _SLICE_MS if timeout is None else min(_SLICE_MS, max(timeout, 0.0) * 1000.0)):
-            return None
-        buf = reading_buffer()
+            return 0
+        try:
+            buf = _thread_state.buffer
+        except AttributeError:
+            buf = reading_buffer()
         try:
             n = os.readv(self.stdout.fileno(), [buf])
         except BlockingIOError:
-            return None
+            return 0
         except (OSError, ValueError):
             n = 0
         if not n:
             self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
             self._eof(conn)
-            return None
-        if n > _HEADER_SIZE:
+            return 0
+        if lone_ok and n > _HEADER_SIZE:
             length, got, op = _unpack_header(buf, 0)
             if got == rid and op == _RESULT and length == n - _HEADER_SIZE and \
-                    length <= LONE_REPLY_MAX and conn.reads_nothing_else():
+                    length <= LONE_REPLY_MAX:
                 return bytes(buf[_HEADER_SIZE:n])
-        conn.feed(buf, n)
-        return None
+        return n
 
     def read_once(self, conn, buf):
         """Read what stdout holds into ``buf`` and dispatch it; False at EOF.
