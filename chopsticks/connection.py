@@ -474,7 +474,8 @@ class Connection(object):
             except Exception:
                 raise e
             raise error from e
-        self.send_modules_for(fn)
+        if getattr(fn, '__module__', None) not in self.preloaded:  # (send_modules_for's first test)
+            self.send_modules_for(fn)
         return payload
 
     def send_modules_for(self, fn: Callable[..., Any]) -> None:

@@ -503,6 +503,10 @@ def test_context_manager_closes():
 
 
 def test_remote_killed_fails_pending_calls_with_host_named(local):
+    # Connected first: a call_async on a tunnel not connected yet is sent once
+    # its connect is done, and if the agent died meanwhile, that connect is a
+    # new one (the tunnel reconnects), where the call runs: not what this tests.
+    local.connect()
     future = local.call_async(time.sleep, 30)
     os.kill(local.remote_info['pid'], 9)
     with pytest.raises(TunnelClosed, match='localhost'):
