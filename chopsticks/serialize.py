@@ -196,7 +196,7 @@ def _plain(args, kwargs):
 
 def dumps_call(fn, args, kwargs, remote_version=None):
     """Pickle a call; functions without an import path travel as source."""
-    if _plain(args, kwargs):
+    if (not args and not kwargs) or _plain(args, kwargs):
         try:
             by_reference = _by_reference[fn]
         except (KeyError, TypeError):
