@@ -1054,8 +1054,21 @@ def read_config(fd):
     return codec.decode(body)
 
 
+def _default_hangup():
+    """SIGHUP as on a host reached by ssh: a controller started under
+    ``nohup`` ignores it, and a Local or sudo agent would pass that on to
+    every command it runs, down to the daemons they start, where a POSIX
+    shell cannot trap a signal ignored on entry: ``service x reload`` then
+    sent a SIGHUP nothing heard.  (The agent leads no terminal's foreground
+    group, so no hangup reaches it but one sent on purpose.)"""
+    import _signal  # (signal.py would import enum: a millisecond of the start-up)
+    if _signal.getsignal(_signal.SIGHUP) == _signal.SIG_IGN:
+        _signal.signal(_signal.SIGHUP, _signal.SIG_DFL)
+
+
 def main():
     global agent
+    _default_hangup()
     rfd, wfd = _take_stdio()
     agent = Agent(rfd, wfd, read_config(rfd))
     sys.meta_path.append(agent.finder)

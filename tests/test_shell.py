@@ -72,6 +72,20 @@ def test_text_false_gives_bytes(local):
     assert result.stdout == b'\xffx'
 
 
+def test_commands_can_trap_sighup_under_a_controller_started_with_nohup():
+    """nohup makes the controller ignore SIGHUP; a Local agent inherits that.
+    Its commands must not: a daemon they start (a sysvinit script's, say)
+    could never trap SIGHUP, and a reload would go unheard."""
+    import signal
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with Local() as host:
+            result = host.run('trap "echo heard" HUP; kill -HUP $$; echo after')
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert result.stdout.split() == ['heard', 'after']
+
+
 def test_missing_program_is_127(local):
     result = local.run(['/nonexistent/program'], check=False)
     assert result.returncode == 127 and 'nonexistent' in result.stderr
