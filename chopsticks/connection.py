@@ -537,10 +537,10 @@ class Connection(object):
         (_call_shared) join in only if anything else comes.  In a loop of
         calls each Python function on this path costs about half a
         microsecond, caches being cold after every switch between the
-        processes; from 69 functions a round trip to 31 took the
-        controller's CPU per call from 50 to 38 µs over ssh and from 48 to
-        36 µs over a Local tunnel (bench/RESULTS.md, "The round trip as a
-        user meets it").
+        processes; from 69 functions a round trip to 35-40 took the
+        controller's CPU per call from 37-40 to 27-30 µs over ssh and from
+        49 to 41 µs over a Local tunnel (bench/RESULTS.md, "The round trip
+        as a user meets it").
         """
         direct = self.direct
         reading = _REFUSED if direct is None else direct.take_stdout()
