@@ -265,6 +265,7 @@ class Connection(object):
         self.give_back_reading = reading.give_back
         self.read_for = reading.read_for
         self.read_until_done = reading.read_until_done
+        self.feed_read = reading.feed_read
 
     # --- lifecycle
     def start(self, timeout: Optional[float]) -> None:
@@ -579,7 +580,7 @@ class Connection(object):
             self.give_back_reading()
             raise self.closed_error()
         if got:
-            self.feed(reading_buffer(), got)
+            self.feed_read(reading_buffer(), got)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if reply.outcome is None:
             left = self.read_until_done(reply, left)

@@ -564,6 +564,17 @@ class Reading(object):
             return timeout
         return self.read_until_done(future, timeout, reading is TakeResult.TAKEN)
 
+    def feed_read(self, buf: Any, n: int) -> None:
+        """Hand the connection ``n`` bytes this thread read from it itself
+        (Connection.call's first read), as read_until_done would: a large
+        frame among them is decoded here, not queued for the decode thread."""
+        outer = getattr(_reading_alone, 'conn', None)
+        _reading_alone.conn = self.conn
+        try:
+            self.conn.feed(buf, n)
+        finally:
+            _reading_alone.conn = outer
+
     def read_until_done(self, future: Settles, timeout: Optional[float],
                         give_back: bool = True) -> Optional[float]:
         """Read (this thread has the reading) until ``future`` is done or

@@ -368,6 +368,21 @@ def test_a_pipe_kept_by_one_caller_reaches_the_others(local, then):
     assert local.call(echo, 'third') == 'third'  # and the keeper's thread is any thread
 
 
+def test_a_large_reply_read_at_once_is_decoded_by_its_caller(local):
+    """A call made alone whose reply, larger than a lone reply may be,
+    comes whole in the first read: its caller decodes it, as the general
+    reader would, rather than hand it to the decode thread (whose result
+    the caller would notice only at its next half-second look)."""
+    local.connect()
+    local.call(echo, 1)
+    conn = local._conn
+    size = 100 << 10  # a small call, a reply of 100 KiB
+    with conn.wide_pipe('receive'):  # room for the whole reply in the pipe
+        for _ in range(5):
+            assert local.call(bytes, size) == bytes(size)
+    assert conn.decoding.thread is None
+
+
 def test_closing_a_tunnel_whose_pipe_is_kept_closes_the_pipe():
     tunnel = Local()
     tunnel.connect()
