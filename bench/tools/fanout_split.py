@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from procstat import cpu_seconds
+from procstat import comm, cpu_seconds, parent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -48,17 +48,6 @@ while True:
     fn(*args, **kwargs)
     os.write(1, header.pack(1, rid, 20) + b'N')  # RESULT, None
 ''' % PEERS
-
-
-def parent(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        text = f.read()
-    return int(text[text.rindex(')') + 2:].split()[1])
-
-
-def comm(pid):
-    with open('/proc/%d/comm' % pid) as f:
-        return f.read().strip()
 
 
 def session_of(remote_pid):

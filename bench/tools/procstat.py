@@ -14,3 +14,16 @@ def cpu_seconds(pids):
         except OSError:
             pass
     return total / 1e9
+
+
+def parent(pid):
+    """The parent of process ``pid`` (OSError if it is gone)."""
+    with open('/proc/%d/stat' % pid) as f:
+        text = f.read()
+    return int(text[text.rindex(')') + 2:].split()[1])
+
+
+def comm(pid):
+    """The command name of process ``pid`` (OSError if it is gone)."""
+    with open('/proc/%d/comm' % pid) as f:
+        return f.read().strip()

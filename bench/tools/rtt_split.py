@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from procstat import cpu_seconds  # noqa: E402
+from procstat import comm, cpu_seconds, parent  # noqa: E402
 
 from chopsticks.testing.sshd import LoopbackSSHD  # noqa: E402
 from chopsticks.tunnel import Tunnel  # noqa: E402
@@ -54,24 +54,14 @@ def descendants(pid):
     for entry in os.listdir('/proc'):
         if entry.isdigit():
             try:
-                with open('/proc/%s/stat' % entry) as f:
-                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+                children.setdefault(parent(int(entry)), []).append(int(entry))
             except OSError:
-                continue
-            children.setdefault(parent, []).append(int(entry))
+                continue  # gone meanwhile
     found, todo = [], [pid]
     while todo:
         found.append(todo.pop())
         todo.extend(children.get(found[-1], ()))
     return found
-
-
-def comm(pid):
-    try:
-        with open('/proc/%d/comm' % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return ''
 
 
 def timed(round_trip, daemon_pid):
@@ -80,7 +70,10 @@ def timed(round_trip, daemon_pid):
     kinds = {'controller': [me], 'ssh': [], 'sshd': [], 'far end': []}
     on_host = descendants(daemon_pid)  # (the daemon is a child of this process too)
     for pid in on_host[1:]:
-        kinds['sshd' if comm(pid).startswith('sshd') else 'far end'].append(pid)
+        try:
+            kinds['sshd' if comm(pid).startswith('sshd') else 'far end'].append(pid)
+        except OSError:
+            continue  # gone meanwhile
     kinds['ssh'] = [pid for pid in descendants(me)[1:] if pid not in on_host]
     before = {kind: cpu_seconds(pids) for kind, pids in kinds.items()}
     start = time.perf_counter()
