@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 DIRECT_READ_BUFFER = 256 << 10  # per caller thread that reads its own replies
 DIRECT_READ_SLICE = 0.5     # seconds such a caller waits before looking for a close()
-LONE_REPLY_MAX = 64 << 10   # the largest reply read_reply returns as it is (decoded by the caller)
 _SLICE_MS = DIRECT_READ_SLICE * 1000.0
 _HEADER_SIZE = wire.HEADER.size
 _unpack_header = wire.HEADER.unpack_from
@@ -316,16 +315,15 @@ class ProcessTransport(object):
                 except (OSError, ValueError):
                     n = 0
                 if not n:
-                    self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
-                    self._eof(conn)
+                    self._stdout_ended(conn)
                     return
                 conn.feed(buf, n)
 
     def read_reply(self, conn, rid, timeout, lone_ok):
         """Wait up to ``timeout`` seconds (None: DIRECT_READ_SLICE) for stdout
         and read it once, into this thread's reading_buffer(): the payload of
-        call ``rid``'s reply, as bytes, if the read is that reply alone, small,
-        and ``lone_ok`` (the sink holds no partial frame); else how many
+        call ``rid``'s reply, as bytes, if the read is that reply alone and
+        ``lone_ok`` (the sink holds no partial frame); else how many
         bytes were read, for the caller to feed (0: none; at EOF the sink's
         eof() was called).  The first wait of a call made while no other is
         pending (Connection.call), before read_until's general loop."""
@@ -347,13 +345,11 @@ class ProcessTransport(object):
         except (OSError, ValueError):
             n = 0
         if not n:
-            self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
-            self._eof(conn)
+            self._stdout_ended(conn)
             return 0
         if lone_ok and n > _HEADER_SIZE:
             length, got, op = _unpack_header(buf, 0)
-            if got == rid and op == _RESULT and length == n - _HEADER_SIZE and \
-                    length <= LONE_REPLY_MAX:
+            if got == rid and op == _RESULT and length == n - _HEADER_SIZE:
                 return bytes(buf[_HEADER_SIZE:n])
         return n
 
@@ -367,11 +363,15 @@ class ProcessTransport(object):
         except (OSError, ValueError):
             n = 0
         if not n:
-            self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
-            self._eof(conn)
+            self._stdout_ended(conn)
             return False
         conn.feed(buf, n)
         return True
+
+    def _stdout_ended(self, conn):
+        """EOF on stdout, read by a caller's thread: the connection ends."""
+        self.broker.unregister(self.stderr)  # _eof drains it here, not the broker too
+        self._eof(conn)
 
     def give_back_stdout(self):
         """Give stdout back to the broker, parked: it reads it only if no

@@ -369,10 +369,10 @@ def test_a_pipe_kept_by_one_caller_reaches_the_others(local, then):
 
 
 def test_a_large_reply_read_at_once_is_decoded_by_its_caller(local):
-    """A call made alone whose reply, larger than a lone reply may be,
-    comes whole in the first read: its caller decodes it, as the general
-    reader would, rather than hand it to the decode thread (whose result
-    the caller would notice only at its next half-second look)."""
+    """A call made alone whose large reply (beyond what the broker decodes
+    inline) comes whole in the first read: its caller decodes it, rather
+    than hand it to the decode thread (whose result the caller would
+    notice only at its next half-second look)."""
     local.connect()
     local.call(echo, 1)
     conn = local._conn
@@ -380,6 +380,19 @@ def test_a_large_reply_read_at_once_is_decoded_by_its_caller(local):
     with conn.wide_pipe('receive'):  # room for the whole reply in the pipe
         for _ in range(5):
             assert local.call(bytes, size) == bytes(size)
+    assert conn.decoding.thread is None
+
+
+def test_a_large_error_read_at_once_is_decoded_by_its_caller(local):
+    """The same for a large ERROR frame, which goes the general way (only a
+    RESULT is read as a lone reply): fed as the thread that reads alone."""
+    local.connect()
+    local.call(echo, 1)
+    conn = local._conn
+    with conn.wide_pipe('receive'):  # room for the whole error in the pipe
+        for _ in range(5):
+            with pytest.raises(RemoteException, match='KeyError'):
+                local.call(lambda: fail('x' * (60 << 10)))
     assert conn.decoding.thread is None
 
 
