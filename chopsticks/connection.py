@@ -245,7 +245,6 @@ class Connection(object):
         self.preloaded: Set[str] = set()  # modules of functions called so far
         self.hello = threading.Event()
         self.remote: Optional[Dict[str, Any]] = None  # the agent's HELLO
-        self.remote_version: Optional[Tuple[int, ...]] = None  # its version, once it came
         self.closed = False
         self.error: Optional[BaseException] = None
         self.output = RemoteOutput(host)
@@ -443,7 +442,6 @@ class Connection(object):
                 raise ValueError('a HELLO of %d bytes' % len(payload))
             hello = checked_hello(codec.decode(payload))  # remote stays None if it is bad
             self.modules.remote_magic = hello['magic']
-            self.remote_version = hello['version']
             self.remote = hello
             self.hello.set()
         elif op in (wire.RESULT, wire.ERROR, wire.ITEM, wire.END, wire.CREDIT, wire.PONG):
@@ -469,7 +467,8 @@ class Connection(object):
     # --- calls (callers' threads; see CallChannel)
     def pickle_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
         try:
-            payload: bytes = dumps_call(fn, args, kwargs, self.remote_version)
+            remote = self.remote
+            payload: bytes = dumps_call(fn, args, kwargs, remote and remote['version'])
         except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as e:
             # Same type, so callers catching it still do; the message says where and what.
             try:
