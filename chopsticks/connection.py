@@ -235,7 +235,8 @@ class Connection(object):
         self.settings = dict(settings or {})
         self.settings.setdefault('host', host)
         self.settings.setdefault('log_level', logging.getLogger().getEffectiveLevel())
-        self.parser = wire.FrameParser(self.settings.get('max_frame', MAX_FRAME))
+        self.max_frame: int = self.settings.get('max_frame', MAX_FRAME)  # either way
+        self.parser = wire.FrameParser(self.max_frame, first_max=HELLO_MAX, first_name='a HELLO')
         # Frames read, not yet dispatched (see feed).
         self.backlog: Deque[Tuple[int, int, Any]] = collections.deque()
         self.pending: Dict[int, Handler] = {}
@@ -508,10 +509,10 @@ class Connection(object):
     def request(self, op: int, handler: Handler, payload: bytes) -> int:
         """Send a pickled call (``pickle_call``) and register its handler;
         returns the request id."""
-        if len(payload) > self.parser.max_payload:  # the agent would refuse the frame
+        if len(payload) > self.max_frame:  # the agent would refuse the frame
             raise ValueError('[%s] the call is %d bytes pickled, more than the %d a frame may carry: '
                              'send big data with put() or call_stream()'
-                             % (self.host, len(payload), self.parser.max_payload))
+                             % (self.host, len(payload), self.max_frame))
         rid = next(self.ids)
         self.pending[rid] = handler
         direct = self.direct

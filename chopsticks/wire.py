@@ -59,7 +59,11 @@ DIRECT_READ_MIN = 64 << 10  # a frame this large may be read straight into place
 class FrameParser(object):
     """Incremental frame splitter: feed bytes, get complete frames back.
 
-    ``max_payload`` bounds what a peer can make us buffer for one frame.
+    ``max_payload`` bounds what a peer can make us buffer for one frame,
+    and ``first_max``, if given, the first frame alone (``first_name`` in
+    the error): the controller expects a HELLO of a few hundred bytes
+    first, and without it a hostile host made it buffer a 256 MiB "HELLO"
+    before refusing it.
     A payload that arrives whole inside one ``feed`` is copied once (bytes).
     One that spans several is handed on as a memoryview of the bytearray
     that gathered it (no second copy).
@@ -82,8 +86,10 @@ class FrameParser(object):
 
     SPARE_MAX = 4  # recycled buffers kept; a put cycles two or three
 
-    def __init__(self, max_payload, preallocate=0):
-        self.max_payload = max_payload
+    def __init__(self, max_payload, preallocate=0, first_max=None, first_name='first frame'):
+        self.max_payload = max_payload if first_max is None else first_max
+        self.max_after_first = None if first_max is None else max_payload
+        self.first_name = first_name
         self.preallocate = preallocate
         self.spare = []  # mmaps given back, for the next frames of their size
         self.buf = bytearray()  # the pending bytes of an incomplete frame
@@ -150,6 +156,8 @@ class FrameParser(object):
         if not self.buf and self.have is None and n >= size:
             length, rid, op = HEADER.unpack_from(data, 0)
             if length == n - size and length <= self.max_payload:
+                if self.max_after_first is not None:
+                    self._lift_first_max()
                 return [(rid, op, bytes(data[size:n]))]
         frames = []
         view = memoryview(data)[:n]
@@ -199,9 +207,15 @@ class FrameParser(object):
 
     def _checked(self, length):
         if length > self.max_payload:
-            raise FrameError('frame of %d bytes exceeds the limit of %d bytes'
-                             % (length, self.max_payload))
+            raise FrameError('%s of %d bytes exceeds the limit of %d bytes'
+                             % ('frame' if self.max_after_first is None else self.first_name,
+                                length, self.max_payload))
+        if self.max_after_first is not None:
+            self._lift_first_max()
         return length
+
+    def _lift_first_max(self):
+        self.max_payload, self.max_after_first = self.max_after_first, None
 
 
 def aligned_buffer(size):

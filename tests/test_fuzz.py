@@ -7,6 +7,7 @@ bytes, the only outcomes allowed are a value, a clean ``DecodeError`` /
 ``ProtocolError``: never another exception, a hang, or memory out of
 proportion to the bytes received.
 """
+import importlib.util
 import struct
 import threading
 import time
@@ -161,6 +162,26 @@ def test_frames_survive_any_chunking(frames, draw):
 
 
 @FUZZ
+@given(st.binary(max_size=32), frames_strategy(), st.data())
+def test_only_the_first_frame_is_held_to_first_max(first, frames, draw):
+    """The controller's parser holds the HELLO, its first frame, to a few KB;
+    the frames after it may be as big as any, however the reads fall (a
+    first call's large reply may come in the HELLO's read)."""
+    frames = [(0, wire.HELLO, first), (1, wire.RESULT, b'r' * 1000)] + frames
+    stream = b''.join(wire.frame(rid, op, payload) for rid, op, payload in frames)
+    parser = wire.FrameParser(1 << 16, first_max=32, first_name='a HELLO')
+    got = []
+    last = 0
+    for cut in split_points(draw, len(stream)) + [len(stream)]:
+        got.extend(parser.feed(stream[last:cut]))
+        last = cut
+    assert got == frames
+    bloated = wire.FrameParser(1 << 16, first_max=32, first_name='a HELLO')
+    with pytest.raises(wire.FrameError, match='a HELLO of 33 bytes'):
+        bloated.feed(wire.frame(0, wire.HELLO, b'x' * 33)[:20])  # refused from its header
+
+
+@FUZZ
 @given(frames_strategy(), st.data())
 def test_a_parser_reads_big_frames_in_place(frames, draw):
     """The agent's reader: a big frame is read straight into the buffer
@@ -270,8 +291,10 @@ class SinkTransport(object):
 
 def connected(host='fuzzed'):
     conn = Connection(host, SinkTransport())
-    conn.remote = {'pid': 1, 'version': (3, 11, 0)}
-    conn.hello.set()
+    conn.feed(wire.frame(0, wire.HELLO, codec.encode({  # as an agent starts
+        'pid': 1, 'python': 'python3', 'version': (3, 11, 0), 'platform': 'linux',
+        'hostname': host, 'magic': importlib.util.MAGIC_NUMBER})))
+    assert conn.remote is not None
     handlers = {1: CallHandler(conn, 'call'), 2: IterHandler(conn, 'iter'),
                 3: StreamHandler(conn, 'stream')}
     conn.pending.update(handlers)

@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 import threading
+import time
 
 import pytest
 
@@ -165,6 +166,44 @@ def test_a_malformed_hello_is_a_connect_error_and_is_not_cached(tmp_path, monkey
         t.close()
     facts = [os.path.join(d, f) for d, _, files in os.walk(str(cache / 'facts')) for f in files]
     assert all(os.path.getsize(f) < 4096 for f in facts), facts
+
+
+BLOATED_AGENT = '''#!{python}
+# Announces a HELLO of 200 MiB and writes it all, counting what got through.
+import os, struct, sys
+sys.path.insert(0, {repo!r})
+from chopsticks import wire
+size, written, chunk = 200 << 20, 0, b'\\0' * (1 << 20)
+try:
+    os.write(1, wire.HEADER.pack(size, 0, wire.HELLO))
+    while written < size:
+        written += os.write(1, chunk)
+except OSError:
+    pass  # the controller hung up
+with open({report!r}, 'w') as f:
+    f.write(str(written))
+'''
+
+
+def test_a_bloated_hello_is_refused_before_it_is_read(tmp_path):
+    """The frame announcing itself as the HELLO is refused from its header:
+    the controller read 200 MiB of it, then refused it, before."""
+    report = tmp_path / 'written'
+    path = tmp_path / 'python'
+    path.write_text(BLOATED_AGENT.format(python=sys.executable, repo=REPO, report=str(report)))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    t = Local('bloater', python=str(path))
+    try:
+        with pytest.raises(ConnectError) as info:
+            t.connect()
+        assert '[bloater]' in str(info.value) and 'a HELLO of 209715200 bytes' in str(info.value)
+    finally:
+        t.close()
+    for _ in range(100):  # the agent writes its report once its write fails
+        if report.exists() and report.read_text():
+            break
+        time.sleep(0.1)
+    assert int(report.read_text()) < 4 << 20  # what the pipe holds, at most
 
 
 # --- item 9: logging state is bounded per process -----------------------------------------
