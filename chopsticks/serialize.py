@@ -433,8 +433,11 @@ def _lambdas_at(candidates, code):
     positions = getattr(code, 'co_positions', None)  # Python 3.11+
     if positions is None:
         return candidates
+    # Zero-width spans are not the lambda's text: Python 3.11+ places its
+    # RESUME and implicit RETURN at column 0 of the first line, which no
+    # lambda but one starting there holds, and every candidate was refused.
     spans = [(line, col, end_line, end_col) for line, end_line, col, end_col in positions()
-             if None not in (line, end_line, col, end_col)]
+             if None not in (line, end_line, col, end_col) and (line, col) != (end_line, end_col)]
 
     def holds(node):
         start, end = (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset)

@@ -89,6 +89,23 @@ def test_two_lambdas_on_one_line_each_run_their_own_code(local):
     assert outer() == 'inner'
 
 
+def test_lambdas_sharing_a_line_travel_as_source_to_another_python():
+    """To a host whose Python differs from the controller's, lambdas travel
+    as source, found by their line: two on one line, or one inside another,
+    each run their own code.  (The ``local`` tunnel above runs this Python,
+    where the code object travels instead and the source is never looked up.)"""
+    from conftest import available_pythons
+    others = [p for p in available_pythons() if not p.endswith('%d.%d' % sys.version_info[:2])]
+    if not others:
+        pytest.skip('no pyenv Python other than the controller\'s')
+    with Local('otherpython', python=others[-1]) as t:
+        calls = [t.call_async(lambda: 'first'), t.call_async(lambda: 'second')]
+        assert [c.result(30) for c in calls] == ['first', 'second']
+        assert t.call(lambda: sorted([3, 1, 2], key=lambda v: -v)) == [3, 2, 1]
+        pairs = [lambda: 'a', (lambda n=2: lambda: n)()]
+        assert [t.call(f) for f in pairs] == ['a', 2]
+
+
 def test_huge_argument_and_return_value(local):
     size = 200 << 20
     big = b'x' * size
