@@ -189,19 +189,25 @@ class Workers(object):
 # --- functions shipped as source ----------------------------------------------
 
 # Functions from the controller's __main__, lambdas and closures arrive as
-# source and are defined here, so that several of them can refer to each other.
+# source, with the globals they use as values, and are defined in a namespace
+# that starts as this one.  Each call has its own namespace per source file
+# (CallUnpickler.namespaces): the functions of one file sent in one call can
+# refer to each other, as in their module, and two calls running at once never
+# see each other's globals (one namespace for all once gave a running call the
+# globals of the call sent after it).
 controller_main = {'__name__': '__chopsticks_main__', '__builtins__': builtins}
 _compiled = {}
 
 
 def rebuild_function(source, name, filename, firstlineno, globals_, closure,
-                     defaults, kwdefaults, self_cells=(), self_globals=()):
+                     defaults, kwdefaults, self_cells=(), self_globals=(), namespaces=None):
     """Define a function (or class) the controller sent as source.
 
     Defaults travel as values (the source's are placeholders), closure
     variables become real cells of a wrapper function so ``nonlocal`` works,
     and ``self_cells``/``self_globals`` are the closure and global names by
-    which the function refers to itself."""
+    which the function refers to itself.  ``namespaces`` maps a source file
+    to the namespace its functions share in this call."""
     free = sorted(closure)
     key = (source, filename, firstlineno, tuple(free), tuple(self_cells))
     code = _compiled.get(key)
@@ -210,15 +216,16 @@ def rebuild_function(source, name, filename, firstlineno, globals_, closure,
         _compiled[key] = code
         import linecache  # not at start-up: it costs milliseconds and most calls need none
         linecache.cache[filename] = (len(source), None, ('\n' * (firstlineno - 1) + source).splitlines(True), filename)
-    if free or self_cells:
+    namespace = None if namespaces is None else namespaces.get(filename)
+    if namespace is None:
         namespace = dict(controller_main)
-        namespace.update(globals_)
-        exec(code, namespace)
+        if namespaces is not None:
+            namespaces[filename] = namespace
+    namespace.update(globals_)
+    exec(code, namespace)
+    if free or self_cells:
         fn = namespace.pop('__chopsticks_closure__')(*[closure[n] for n in free])
     else:
-        namespace = controller_main
-        namespace.update(globals_)
-        exec(code, namespace)
         fn = namespace[name]
     if isinstance(fn, type(rebuild_function)):
         fn.__defaults__ = defaults
@@ -251,10 +258,31 @@ def _compile_shipped(source, name, filename, firstlineno, free, self_cells):
 class CallUnpickler(pickle.Unpickler):
     """Resolves the controller's persistent ids: source functions and modules."""
 
+    def __init__(self, file):
+        pickle.Unpickler.__init__(self, file)
+        self.namespaces = {}  # source file -> the namespace of its functions in this call
+        # id(pid) -> (pid, what it made): the controller sends an object met
+        # again as the same, memoized, tuple (the class of each of many
+        # instances), which is made once, so its instances share one class.
+        self.made = {}
+
     def persistent_load(self, pid):
+        made = self.made.get(id(pid))
+        if made is None:
+            made = self.made[id(pid)] = (pid, self._make(pid))
+        return made[1]
+
+    def _make(self, pid):
         kind = pid[0]
         if kind == 'fn':
-            return rebuild_function(*pid[1:])
+            return rebuild_function(*pid[1:], namespaces=self.namespaces)
+        if kind == 'namedtuple':  # a class collections.namedtuple made in a script
+            import collections
+            name, fields, defaults = pid[1:]
+            cls = collections.namedtuple(name, fields)
+            cls.__new__.__defaults__ = defaults or None
+            cls.__module__ = controller_main['__name__']
+            return cls
         if kind == 'mod':
             __import__(pid[1])
             return sys.modules[pid[1]]

@@ -45,16 +45,33 @@ class CallPickler(pickle.Pickler):
         super().__init__(file, protocol=PROTOCOL)
         self.remote_version = remote_version
         self.in_progress = set()
-        self.shipped = []  # functions sent as source or code, to explain a failure
+        self.shipped = []  # functions and classes sent as source or code, to explain a failure
+        # id -> (the object, its persistent id): an object met again (the
+        # class of each of 1,000 instances) is sent as the same tuple, which
+        # the pickle memoizes, and the host rebuilds it once (CallUnpickler).
+        self.sent_as_source = {}
 
     def persistent_id(self, obj):
         kind = type(obj)
-        if kind is types.FunctionType or (isinstance(obj, type) and kind is type):
+        if kind in _PLAIN_TYPES:
+            return None
+        if kind is types.FunctionType or isinstance(obj, type):
             if importable(obj):
                 return None
-            return self._source_pid(obj)
+            sent = self.sent_as_source.get(id(obj))
+            if sent is None:
+                sent = self.sent_as_source[id(obj)] = (obj, self._source_pid(obj))
+            return sent[1]
         if kind is types.ModuleType:
             return ('mod', obj.__name__)
+        if getattr(obj, '__module__', None) in _SCRIPT_MODULES and hasattr(obj, '__qualname__') \
+                and kind is not types.MethodType and _pickled_by_name(obj):
+            # Pickled by name, as a function is, but not a function or class
+            # (an lru_cache wrapper): the host has no script to find it in.
+            raise pickle.PicklingError(
+                'cannot send %s (a %s.%s) to the remote: of what a script defines, functions and '
+                'classes travel (as source); define it in a module, which the host imports'
+                % (describe(obj), kind.__module__, kind.__qualname__))
         return None
 
     def _source_pid(self, obj):
@@ -68,11 +85,15 @@ class CallPickler(pickle.Pickler):
                 if is_function and self.remote_version and \
                         tuple(self.remote_version[:2]) == sys.version_info[:2]:
                     return self._code_pid(obj)
+                if not is_function and _is_namedtuple_class(obj):
+                    return ('namedtuple', obj.__name__, tuple(obj._fields),
+                            tuple(obj.__new__.__defaults__ or ()))
                 raise pickle.PicklingError(
                     'cannot send %s to the remote: %s' % (describe(obj), e))
-            if not is_function:
-                return ('fn', source, name, filename, lineno, {}, {}, None, None)
             self.shipped.append(obj)
+            if not is_function:
+                return ('fn', source, name, filename, lineno,
+                        self._class_globals(obj, source), {}, None, None)
             closure, self_cells = self._closure(obj)
             globals_, self_globals = self._globals_used(obj)
             # The source's defaults were replaced by None (source_of): their
@@ -108,6 +129,19 @@ class CallPickler(pickle.Pickler):
                 values[name] = value
         return values, tuple(self_names)
 
+    def _class_globals(self, cls, source):
+        """The globals of its module a class's source names: bases,
+        decorators and what its methods use (``json``, ``LIMIT``)."""
+        namespace = getattr(sys.modules.get(cls.__module__), '__dict__', {})
+        used = {}
+        for name in names_in_source(source):
+            if name in namespace:
+                value = namespace[name]
+                if value is not cls and id(value) not in self.in_progress and \
+                        value is not namespace.get('__builtins__'):
+                    used[name] = value
+        return used
+
     def _globals_used(self, fn):
         """The globals ``fn``'s code may load, and the names holding ``fn`` itself."""
         namespace = fn.__globals__
@@ -128,6 +162,22 @@ class CallPickler(pickle.Pickler):
 
 # Values that cannot hide a function or class: the C pickler alone is right for them.
 _PLAIN_TYPES = frozenset([type(None), bool, int, float, complex, str, bytes, bytearray])
+_SCRIPT_MODULES = ('__main__', '__mp_main__')
+
+
+def _pickled_by_name(obj):
+    """Whether pickle would save ``obj`` as a reference by name, as its
+    ``__reduce_ex__`` says with a string."""
+    try:
+        return isinstance(obj.__reduce_ex__(PROTOCOL), str)
+    except Exception:
+        return False
+
+
+def _is_namedtuple_class(cls):
+    """Made by ``collections.namedtuple`` (no class statement to send)."""
+    return issubclass(cls, tuple) and isinstance(getattr(cls, '_fields', None), tuple) and \
+        hasattr(cls, '_make')
 # fn -> (the call fn() pickled by reference, the opcodes that push fn), or
 # None when fn travels as source.
 _by_reference = {}
@@ -285,6 +335,18 @@ def closure_values(fn):
 
 
 _names_cache = {}
+_source_names_cache = {}
+
+
+def names_in_source(source):
+    """The names a piece of source loads (what a class sent as source may
+    need from its module)."""
+    names = _source_names_cache.get(source)
+    if names is None:
+        names = frozenset(node.id for node in ast.walk(ast.parse(source))
+                          if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load))
+        _source_names_cache[source] = names
+    return names
 
 
 def names_used(code):
@@ -349,9 +411,13 @@ def source_of(obj):
             segment = _signature_without_values(text, node)
             padding = _char_col(_lines(text)[node.lineno - 1], node.col_offset)
             segment = textwrap.dedent(' ' * padding + segment)
+            first = node.lineno
         else:
-            segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
-        result = (segment + '\n', obj.__name__, filename, node.lineno)
+            # From its first decorator (@dataclass), whole lines: the class is
+            # at the top level of its file.
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            segment = textwrap.dedent(''.join(_lines(text)[first - 1:node.end_lineno]))
+        result = (segment.rstrip('\n') + '\n', obj.__name__, filename, first)
     _source_cache[key] = result
     return result
 
@@ -465,5 +531,9 @@ def _find_definition(tree, obj, firstlineno):
         starts = [node.lineno] + [d.lineno for d in node.decorator_list]
         if firstlineno in starts:
             return node
-    raise SourceUnavailable('its definition was not found in %s'
-                            % getattr(getattr(obj, '__code__', None), 'co_filename', '?'))
+    if firstlineno is None:
+        raise SourceUnavailable(
+            'no class statement at the top level of %s defines it (made by a call, such as '
+            'type() or namedtuple(), or inside a function): define it in a module, which the '
+            'host imports' % getattr(sys.modules.get(obj.__module__), '__file__', obj.__module__))
+    raise SourceUnavailable('its definition was not found in %s' % obj.__code__.co_filename)

@@ -742,7 +742,7 @@ def test_every_available_interpreter_works(remote_python):
 
 
 SCRIPT = '''
-import sys
+import collections, enum, functools, json, sys
 sys.path.insert(0, {repo!r})
 from chopsticks import Local
 
@@ -768,12 +768,57 @@ class Box:
     def twice(self):
         return self.v * 2
 
+def is_even(n):
+    return True if n == 0 else is_odd(n - 1)
+
+def is_odd(n):
+    return False if n == 0 else is_even(n - 1)
+
+MODE = 'first'
+
+def mode_after(delay):
+    import time
+    time.sleep(delay)
+    return MODE
+
+LIMIT = 10
+
+class Base:
+    def hello(self):
+        return 'hi-%s' % json.dumps(LIMIT)
+
+class Child(Base):
+    pass
+
+@functools.total_ordering
+class Version:
+    def __init__(self, n):
+        self.n = n
+    def __eq__(self, other):
+        return self.n == other.n
+    def __lt__(self, other):
+        return self.n < other.n
+
+class Color(enum.Enum):
+    RED = 1
+
+Point = collections.namedtuple('Point', 'x y')
+
 with Local(python={python!r}) as t:
     print(t.call(uses_helper, 4))
     print(t.call(recursive, 5))
     print(t.call(make_adder(100), 1))
     print(t.call(lambda s: s.upper(), 'abc'))
     print(t.call(lambda: Box(21).twice()))
+    print(t.call(is_even, 10))
+    first = t.call_async(mode_after, 1.0)  # its globals go with it, as they are now
+    MODE = 'second'
+    print(first.result(), t.call(mode_after, 0))
+    print(t.call(lambda c: c.hello(), Child()))  # the base class and the globals it uses
+    print(t.call(lambda: Version(2) >= Version(1)))  # the decorator ran there too
+    print(t.call(lambda c: c.value, Color.RED))
+    print(t.call(lambda p: p.x + p.y, Point(1, 2)))
+    print(t.call(lambda boxes: len(set(type(b) for b in boxes)), [Box(i) for i in range(50)]))
 '''
 
 
@@ -790,7 +835,8 @@ def test_functions_from_main_lambdas_and_closures(tmp_path, which):
     script.write_text(SCRIPT.format(repo=os.path.dirname(os.path.dirname(__file__)), python=python))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ['41', '120', '101', 'ABC', '42']
+    assert out.stdout.split() == ['41', '120', '101', 'ABC', '42', 'True', 'first', 'second',
+                                  'hi-10', 'True', '1', '3', '1']
 
 
 
