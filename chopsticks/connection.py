@@ -207,6 +207,14 @@ class DecodeLane(object):
 PROTOCOL_ERRORS = (wire.FrameError, codec.DecodeError, KeyError, TypeError, ValueError)
 
 
+def _during(exc: BaseException, what: Optional[What]) -> BaseException:
+    """``exc``, a lost connection, for the call of ``what``: its message
+    also names the call (``[web1] connection lost (during __main__.deploy)``)."""
+    if what is None or type(exc) not in (TunnelClosed, ProtocolError) or len(exc.args) != 1:
+        return exc
+    return type(exc)('%s (during %s)' % (exc.args[0], name_of(what)))
+
+
 class Connection(object):
     """One agent on one host, from start to close; see the module docstring.
 
@@ -332,7 +340,7 @@ class Connection(object):
         self.hello.set()
         pending, self.pending = self.pending, {}
         for handler in pending.values():
-            handler.fail(exc)
+            handler.fail(_during(exc, getattr(handler, 'what', None)))
         self.output.end()
 
     def eof(self) -> None:
@@ -578,7 +586,7 @@ class Connection(object):
         if self.closed:  # lost while we read, maybe before the handler was there to fail
             self.pending.pop(rid, None)
             self.give_back_reading()
-            raise self.closed_error()
+            raise _during(self.closed_error(), what)
         if got:
             self.feed_read(reading_buffer(), got)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -537,9 +537,24 @@ def test_remote_killed_fails_pending_calls_with_host_named(local):
     local.connect()
     future = local.call_async(time.sleep, 30)
     os.kill(local.remote_info['pid'], 9)
-    with pytest.raises(TunnelClosed, match='localhost'):
+    with pytest.raises(TunnelClosed, match=r'^\[localhost\] connection lost.*\(during time\.sleep\)$'):
         future.result(timeout=10)
     assert local.call(echo, 'back') == 'back'  # reconnects
+
+
+def test_a_call_waiting_when_its_remote_dies_names_it(local):
+    """The call this thread waits for, its reply read here (Connection.call)."""
+    local.connect()
+    pid = local.remote_info['pid']
+    threading.Timer(0.5, os.kill, (pid, 9)).start()
+    with pytest.raises(TunnelClosed, match=r'^\[localhost\] connection lost.*\(during time\.sleep\)$'):
+        local.call(time.sleep, 30)
+    local.connect()
+    futures = [local.call_async(time.sleep, 30) for _ in range(2)]
+    local.close()
+    for future in futures:
+        with pytest.raises(TunnelClosed, match=r'^\[localhost\] tunnel closed \(during time\.sleep\)$'):
+            future.result(timeout=10)
 
 
 def test_call_iter_streams_with_backpressure(local):
