@@ -40,6 +40,9 @@ DRAIN_AFTER_KILL = 2.0
 # timeout before giving up on the host (a dead host never hangs the caller).
 CALL_GRACE = 30.0
 
+# The default of run_group's ``timeout``: the group's own.
+_GROUP_TIMEOUT = object()
+
 
 # --- the controller half ---------------------------------------------------------------
 
@@ -203,13 +206,20 @@ def run(tunnel, command, check=True, input=None, cwd=None, env=None, timeout=Non
     return result
 
 
-def run_group(group, command, check=True, input=None, cwd=None, env=None, timeout=None,
-              text=True, stream=False, shell=None):
+def run_group(group, command, check=True, input=None, cwd=None, env=None,
+              timeout=_GROUP_TIMEOUT, text=True, stream=False, shell=None):
     """``command`` on every host of ``group`` at once: a GroupResult of
     CommandResult; a host that failed (could not connect, or the command
     failed with ``check=True``) holds an ErrorResult whose ``exception`` is
-    the CommandFailed."""
+    the CommandFailed.
+
+    ``timeout`` is the command's on each host, as for :func:`run`; without
+    it, the group's own ``timeout`` is the command's (``timeout=None``: no
+    timeout at all).
+    """
     from .group import ErrorResult, GroupResult
+    if timeout is _GROUP_TIMEOUT:
+        timeout = group.timeout
     argv, shown, args = _host_arguments(command, input, cwd, env, timeout, stream, shell)
     raw = group.call(run_on_host, *args, timeout=_call_timeout(timeout))
     results = GroupResult()

@@ -105,6 +105,24 @@ def _wait_gone(marker, seconds=10.0):
     return _alive(marker)
 
 
+def test_group_timeout_bounds_and_kills_the_command_unless_run_says_otherwise():
+    """Group(timeout=N) is every operation's default timeout, run() included:
+    one hung command must not hold up the fleet; run(timeout=...) still wins."""
+    marker = 'sleep 3.%d' % os.getpid()
+    group = Group([Local('a'), Local('b')], timeout=0.5)
+    try:
+        results = group.run(marker)
+        assert all(isinstance(v, ErrorResult) and isinstance(v.exception, CommandTimeout)
+                   for v in results.values()), results
+        assert _wait_gone(marker) == []  # killed on the host, not left running
+        unchecked = group.run(marker, check=False)
+        assert all(v.timed_out and v.returncode == -9 for v in unchecked.values())
+        assert all(v.ok for v in group.run('sleep 1', timeout=None).values())
+        assert all(v.ok for v in group.run('sleep 1', timeout=30).values())
+    finally:
+        group.close()
+
+
 def test_timeout_kills_the_whole_process_group(local):
     marker = 'sleep 10%d' % os.getpid()  # a child of a child: the group must die
     with pytest.raises(CommandTimeout) as info:
