@@ -16,10 +16,19 @@ What a caller may rely on:
   their process groups too: one small watchdog process per agent holds the
   read end of a pipe the agent writes to; its end of file means the agent
   is gone, and it kills every group still registered.
+- Interrupting the controller's wait (Ctrl-C: ``KeyboardInterrupt``) kills
+  the command's process group too, on every host it was started on, before
+  the interrupt goes on (a kill request per host, waited for at most
+  :data:`STOP_WAIT` seconds); the tunnel stays open and usable.
 - ``stream=True`` shows each line as it comes, on the controller's stderr,
   prefixed with the host (the agent's stderr relay), and still returns the
   whole output.
+- ``cwd`` is the directory the command starts in, on the host; a leading
+  ``~`` or ``~user`` is the home directory there (of the user the agent runs
+  as).  A directory the command cannot start in fails it with status
+  :data:`CWD_FAILED` and an error naming the directory.
 """
+import itertools
 import os
 import shlex
 import signal
@@ -39,6 +48,19 @@ DRAIN_AFTER_KILL = 2.0
 # The call on the controller waits this long beyond the command's own
 # timeout before giving up on the host (a dead host never hangs the caller).
 CALL_GRACE = 30.0
+# After a Ctrl-C, how long the controller waits for the hosts to confirm that
+# they killed the command: a host that does not answer does not hold up the
+# interrupt for longer (its agent's watchdog kills it when the tunnel closes).
+STOP_WAIT = 2.0
+# The status of a command that could not start in its ``cwd``: as ``env -C``
+# exits when it cannot change directory, so that it is told apart from the
+# command's own statuses and from 126/127 (a command not executable, not found).
+CWD_FAILED = 125
+
+# Names a command for stop_on_host (unique within a controller process).
+_command_keys = itertools.count(1)
+# The default of run_group's ``timeout``: the group's own.
+_GROUP_TIMEOUT = object()
 
 
 # --- the controller half ---------------------------------------------------------------
@@ -173,12 +195,16 @@ def failure(result):
 
 
 def _host_arguments(command, input, cwd, env, timeout, stream, shell):
+    """(text shown, key naming the command on its hosts, run_on_host's arguments)."""
     argv, shown = command_argv(command, shell)
     if isinstance(input, str):
         input = input.encode('utf-8')
+    if cwd is not None:
+        cwd = os.fspath(cwd)
     if env is not None:
         env = {str(k): str(v) for k, v in env.items()}
-    return argv, shown, (argv, input, cwd, env, timeout, stream)
+    key = next(_command_keys)
+    return shown, key, (argv, input, cwd, env, timeout, stream, key)
 
 
 def _call_timeout(timeout):
@@ -191,27 +217,45 @@ def run(tunnel, command, check=True, input=None, cwd=None, env=None, timeout=Non
 
     ``check`` raises :class:`~chopsticks.errors.CommandFailed` when it
     exits non-zero (and ``CommandTimeout`` after ``timeout`` seconds);
-    ``input`` (str or bytes) is its stdin (else ``/dev/null``); ``env`` is
-    added to the agent's environment; ``text=False`` keeps the output as
-    bytes; ``stream`` shows the lines as they come.
+    ``input`` (str or bytes) is its stdin (else ``/dev/null``); ``cwd`` is
+    the directory it starts in (``'~/app'``: in the home directory on the
+    host); ``env`` is added to the agent's environment; ``text=False`` keeps
+    the output as bytes; ``stream`` shows the lines as they come.  Ctrl-C
+    while it runs kills it on the host.
     """
-    argv, shown, args = _host_arguments(command, input, cwd, env, timeout, stream, shell)
-    raw = tunnel.call(run_on_host, *args, timeout=_call_timeout(timeout))
+    shown, key, args = _host_arguments(command, input, cwd, env, timeout, stream, shell)
+    try:
+        raw = tunnel.call(run_on_host, *args, timeout=_call_timeout(timeout))
+    except KeyboardInterrupt:
+        stop_commands([tunnel], key)
+        raise
     result = make_result(tunnel.host, shown, raw, text)
     if check and not result.ok:
         raise failure(result)
     return result
 
 
-def run_group(group, command, check=True, input=None, cwd=None, env=None, timeout=None,
-              text=True, stream=False, shell=None):
+def run_group(group, command, check=True, input=None, cwd=None, env=None,
+              timeout=_GROUP_TIMEOUT, text=True, stream=False, shell=None):
     """``command`` on every host of ``group`` at once: a GroupResult of
     CommandResult; a host that failed (could not connect, or the command
     failed with ``check=True``) holds an ErrorResult whose ``exception`` is
-    the CommandFailed."""
-    from .group import ErrorResult, GroupResult
-    argv, shown, args = _host_arguments(command, input, cwd, env, timeout, stream, shell)
-    raw = group.call(run_on_host, *args, timeout=_call_timeout(timeout))
+    the CommandFailed.
+
+    ``timeout`` is the command's on each host, as for :func:`run`; without
+    it, the group's own ``timeout`` is the command's (``timeout=None``: no
+    timeout at all).
+    """
+    from .group import ErrorResult, Group, GroupResult
+    if timeout is _GROUP_TIMEOUT:
+        timeout = group.timeout
+    shown, key, args = _host_arguments(command, input, cwd, env, timeout, stream, shell)
+    try:
+        raw = group.call(run_on_host, *args, timeout=_call_timeout(timeout))
+    except KeyboardInterrupt:
+        if isinstance(group, Group):  # (a RelayedGroup's far hosts are not ours to call)
+            stop_commands(group.tunnels, key)
+        raise
     results = GroupResult()
     for host, value in raw.items():
         if not isinstance(value, ErrorResult):
@@ -222,7 +266,32 @@ def run_group(group, command, check=True, input=None, cwd=None, env=None, timeou
     return results
 
 
+def stop_commands(tunnels, key):
+    """Kill the command ``key`` on each of ``tunnels`` that is connected,
+    waiting at most STOP_WAIT seconds in all: best effort, for a Ctrl-C."""
+    import time
+    asked = []
+    for tunnel in tunnels:
+        if tunnel.connected:  # an agent that is gone took its commands with it
+            try:
+                asked.append(tunnel.call_async(stop_on_host, key))
+            except Exception:
+                pass
+    deadline = time.monotonic() + STOP_WAIT
+    for future in asked:
+        try:
+            future.result(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            future.cancel()
+
+
 # --- the host half: stdlib only, Python 3.6+ ------------------------------------------------
+
+# The commands running now, by the key the controller gave them, and the keys
+# the controller asked to stop before their command started here.
+_running = {}  # type: dict
+_stopped = set()  # type: set
+_running_lock = threading.Lock()
 
 _watchdog = None  # (Popen, write fd) of this agent's watchdog
 _watchdog_lock = threading.Lock()
@@ -283,8 +352,26 @@ def _kill_group(proc):
         pass
 
 
-def run_on_host(argv, input=None, cwd=None, env=None, timeout=None, stream=False):
-    """Run ``argv`` here; {'returncode', 'stdout', 'stderr', 'timed_out'}."""
+def stop_on_host(key):
+    """Kill the process group of the command that ``run_on_host`` runs
+    under ``key`` (or, if it has not started yet, keep it from starting)."""
+    with _running_lock:
+        proc = _running.get(key)
+        if proc is None:
+            _stopped.add(key)
+            return False
+    _kill_group(proc)
+    return True
+
+
+def _not_started(status, message):
+    return {'returncode': status, 'stdout': b'', 'stderr': message.encode('utf-8', 'replace'),
+            'timed_out': False}
+
+
+def run_on_host(argv, input=None, cwd=None, env=None, timeout=None, stream=False, key=None):
+    """Run ``argv`` here; {'returncode', 'stdout', 'stderr', 'timed_out'}.
+    ``key`` names it for :func:`stop_on_host`."""
     import selectors
     import subprocess
     import time
@@ -292,17 +379,33 @@ def run_on_host(argv, input=None, cwd=None, env=None, timeout=None, stream=False
     if env:
         full_env = dict(os.environ)
         full_env.update(env)
+    given_cwd = cwd
+    if cwd is not None:
+        cwd = os.path.expanduser(cwd)  # only a leading ~ or ~user
+    with _running_lock:
+        if key in _stopped:  # interrupted before it started here
+            _stopped.discard(key)
+            return _not_started(-int(signal.SIGKILL), 'interrupted before it started\n')
     try:
         proc = subprocess.Popen(
             argv, cwd=cwd, env=full_env, close_fds=True, start_new_session=True,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        # Popen names the directory when the child's chdir failed, the program otherwise.
+        if cwd is not None and e.filename == cwd and argv[0] != cwd:
+            where = repr(given_cwd) if given_cwd == cwd else '%r (%s)' % (given_cwd, cwd)
+            return _not_started(CWD_FAILED, 'cannot change to directory %s: %s\n' % (where, reason))
         # As a shell would say it: the command could not start.
-        name = argv[0]
-        return {'returncode': 127 if not isinstance(e, PermissionError) else 126,
-                'stdout': b'', 'stderr': ('%s: %s\n' % (name, e.strerror or e)).encode(),
-                'timed_out': False}
+        return _not_started(127 if not isinstance(e, PermissionError) else 126,
+                            '%s: %s\n' % (argv[0], reason))
+    with _running_lock:
+        if key is not None:
+            _running[key] = proc
+            if key in _stopped:  # interrupted while it started
+                _stopped.discard(key)
+                _kill_group(proc)
     _watch(proc.pid, b'+')
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     chunks = {out_fd: [], err_fd: []}
@@ -351,6 +454,8 @@ def run_on_host(argv, input=None, cwd=None, env=None, timeout=None, stream=False
         if proc.returncode is None:  # interrupted: leave nothing behind
             _kill_group(proc)
             proc.wait()
+        with _running_lock:
+            _running.pop(key, None)
         _watch(proc.pid, b'-')
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:

@@ -1,14 +1,17 @@
 """Shell commands: ``tunnel.run``, ``group.run``, ``chopsticks exec``."""
 import json
 import os
+import pwd
+import signal
 import subprocess
+import threading
 import time
 
 import pytest
 from click.testing import CliRunner
 
 import chopsticks
-from chopsticks import CommandFailed, CommandResult, CommandTimeout, Group, Local, Tunnel
+from chopsticks import CommandFailed, CommandResult, CommandTimeout, Group, Local, Sudo, Tunnel
 from chopsticks.cli import main
 from chopsticks.errors import CallTimeout, ChopsticksError
 from chopsticks.group import ErrorResult
@@ -103,6 +106,121 @@ def _wait_gone(marker, seconds=10.0):
     while _alive(marker) and time.monotonic() < end:
         time.sleep(0.05)
     return _alive(marker)
+
+
+def test_group_timeout_bounds_and_kills_the_command_unless_run_says_otherwise():
+    """Group(timeout=N) is every operation's default timeout, run() included:
+    one hung command must not hold up the fleet; run(timeout=...) still wins."""
+    marker = 'sleep 3.%d' % os.getpid()
+    group = Group([Local('a'), Local('b')], timeout=0.5)
+    try:
+        results = group.run(marker)
+        assert all(isinstance(v, ErrorResult) and isinstance(v.exception, CommandTimeout)
+                   for v in results.values()), results
+        assert _wait_gone(marker) == []  # killed on the host, not left running
+        unchecked = group.run(marker, check=False)
+        assert all(v.timed_out and v.returncode == -9 for v in unchecked.values())
+        assert all(v.ok for v in group.run('sleep 1', timeout=None).values())
+        assert all(v.ok for v in group.run('sleep 1', timeout=30).values())
+    finally:
+        group.close()
+
+
+def test_bad_cwd_names_the_directory_not_the_command(local, tmp_path):
+    missing = str(tmp_path / 'missing')
+    with pytest.raises(CommandFailed) as info:
+        local.run('pwd', cwd=missing)
+    text = str(info.value)
+    assert text.startswith("[localhost] command 'pwd' ")
+    assert "cannot change to directory %r: No such file or directory" % missing in text
+    assert '/bin/sh' not in text and info.value.returncode == chopsticks.shell.CWD_FAILED
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    result = local.run(['ls'], cwd=a_file, check=False)
+    assert result.returncode == chopsticks.shell.CWD_FAILED
+    assert result.stderr == 'cannot change to directory %r: Not a directory\n' % str(a_file)
+    # a missing program is still 127, and named
+    result = local.run(['./no-such-program'], cwd=str(tmp_path), check=False)
+    assert result.returncode == 127 and result.stderr.startswith('./no-such-program: ')
+
+
+def test_cwd_tilde_is_the_home_directory_of_the_remote_user(sudo_user):
+    home = pwd.getpwnam(sudo_user).pw_dir
+    with Sudo(sudo_user) as tunnel:
+        assert tunnel.run('pwd', cwd='~').stdout == home + '\n'
+        assert tunnel.run('pwd', cwd='~/').stdout.rstrip('\n/') == home
+        with pytest.raises(CommandFailed) as info:
+            tunnel.run(['ls'], cwd='~/no-such-dir')
+        assert "cannot change to directory '~/no-such-dir' (%s/no-such-dir): No such file" % home \
+            in str(info.value)
+        with pytest.raises(CommandFailed) as info:
+            tunnel.run(['ls'], cwd='/root')  # root's, mode 700
+        assert "cannot change to directory '/root': Permission denied" in str(info.value)
+        assert 'ls: ' not in str(info.value)
+    with Local() as tunnel:
+        assert tunnel.run('pwd', cwd='~' + sudo_user).stdout == home + '\n'
+
+
+def test_bad_cwd_over_ssh_names_the_directory(ssh_alias):
+    with Tunnel(ssh_alias) as tunnel:
+        with pytest.raises(CommandFailed) as info:
+            tunnel.run('pwd', cwd='/nonexistent-dir')
+        assert str(info.value).startswith("[%s] command 'pwd' " % tunnel.host)
+        assert "cannot change to directory '/nonexistent-dir'" in str(info.value)
+
+
+def _interrupt_once_running(marker):
+    """Ctrl-C for the main thread as soon as ``marker`` runs (a timer thread
+    of the test, as a user's Ctrl-C comes while run() waits)."""
+    def interrupt():
+        end = time.monotonic() + 20
+        while not _alive(marker) and time.monotonic() < end:
+            time.sleep(0.02)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+def _kill_leftovers(marker):
+    for pid in _alive(marker):  # (only if the test failed: ours, by pid)
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize('where', ['local', 'ssh'])
+def test_ctrl_c_kills_the_command_on_the_host_and_the_tunnel_goes_on(where, request):
+    marker = 'sleep 60%d%d' % (os.getpid(), where == 'ssh')
+    tunnel = Local() if where == 'local' else Tunnel(request.getfixturevalue('ssh_alias'))
+    try:
+        tunnel.call(len, '')  # connected: the interrupt comes while the command runs
+        thread = _interrupt_once_running(marker)
+        with pytest.raises(KeyboardInterrupt):
+            tunnel.run(marker)
+        thread.join()
+        assert _wait_gone(marker) == []
+        assert tunnel.connected and tunnel.run('echo still here').stdout == 'still here\n'
+    finally:
+        _kill_leftovers(marker)
+        tunnel.close()
+
+
+def test_ctrl_c_during_group_run_kills_the_command_on_every_host():
+    marker = 'sleep 61%d' % os.getpid()
+    group = Group([Local('a'), Local('b')])
+    try:
+        group.call(len, '')
+        thread = _interrupt_once_running(marker)
+        with pytest.raises(KeyboardInterrupt):
+            group.run(marker)
+        thread.join()
+        assert _wait_gone(marker) == []
+        assert all(v.ok for v in group.run('true').values())
+    finally:
+        _kill_leftovers(marker)
+        group.close()
 
 
 def test_timeout_kills_the_whole_process_group(local):
