@@ -385,7 +385,15 @@ class StreamHandler(CallHandler):
                                              min(STREAM_CHUNK, chunk.length - start))
                                   for start in range(0, chunk.length, STREAM_CHUNK))
                     else:
-                        view = memoryview(chunk).cast('B')
+                        try:
+                            view = memoryview(chunk).cast('B')
+                        except TypeError:
+                            raise TypeError(
+                                '[%s] call_stream(%s): each chunk must be bytes-like or a '
+                                'FileRegion, not %s%s' % (
+                                    conn.host, name_of(self.what), type(chunk).__name__,
+                                    ' (chunks is an iterable of chunks: pass [data], not data)'
+                                    if isinstance(chunk, int) else '')) from None
                         pieces = (view[start:start + STREAM_CHUNK]
                                   for start in range(0, len(view), STREAM_CHUNK))
                     for piece in pieces:

@@ -11,7 +11,7 @@ import pytest
 
 from chopsticks import ConnectError, Local, RemoteException, Tunnel, TunnelClosed
 from chopsticks.connection import Connection
-from remote_helpers import echo
+from remote_helpers import echo, joined
 
 
 @pytest.fixture(scope='module')
@@ -144,6 +144,16 @@ def test_not_a_function(local):
     with pytest.raises(RemoteException, match='TypeError'):
         local.call(echo, 1, 2, 3)
     assert local.call(echo, 1) == 1
+
+
+@pytest.mark.parametrize('chunks, named', [(b'abcdef', 'not int (chunks is an iterable'),
+                                           (['text'], 'not str')])
+def test_call_stream_chunks_that_are_not_bytes(local, chunks, named):
+    with pytest.raises(TypeError) as info:
+        local.call_stream(joined, chunks)
+    message = str(info.value)
+    assert message.startswith('[badinput] call_stream(remote_helpers.joined)') and named in message
+    assert local.call_stream(joined, [b'abc', b'def']) == (['bytes'], b'abcdef')
 
 
 def test_call_that_exits_the_remote_python(local):
