@@ -420,7 +420,15 @@ class ControllerLoader(object):
             except (EOFError, ValueError, TypeError):
                 pass
         filename = self.origin or '<namespace package %s>' % self.name
-        return compile(self.source, filename, 'exec', dont_inherit=True)
+        try:
+            return compile(self.source, filename, 'exec', dont_inherit=True)
+        except SyntaxError as e:
+            # Most often code written for a newer Python than this host's:
+            # say so, beside Python's own words (the same type, for callers).
+            e.msg = '%s (%s comes from the controller, and this host runs Python %s: it may ' \
+                'need a newer one; pass python= to choose another)' % (
+                    e.msg, self.name, '.'.join(map(str, sys.version_info[:3])))
+            raise
 
     def get_filename(self, fullname):
         return self.origin

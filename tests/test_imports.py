@@ -397,3 +397,20 @@ def test_a_namespace_package_takes_portions_from_host_and_controller(project, tm
     with Local() as t:
         assert t.call(modfuncs.where_is, 'nsmix.host_part') == 'remote'
         assert t.call(modfuncs.where_is, 'nsmix.controller_part') == 'controller'
+
+
+def test_code_too_new_for_the_hosts_python_says_so(project):
+    """A module the controller serves that this host's Python cannot compile
+    (an assignment expression, for Python 3.7): the SyntaxError says what
+    came from where and which Python the host runs."""
+    from conftest import available_pythons
+    old = [p for p in available_pythons() if p.endswith(('3.6', '3.7'))]
+    if not old:
+        pytest.skip('no pyenv Python 3.6 or 3.7')
+    root, modfuncs = project
+    write(root / 'newsyntax.py', 'def where():\n    return (found := "here")\n')
+    with Local(python=old[0]) as t:
+        with pytest.raises(RemoteException) as info:
+            t.call(modfuncs.where_is, 'newsyntax')
+    assert info.value.type_name == 'SyntaxError'
+    assert 'newsyntax comes from the controller, and this host runs Python 3.' in info.value.msg
