@@ -20,7 +20,7 @@ from chopsticks import hosts as host_strings
 from chopsticks import plugins
 from chopsticks.errors import RemoteException
 from chopsticks.gather import gather
-from chopsticks.group import ErrorResult, Group
+from chopsticks.group import ErrorResult
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -46,10 +46,7 @@ def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
     The one place the CLI touches tunnels; they are closed after the call.
     """
     tunnels = _tunnels(hosts)
-    try:
-        group = Group(list(tunnels.values()), progress=False)
-    except ValueError as exc:  # two host strings name one host: results are keyed by name
-        raise click.UsageError(f"{exc} (hosts: {' '.join(hosts)})") from None
+    group = cli_ops.host_group(list(tunnels.values()), words=hosts, progress=False)
     try:
         results = group.call(fn, *args, timeout=timeout, **kwargs)
     finally:

@@ -75,11 +75,18 @@ def test_unreachable_host_in_text():
     (["run", "local"], "no task in 'local'"),
     (["run", "local", "instal", "hello"], "Did you mean 'install' instead of 'instal'?"),
     (["facts", "local", "--no-such-option"], "No such option"),
+    # Two HOST words naming one host, for every command that reaches hosts.
+    (["exec", "local", "localhost", "--", "true"],
+     "two different tunnels are named 'localhost'"),
+    (["exec", "web1", "ssh://web1", "--", "true"], "two different tunnels are named 'web1'"),
+    (["exec", "--json", "local", "localhost", "--", "true"], "(hosts: local localhost)"),
+    (["facts", "local", "localhost", "-f", "kernel"], "(hosts: local localhost)"),
+    (["run", "local", "localhost", "install", "bash"], "(hosts: local localhost)"),
 ])
 def test_usage_errors_exit_2(args, message):
     result = chopsticks(*args)
-    assert result.returncode == 2
-    assert message in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 # -- run -------------------------------------------------------------------------------

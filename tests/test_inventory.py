@@ -392,3 +392,15 @@ def test_cli_list_hosts_and_exec_with_an_inventory(ansible_inventory, monkeypatc
     result = runner.invoke(main, ['list-hosts', '--json', 'dbservers'])
     data = json.loads(result.output)
     assert sorted(data) == ['db-a', 'db-b', 'db-c'] and data['db-a']['vars']['ntp_server']
+
+
+@pytest.mark.parametrize('command', [['exec'], ['facts', '-f', 'kernel']])
+def test_cli_an_inventory_host_and_a_host_string_naming_it_are_a_usage_error(
+        ansible_inventory, command):
+    if command[0] == 'facts':
+        pytest.importorskip('chopsticks_facts')
+    args = command + ['-i', ansible_inventory, 'web01', 'ssh://web01']
+    result = CliRunner().invoke(main, args + (['--', 'true'] if command == ['exec'] else []))
+    assert result.exit_code == 2, result.output
+    assert "two different tunnels are named 'web01'" in result.output
+    assert '(hosts: web01 ssh://web01)' in result.output
