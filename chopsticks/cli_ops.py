@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
-from chopsticks.display import printable, printable_lines
+from chopsticks.display import printable_block, printable_lines
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -188,7 +188,7 @@ def exec_command(words: Sequence[str], timeout: Optional[float], as_json: bool,
 def _show_host(host: str, result: Any) -> None:
     from chopsticks.group import ErrorResult
     if isinstance(result, ErrorResult):
-        click.echo(f'[{host}] FAILED: {printable(result.msg)}')
+        click.echo(f'[{host}] FAILED: {printable_block(result.msg, "    ")}')
         return
     click.echo(f'[{host}] {"ok" if result.ok else "FAILED"} ({result.status()})')
     # The host's text is escaped line by line: a \r or an escape sequence in
