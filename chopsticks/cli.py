@@ -18,9 +18,9 @@ import click
 from chopsticks import cli_ops, display
 from chopsticks import hosts as host_strings
 from chopsticks import plugins
-from chopsticks.errors import RemoteException
+from chopsticks.errors import ChopsticksError, RemoteException
 from chopsticks.gather import gather
-from chopsticks.group import ErrorResult, Group
+from chopsticks.group import ErrorResult
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -41,15 +41,13 @@ def _tunnels(hosts: Sequence[str]) -> Dict[str, Any]:
 def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
                   timeout: float | None = None, **kwargs: Any) -> Dict[str, Tuple[bool, Any]]:
     """``fn(*args, **kwargs)`` on every host in parallel, through a
-    :class:`~chopsticks.group.Group`: ``{host string: (ok, result or exception)}``.
+    :class:`~chopsticks.group.Group`: ``{host string: (ok, result or the
+    host's ErrorResult)}``.
 
     The one place the CLI touches tunnels; they are closed after the call.
     """
     tunnels = _tunnels(hosts)
-    try:
-        group = Group(list(tunnels.values()), progress=False)
-    except ValueError as exc:  # two host strings name one host: results are keyed by name
-        raise click.UsageError(f"{exc} (hosts: {' '.join(hosts)})") from None
+    group = cli_ops.host_group(list(tunnels.values()), words=hosts, progress=False)
     try:
         results = group.call(fn, *args, timeout=timeout, **kwargs)
     finally:
@@ -57,15 +55,17 @@ def call_on_hosts(hosts: Sequence[str], fn: Callable[..., Any], *args: Any,
     outcomes = {}
     for host, tunnel in tunnels.items():
         value = results[tunnel.host]
-        outcomes[host] = (False, value.exception) if isinstance(value, ErrorResult) else (True, value)
+        outcomes[host] = (not isinstance(value, ErrorResult), value)
     return outcomes
 
 
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, RemoteException):  # the host is already named by the report
-        return f"{exc.type_name}: {exc.msg}"
-    name = type(exc).__name__
-    return f"{name}: {exc}"
+def _error_text(failure: ErrorResult) -> str:
+    """``'ConnectError: could not connect: ...'``: the report names the host,
+    so the message does not again (ErrorResult.msg has no ``[host]``)."""
+    exc = failure.exception
+    if isinstance(exc, RemoteException) or not isinstance(exc, ChopsticksError):
+        return failure.msg  # already 'TypeName: message'
+    return f"{type(exc).__name__}: {failure.msg}"
 
 
 def _json_default(value: Any) -> Any:
@@ -190,7 +190,7 @@ def facts(hosts: Sequence[str], fact_names: Sequence[str], timeout: float, as_js
         for host, values in report.items():
             click.echo(host)
             if "error" in values and len(values) == 1:
-                click.echo(f"    FAILED: {display.printable(values['error'])}")
+                click.echo(f"    FAILED: {display.printable_block(values['error'], ' ' * 8)}")
                 continue
             width = max(len(name) for name in values)
             for name, value in values.items():
@@ -280,7 +280,8 @@ def run(words: Sequence[str], check: bool, as_json: bool, show_diff: bool = Fals
         width = max(len(host) for host in report)
         for host, result in report.items():
             if "error" in result and "changed" not in result:
-                click.echo(f"{host.ljust(width)}  failed   {display.printable(result['error'])}")
+                error = display.printable_block(result["error"], " " * (width + 4))
+                click.echo(f"{host.ljust(width)}  failed   {error}")
                 continue
             state = ("would change" if check else "changed") if result["changed"] else "ok"
             details = "  ".join(f"{k}: {_summary(v)}" for k, v in result.items()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
-from chopsticks.display import printable, printable_lines
+from chopsticks.display import printable_block, printable_lines
 
 EXIT_OK, EXIT_HOST_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -124,6 +124,23 @@ def _with_become(hosts: List[Any], ctx: click.Context) -> List[Any]:
             for host in hosts]
 
 
+def host_group(hosts: Sequence[Any], words: Optional[Sequence[Any]] = None,
+               **kwargs: Any) -> Any:
+    """The :class:`~chopsticks.Group` of ``hosts`` (what :func:`resolve_hosts`
+    gave, or their tunnels), for every command that reaches hosts.
+
+    Two HOST words naming one host (``local localhost``, ``web1
+    ssh://web1``) are a usage error: results are keyed by host name.
+    ``words`` are the hosts as typed, for that message (default ``hosts``).
+    """
+    from chopsticks.group import Group
+    try:
+        return Group(list(hosts), **kwargs)
+    except ValueError as exc:
+        typed = ' '.join(h if isinstance(h, str) else h.host for h in (words or hosts))
+        raise click.UsageError(f'{exc} (hosts: {typed})') from None
+
+
 # --- exec ---------------------------------------------------------------------------------
 
 def command_of(ctx: click.Context, words: Sequence[str]) -> tuple:
@@ -143,10 +160,10 @@ def command_of(ctx: click.Context, words: Sequence[str]) -> tuple:
 
 def exec_command(words: Sequence[str], timeout: Optional[float], as_json: bool,
                  stream: bool) -> None:
-    from chopsticks.group import ErrorResult, Group
+    from chopsticks.group import ErrorResult
     ctx = click.get_current_context()
     host_words, command = command_of(ctx, words)
-    group = Group(resolve_hosts(host_words))
+    group = host_group(resolve_hosts(host_words))
     try:
         results = group.run(command, check=False, timeout=timeout, stream=stream and not as_json)
     finally:
@@ -171,7 +188,7 @@ def exec_command(words: Sequence[str], timeout: Optional[float], as_json: bool,
 def _show_host(host: str, result: Any) -> None:
     from chopsticks.group import ErrorResult
     if isinstance(result, ErrorResult):
-        click.echo(f'[{host}] FAILED: {printable(result.msg)}')
+        click.echo(f'[{host}] FAILED: {printable_block(result.msg, "    ")}')
         return
     click.echo(f'[{host}] {"ok" if result.ok else "FAILED"} ({result.status()})')
     # The host's text is escaped line by line: a \r or an escape sequence in

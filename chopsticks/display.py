@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["printable", "printable_lines", "value_lines", "table_lines"]
+__all__ = ["printable", "printable_lines", "printable_block", "value_lines", "table_lines"]
 
 # C0 controls but tab, DEL, and C1 controls (U+0080-U+009F; U+009B is a
 # one-character CSI on many terminals).
@@ -34,6 +34,16 @@ def printable_lines(text: str, prefix: str = "") -> str:
     """``text`` escaped line by line (:func:`printable`), ``prefix`` before
     each line: the lines joined with newlines, no newline at the end."""
     return "\n".join(prefix + printable(line) for line in text.split("\n"))
+
+
+def printable_block(text: str, indent: str) -> str:
+    """A message of one or more lines, escaped line by line
+    (:func:`printable`), to follow a label: its first line as it is, each
+    further line after ``indent``, so it reads as belonging to the label
+    above (``FAILED: could not connect: ...`` and ssh's lines under it).
+    A trailing newline is dropped."""
+    first, *rest = (text[:-1] if text.endswith("\n") else text).split("\n")
+    return "\n".join([printable(first)] + [indent + printable(line) for line in rest])
 
 
 def _scalar(value: Any) -> str:

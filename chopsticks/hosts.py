@@ -94,17 +94,15 @@ def _tunnel_from_url(url: str, kwargs: dict, nesting: int) -> Any:
 def _ssh_tunnel(address: str, **options: Any) -> Any:
     if not address:
         raise ValueError("ssh:// needs a host: ssh://[user@]host[:port] or an ssh_config alias")
-    user, at, hostport = address.rpartition("@")
-    host, port = hostport, None
-    if hostport.count(":") == 1:  # host:port (an IPv6 address is written [::1]:22)
-        host, _, port = hostport.partition(":")
-    elif hostport.startswith("[") and "]:" in hostport:
-        host, _, port = hostport[1:].partition("]:")
-    if at:
-        options.setdefault("user", user)
-    if port:
-        options.setdefault("port", int(port))
-    return tunnel.Tunnel(host.strip("[]"), **options)
+    # Parsed as Tunnel parses its host (one parser), so that the tunnel is
+    # built with user= and port= apart: its relay_spec carries them.
+    host, user, port = tunnel.ssh_destination(address, options.pop("user", None),
+                                              options.pop("port", None))
+    if user is not None:
+        options["user"] = user
+    if port is not None:
+        options["port"] = port
+    return tunnel.Tunnel(host, **options)
 
 
 def _local_tunnel(address: str, **options: Any) -> Any:

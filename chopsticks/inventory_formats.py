@@ -13,6 +13,7 @@ import shlex
 from typing import Any, List, Optional, Sequence
 
 from .inventory import SETTINGS, Inventory, InventoryError, expand_range
+from .tunnel import split_host_port
 
 __all__ = ['parse_ini', 'parse_yaml', 'parse_toml']
 
@@ -22,6 +23,18 @@ def _expand(path: str, name: str, line: Optional[int]) -> List[str]:
         return expand_range(name)
     except ValueError as exc:
         raise InventoryError(path, str(exc), line, name) from None
+
+
+def _host_port(path: str, name: str, variables: dict, line: Optional[int]) -> tuple:
+    """A host's name and variables, ``name:port`` (``web[01:20]:2222`` too)
+    setting ``ansible_port`` unless the variables set it, as Ansible does."""
+    try:
+        name, port = split_host_port(name)
+    except ValueError as exc:
+        raise InventoryError(path, str(exc), line, name) from None
+    if port is not None and 'ansible_port' not in variables:
+        variables = dict(variables, ansible_port=port)
+    return name, variables
 
 
 def _line_of(text: str, needle: str, after: int = 0) -> Optional[int]:
@@ -42,7 +55,9 @@ def parse_ini(text: str, path: str = '<string>') -> Inventory:
 
     Hosts before any section are ungrouped; ``[g:vars]`` values are strings,
     inline host variables Python literals (else strings); ``host:port``
-    sets the port.
+    sets the port, after a range too (``web[01:20]:2222``; an IPv6
+    address in brackets, ``[2001:db8::7]:2222``), unless ``ansible_port`` is
+    set on the line.
     """
     inv = Inventory(path)
     group, kind = 'ungrouped', 'hosts'
@@ -50,7 +65,7 @@ def parse_ini(text: str, path: str = '<string>') -> Inventory:
         line = raw.strip()
         if not line or line[0] in '#;':
             continue
-        if line.startswith('['):
+        if line.startswith('[') and not _bracketed_ipv6(line):
             match = re.match(r'^\[([^:\]]+)(?::([^\]]+))?\]\s*(?:[#;].*)?$', line)
             if match is None:
                 raise InventoryError(path, 'malformed section header %r' % line, number)
@@ -90,13 +105,17 @@ def parse_ini(text: str, path: str = '<string>') -> Inventory:
                     raise InventoryError(path, 'expected key=value after host %r, not %r'
                                          % (name, word), number, name)
                 variables[key] = _ini_value(value)
-            host_port = re.match(r'^(.*[^:\]]):(\d+)$', name)
-            if host_port and ':' not in host_port.group(1):  # not an IPv6 address
-                name = host_port.group(1)
-                variables.setdefault('ansible_port', int(host_port.group(2)))
+            name, variables = _host_port(path, name, variables, number)
             for host in _expand(path, name, number):
                 inv.add_host(host, group if group != 'ungrouped' else None, variables, number)
     return inv
+
+
+def _bracketed_ipv6(line: str) -> bool:
+    """A host line ``[2001:db8::1]:2222``, not a section: a section header
+    has one colon at most, an IPv6 address '::' or at least three."""
+    inside = line[1:].partition(']')[0]
+    return '::' in inside or inside.count(':') >= 3
 
 
 def _ini_value(value: str) -> Any:
@@ -114,7 +133,8 @@ _YAML_GROUP_KEYS = ('hosts', 'children', 'vars')
 def parse_yaml(text: str, path: str = '<string>') -> Inventory:
     """An Ansible YAML inventory: top-level groups (usually ``all``), each a
     mapping of ``hosts`` (name -> variables or nothing), ``children``
-    (name -> group) and ``vars``."""
+    (name -> group) and ``vars``.  A host named ``name:port`` sets its
+    port, as in INI."""
     import yaml  # type: ignore[import-untyped]
     try:
         data = yaml.safe_load(text)
@@ -158,8 +178,9 @@ def _yaml_group(inv: Inventory, text: str, name: str, body: Any, parent: Optiona
         if variables is not None and not isinstance(variables, dict):
             raise InventoryError(path, 'host %r: expected a mapping of variables' % host,
                                  host_line, str(host))
-        for expanded in _expand(path, str(host), host_line):
-            inv.add_host(expanded, name, variables or {}, host_line)
+        host_name, host_vars = _host_port(path, str(host), variables or {}, host_line)
+        for expanded in _expand(path, host_name, host_line):
+            inv.add_host(expanded, name, host_vars, host_line)
     variables = body.get('vars') or {}
     if not isinstance(variables, dict):
         raise InventoryError(path, 'group %r: vars must be a mapping' % name, line, name)

@@ -6,6 +6,7 @@ and automatic again after the connection was closed or lost.
 import asyncio
 import functools
 import os
+import re
 import shlex
 import sys
 import threading
@@ -469,11 +470,68 @@ class Docker(SubprocessTunnel):
         return args + [self.image]
 
 
+# host:port where the host has no colon outside brackets (a range such as
+# web[1:3] in an inventory may hold one); '[v6]' and '[v6]:port' apart.
+_HOST_PORT = re.compile(r'^((?:[^:\[\]]|\[[^\[\]]*\])+):([^:\[\]]*)$')
+_BRACKETED = re.compile(r'^\[([^\[\]]*)\](?::(.*))?$')
+
+
+def split_host_port(hostport):
+    """``'host:port'`` -> ``('host', port)``; a host without a port -> ``(host, None)``.
+
+    IPv6 addresses are written bare (``'::1'``, no port: its colons are
+    the address's) or in brackets (``'[::1]'``, ``'[::1]:2222'``); the
+    brackets are removed.  Inventory ranges may come before the port
+    (``'web[01:20]:2222'``).  A port that is not a number raises ValueError.
+    """
+    bracketed = _BRACKETED.match(hostport)
+    # [a:c] or [1:9:2] is a range (one or two colons); an IPv6 address has
+    # '::' or at least three colons.
+    if bracketed and ('::' in bracketed.group(1) or bracketed.group(1).count(':') >= 3):
+        host, port = bracketed.group(1), bracketed.group(2)
+    else:
+        match = _HOST_PORT.match(hostport)
+        if match is None:  # no port, or a bare IPv6 address
+            return hostport, None
+        host, port = match.group(1), match.group(2)
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('bad port %r in %r: host:port takes a number from 1 to 65535'
+                         % (port, hostport))
+    return host, int(port)
+
+
+def split_ssh_address(address):
+    """``'[user@]host[:port]'`` -> ``(user or None, host, port or None)``, as
+    ``fabric.Connection`` reads its host (see :func:`split_host_port`)."""
+    user, at, hostport = address.rpartition('@')
+    host, port = split_host_port(hostport)
+    return (user if at and user else None), host, port
+
+
+def ssh_destination(address, user=None, port=None):
+    """``(host, user, port)`` of an SSH ``address`` written ``[user@]host[:port]``,
+    with ``user`` and ``port`` given apart.  Given both ways with different
+    values, it raises ValueError, as ``fabric.Connection`` does."""
+    short_user, host, short_port = split_ssh_address(address)
+    for what, given, written in (('user', user, short_user), ('port', port, short_port)):
+        if given is not None and written is not None and str(given) != str(written):
+            raise ValueError('%s given twice for %r: %r in the address and %s=%r; '
+                             'pick one' % (what, address, written, what, given))
+    return (host, user if user is not None else short_user,
+            port if port is not None else short_port)
+
+
 class SSHTunnel(SubprocessTunnel):
     """A host over SSH.
 
-    ``host`` is an ssh_config alias or host name (``user``/``port`` override
-    the config), or a ``fabric.Connection`` to reuse its settings.
+    ``host`` is an ssh_config alias or host name, optionally written
+    ``user@host:port`` as ``fabric.Connection`` takes it (an IPv6 address
+    with a port in brackets: ``[::1]:2222``); ``user``/``port`` override the
+    config, and given both in ``host`` and apart, must agree (else
+    ValueError).  ``host`` may also be a ``fabric.Connection``, to reuse its
+    settings.
     ``transport='openssh'`` runs the ``ssh`` binary; ``'paramiko'`` connects
     in-process through Fabric.  ``ssh_config`` names the ssh_config file
     (default ``~/.ssh/config``, or ``$CHOPSTICKS_SSH_CONFIG``);
@@ -487,6 +545,8 @@ class SSHTunnel(SubprocessTunnel):
                  ssh_config=None, control_master=False,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, via=None, keepalive=None, **options):
         from .ssh import SSHSettings
+        if isinstance(host, str):
+            host, user, port = ssh_destination(host, user, port)
         self.transport_type = transport
         self.ssh_settings = SSHSettings(host, user, port, ssh_config, options,
                                         control_master, connect_timeout, keepalive)

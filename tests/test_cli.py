@@ -59,13 +59,46 @@ def test_unreachable_host_fails_alone():
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["local"] == {"kernel": chopsticks_facts.kernel()}
-    assert report[bad]["error"].startswith("ConnectError: [broken] could not connect")
+    # The report names the host; the message does not again.
+    assert report[bad]["error"].startswith("ConnectError: could not connect")
 
 
 def test_unreachable_host_in_text():
     result = chopsticks("facts", "local://?python=/nonexistent/python3", "-f", "kernel")
     assert result.returncode == 1
     assert "    FAILED: ConnectError: " in result.stdout
+
+
+@pytest.fixture
+def complaining_python(tmp_path):
+    """A "python" that prints two lines, one with an escape sequence, and exits."""
+    script = tmp_path / "python3"
+    script.write_text("#!/bin/sh\necho 'first complaint' >&2\n"
+                      "printf 'second \\033[2J\\rFORGED\\n' >&2\nexit 3\n")
+    script.chmod(0o755)
+    return f"local://broken?python={script}"
+
+
+@pytest.mark.parametrize("command, label, indent", [
+    (["exec", "HOST", "--", "true"], "[broken] FAILED: could not connect: ", 4),
+    (["facts", "HOST", "-f", "kernel"], "    FAILED: ConnectError: could not connect: ", 8),
+    (["run", "HOST", "install", "bash", "--check"], "  failed   ConnectError: could not connect: ", -1),
+])
+def test_a_multi_line_failure_reads_as_lines_under_its_host(complaining_python, command,
+                                                            label, indent):
+    result = chopsticks(*[complaining_python if word == "HOST" else word for word in command])
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if label in line)
+    if indent < 0:  # run: under the message, past the host column
+        indent = len(complaining_python) + 4
+    # The process's stderr (ssh's, over ssh) below the message, a line each,
+    # indented under it; the escape sequence escaped, the \\r a line break.
+    assert lines[at + 1:at + 4] == [" " * indent + "  first complaint",
+                                    " " * indent + "  second \\x1b[2J",
+                                    " " * indent + "  FORGED"]
+    assert "\\n" not in result.stdout and "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "[broken] could not connect" not in result.stdout  # the host named once
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,11 +108,18 @@ def test_unreachable_host_in_text():
     (["run", "local"], "no task in 'local'"),
     (["run", "local", "instal", "hello"], "Did you mean 'install' instead of 'instal'?"),
     (["facts", "local", "--no-such-option"], "No such option"),
+    # Two HOST words naming one host, for every command that reaches hosts.
+    (["exec", "local", "localhost", "--", "true"],
+     "two different tunnels are named 'localhost'"),
+    (["exec", "web1", "ssh://web1", "--", "true"], "two different tunnels are named 'web1'"),
+    (["exec", "--json", "local", "localhost", "--", "true"], "(hosts: local localhost)"),
+    (["facts", "local", "localhost", "-f", "kernel"], "(hosts: local localhost)"),
+    (["run", "local", "localhost", "install", "bash"], "(hosts: local localhost)"),
 ])
 def test_usage_errors_exit_2(args, message):
     result = chopsticks(*args)
-    assert result.returncode == 2
-    assert message in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 # -- run -------------------------------------------------------------------------------

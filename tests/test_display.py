@@ -1,6 +1,6 @@
 """What a person reads on a terminal (chopsticks.display): remote text can
 not repaint the terminal, and facts read as indented values and tables."""
-from chopsticks.display import printable, value_lines
+from chopsticks.display import printable, printable_block, value_lines
 
 
 def test_control_characters_are_escaped_tabs_kept():
@@ -31,3 +31,14 @@ def test_short_values_inline_nested_ones_indented():
 
 def test_a_remote_string_cannot_break_the_line():
     assert value_lines("hostname", "web1\n[db1] ok") == ["hostname  web1\\n[db1] ok"]
+
+
+def test_a_message_block_keeps_its_lines_under_its_label():
+    message = 'could not connect: denied\n  sudo: a password is required\n'
+    assert 'FAILED: ' + printable_block(message, '    ') == (
+        'FAILED: could not connect: denied\n      sudo: a password is required')
+    # Each line is still escaped: a host's \r or escape sequence cannot
+    # return to the start of a line and forge another host's.
+    forged = printable_block('ok\r[db1] FORGED\n\x1b[2Jcleared\x9b', '  ')
+    assert forged == 'ok\\r[db1] FORGED\n  \\x1b[2Jcleared\\x9b'
+    assert printable_block('one line', '  ') == 'one line'

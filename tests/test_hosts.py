@@ -24,6 +24,18 @@ def test_ssh_strings():
     assert tunnel_from_url('deploy@web1:2222').relay_spec() == (
         SSHTunnel, ('web1',), {'user': 'deploy', 'port': 2222})
     assert tunnel_from_url('ssh://[::1]:22').relay_spec() == (SSHTunnel, ('::1',), {'port': 22})
+    assert tunnel_from_url('ssh://::1').relay_spec() == (SSHTunnel, ('::1',), {})
+    assert tunnel_from_url('web1:22?port=22').relay_spec() == (SSHTunnel, ('web1',), {'port': 22})
+
+
+def test_user_or_port_written_twice_must_agree():
+    # As Tunnel('deploy@web1:2222', port=22) and fabric.Connection: not one silently winning.
+    with pytest.raises(ValueError, match="port given twice for 'web1:2222'"):
+        tunnel_from_url('ssh://web1:2222?port=22')
+    with pytest.raises(ValueError, match="user given twice for 'deploy@web1'"):
+        tunnel_from_url('deploy@web1?user=admin')
+    result = CliRunner().invoke(cli.main, ['exec', 'web1:ssh', '--', 'true'])
+    assert result.exit_code == 2 and "bad port 'ssh' in 'web1:ssh'" in result.output
 
 
 def test_via_is_resolved_recursively():

@@ -197,6 +197,75 @@ def test_select_runs_on_the_loopback_sshd(ansible_inventory):
     assert {host: r.stdout for host, r in results.items()} == {'host1': '42\n', 'host3': '42\n'}
 
 
+
+# Ansible reads host:port after a range, after dots following one, and
+# around an IPv6 address in brackets; a bare IPv6 address has no port.
+HOST_PORTS_INI = """\
+[web]
+web[1:2]:2222
+db-[a:b].example.com:2200
+plain:2222
+pinned:2222 ansible_port=2300
+[2001:db8::1]:2201
+::1
+
+[web:vars]
+ansible_user=deploy
+"""
+
+HOST_PORTS_YAML = """\
+all:
+  hosts:
+    web[1:2]:2222:
+    db-[a:b].example.com:2200:
+    plain:2222:
+    pinned:2222:
+      ansible_port: 2300
+    '[2001:db8::1]:2201':
+    '::1':
+"""
+
+HOST_PORTS = {'web1': 2222, 'web2': 2222, 'db-a.example.com': 2200, 'db-b.example.com': 2200,
+              'plain': 2222, 'pinned': 2300, '2001:db8::1': 2201, '::1': None}
+
+
+@pytest.mark.parametrize('text, format', [(HOST_PORTS_INI, 'ini'), (HOST_PORTS_YAML, 'yaml')])
+def test_host_port_after_ranges_and_ipv6(text, format):
+    inv = inventory.loads(text, format)
+    assert {host: inv.settings(host).get('port') for host in inv.hosts} == HOST_PORTS
+    assert inv.host_names('web1') == ['web1']
+    settings = inv.tunnel('web2').ssh_settings
+    assert (settings.host, settings.port) == ('web2', 2222)
+    settings = inv.tunnel('2001:db8::1').ssh_settings
+    assert (settings.host, settings.port) == ('2001:db8::1', 2201)
+
+
+def test_a_bad_port_names_the_line(tmp_path):
+    path = tmp_path / 'hosts'
+    path.write_text('[web]\nweb1\nweb[2:3]:http\n')
+    with pytest.raises(InventoryError, match=r"hosts:3: bad port 'http'") as info:
+        inventory.load(str(path))
+    assert info.value.name == 'web[2:3]:http'
+
+
+def test_select_over_the_loopback_sshd_at_the_port_of_a_ranged_host(tmp_path, sshd):
+    path = tmp_path / 'hosts'
+    path.write_text(_fill(textwrap.dedent('''\
+        [web]
+        web[1:2]:PORT ansible_host=127.0.0.1
+
+        [all:vars]
+        ansible_ssh_private_key_file=KEY
+        ansible_ssh_common_args='-o UserKnownHostsFile=KNOWN_HOSTS'
+        '''), sshd))
+    group = inventory.load(str(path)).select('web')
+    try:
+        results = group.run('echo up')
+    finally:
+        group.close()
+    assert {host: r.stdout for host, r in results.items()} == {'web1': 'up\n', 'web2': 'up\n'}
+
+
 TOML = '''\
 [vars]
 python = "python3"
@@ -323,3 +392,15 @@ def test_cli_list_hosts_and_exec_with_an_inventory(ansible_inventory, monkeypatc
     result = runner.invoke(main, ['list-hosts', '--json', 'dbservers'])
     data = json.loads(result.output)
     assert sorted(data) == ['db-a', 'db-b', 'db-c'] and data['db-a']['vars']['ntp_server']
+
+
+@pytest.mark.parametrize('command', [['exec'], ['facts', '-f', 'kernel']])
+def test_cli_an_inventory_host_and_a_host_string_naming_it_are_a_usage_error(
+        ansible_inventory, command):
+    if command[0] == 'facts':
+        pytest.importorskip('chopsticks_facts')
+    args = command + ['-i', ansible_inventory, 'web01', 'ssh://web01']
+    result = CliRunner().invoke(main, args + (['--', 'true'] if command == ['exec'] else []))
+    assert result.exit_code == 2, result.output
+    assert "two different tunnels are named 'web01'" in result.output
+    assert '(hosts: web01 ssh://web01)' in result.output

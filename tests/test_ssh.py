@@ -40,6 +40,42 @@ def test_user_and_port_override_the_config(sshd, transport):
         assert t.call(echo, 'ok') == 'ok'
 
 
+
+def test_user_at_host_colon_port_is_read_as_fabric_reads_it(sshd, transport):
+    # Connection('u@h:2222') habits: the port is not part of the host name.
+    with Tunnel('%s@host1:%d' % (sshd.user, sshd.port), transport=transport) as t:
+        assert t.call(echo, 'ok') == 'ok'
+        assert t.host == '%s@host1' % sshd.user
+        assert (t.ssh_settings.host, t.ssh_settings.port) == ('host1', sshd.port)
+
+
+def test_an_address_port_reaches_a_server_no_config_names(sshd):
+    # Given both ways and agreeing is fine; disagreeing is an error, as in Fabric.
+    address = '%s@127.0.0.1:%d' % (sshd.user, sshd.port)
+    with Tunnel(address, port=sshd.port, IdentityFile=sshd.client_key,
+                UserKnownHostsFile=sshd.known_hosts) as t:
+        assert t.call(echo, 'ok') == 'ok'
+
+
+def test_user_or_port_given_twice_must_agree():
+    with pytest.raises(ValueError, match=r"port given twice for 'deploy@web1:2222': "
+                                         r"2222 in the address and port=22"):
+        Tunnel('deploy@web1:2222', port=22)
+    with pytest.raises(ValueError, match=r"user given twice for 'deploy@web1'"):
+        Tunnel('deploy@web1', user='admin')
+    with pytest.raises(ValueError, match=r"bad port 'ssh' in 'web1:ssh'"):
+        Tunnel('web1:ssh')
+
+
+@pytest.mark.parametrize('address, host, port', [
+    ('[::1]:2222', '::1', 2222), ('[::1]', '::1', None), ('::1', '::1', None),
+    ('fe80::1%eth0', 'fe80::1%eth0', None), ('web1', 'web1', None),
+])
+def test_ipv6_addresses_take_a_port_in_brackets(address, host, port):
+    settings = Tunnel(address).ssh_settings
+    assert (settings.host, settings.port) == (host, port)
+
+
 def test_fabric_connection_is_reused(sshd, transport):
     fabric = pytest.importorskip('fabric')
     conn = fabric.Connection('host1', config=fabric.Config(runtime_ssh_path=sshd.ssh_config))
