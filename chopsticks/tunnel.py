@@ -255,8 +255,8 @@ class BaseTunnel(object):
 
         Raises RemoteException if it raised there, CallTimeout after
         ``timeout`` seconds, TunnelClosed if the connection was lost.  (To pass
-        the function a keyword argument called ``timeout``, wrap it in
-        ``functools.partial``.)
+        the function a keyword argument called ``timeout`` or ``fn``, wrap it
+        in ``functools.partial``.)
         """
         conn = self._conn
         if conn is None or conn.closed:
