@@ -104,6 +104,7 @@ class Outbox(object):
         ``size`` its payload's length; corked if small and other calls are
         pending.  TunnelClosed if the connection is gone."""
         conn = self.conn
+        interrupted: Optional[BaseException] = None
         with self.lock:
             if conn.closed:
                 raise conn.closed_error()
@@ -132,8 +133,21 @@ class Outbox(object):
                     self.transport.write(frame)
             except (OSError, ValueError) as e:
                 write_error = e
+            except BaseException as e:  # Ctrl-C, most likely, while a big frame waited for the pipe
+                interrupted = e
             else:
                 return
+        if interrupted is not None:
+            # Part of the frame may have gone, and no count of it can be
+            # trusted (the interrupt may fall between a write and its
+            # bookkeeping); a host reading the next frame from its middle
+            # would never be in step again: the next call on this tunnel
+            # hung.  So the connection ends (the tunnel makes a new one at
+            # its next call, and the agent removes its temp files as it
+            # exits) and the interrupt goes on.
+            conn.lost(TunnelClosed('[%s] connection ended: a write to it was interrupted (%s)'
+                                   % (conn.host, type(interrupted).__name__)))
+            raise interrupted
         self._write_failed(write_error)
         raise conn.closed_error()
 

@@ -565,3 +565,35 @@ def test_interrupted_controller_leaves_no_remote_pythons(sshd, hosts, how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_a_put_waits_for_the_pipe_leaves_the_tunnel_usable(tmp_path):
+    """A real SIGINT while a put's frame is half written (the host stopped
+    reading: the write waits for the pipe).  The stream cannot go on from
+    the middle of a frame, so the connection ends and the next call makes a
+    new one.  Before, the next call hung, the host reading garbage; and here,
+    the host still stopped, the put's own abort message waited for the pipe
+    forever, Ctrl-C or not."""
+    src = tmp_path / 'big'
+    src.write_bytes(os.urandom(32 << 20))
+    main = threading.get_ident()
+    with Local('interrupted') as t:
+        pid = t.call(os.getpid)
+        moving = threading.Event()
+
+        def interrupt():
+            moving.wait(30)
+            os.kill(pid, signal.SIGSTOP)  # the write now waits, partway through a frame
+            time.sleep(0.5)
+            signal.pthread_kill(main, signal.SIGINT)
+        interrupter = threading.Thread(target=interrupt, daemon=True)
+        interrupter.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                t.put(str(src), str(tmp_path / 'dest'), progress=lambda done, total: moving.set())
+        finally:
+            interrupter.join(30)
+            os.kill(pid, signal.SIGCONT)
+        assert t.call(sum, [1, 2], timeout=30) == 3
+        assert t.call(os.getpid) != pid  # a new connection
