@@ -304,6 +304,12 @@ def test_pinned_install_command_lines(manager, argv):
     assert backends.BACKENDS[manager]().install_argv([("a", None), ("b", "1.0")]) == argv
 
 
+def test_pin_of_a_foreign_architecture_package():
+    assert backends.Dnf().specs([("glibc.i686", "2.38-14.fc39"), ("python3.11", "3.11.9")]) == [
+        "glibc-2.38-14.fc39.i686", "python3.11-3.11.9"]
+    assert backends.Apt().specs([("libc6:i386", "2.36-9")]) == ["libc6:i386=2.36-9"]
+
+
 # -- apt, for real -------------------------------------------------------------------------
 
 def real_apt(test):

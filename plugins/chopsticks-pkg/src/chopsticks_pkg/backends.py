@@ -106,6 +106,7 @@ def _strip_zero_epoch(version):
 
 
 _RPM_PLAIN_ARCHS = ("noarch", "(none)")
+_RPM_ARCHS = ("x86_64", "i686", "i586", "i386", "aarch64", "armv7hl", "ppc64le", "s390x", "riscv64")
 
 
 def _rpm_name(name, arch, native_arch):
@@ -503,6 +504,10 @@ class Dnf(RpmBackend):
     cache_dirs = ("/var/cache/dnf",)
 
     def pin(self, name, version):
+        # dnf reads name-version[-release][.arch]: a foreign arch goes last
+        base, _, arch = name.rpartition(".")
+        if base and arch in _RPM_ARCHS:
+            return "%s-%s.%s" % (base, version, arch)
         return "%s-%s" % (name, version)
 
     def install_argv(self, specs):
