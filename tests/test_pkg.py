@@ -10,6 +10,7 @@ plan) runs end to end, command lines included.
 """
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "plugins" / "chopsticks-pkg" / "tests" / "fixtures"
 SRC = Path(chopsticks_pkg.__file__).resolve().parent
 PACKAGE = "hello"  # GNU hello: tiny, no dependencies beyond libc
+LIBRARY = "libfyaml0"  # Multi-Arch: same (dpkg names it libfyaml0:amd64); tiny, depends on libc only
 
 
 def fixture(name):
@@ -78,17 +80,28 @@ def test_parse_dpkg_query():
     assert backends.parse_dpkg_query(fixture("dpkg-query.txt")) == {
         "bash": "5.2.15-2+b7", "libc6:amd64": "2.36-9+deb12u7", "libc6:i386": "2.36-9+deb12u7",
         "curl": "7.88.1-10+deb12u5"}
+    # a Multi-Arch "same" package of the host's architecture is named as apt-get takes it
+    assert backends.parse_dpkg_query(fixture("dpkg-query.txt"), "amd64") == {
+        "bash": "5.2.15-2+b7", "libc6": "2.36-9+deb12u7", "libc6:i386": "2.36-9+deb12u7",
+        "curl": "7.88.1-10+deb12u5"}
 
 
 def test_parse_apt_cache_policy():
     assert backends.parse_apt_cache_policy(fixture("apt-cache-policy.txt")) == {
         "hello": "2.10-3", "curl": "7.88.1-10+deb12u8", "virtual-only": None}
+    assert backends.parse_apt_cache_versions(fixture("apt-cache-policy.txt")) == {
+        "hello": ["2.10-3"], "curl": ["7.88.1-10+deb12u8", "7.88.1-10+deb12u5"], "virtual-only": []}
 
 
 def test_parse_rpm_query():
     assert backends.parse_rpm_query(fixture("rpm-qa.txt")) == {
         "bash": "5.2.15-5.fc39", "kernel-core": "6.5.12-300.fc39, 6.5.6-300.fc39",
-        "perl-Errno": "1.37-502.fc39", "dbus": "1:1.14.10-1.fc39"}
+        "perl-Errno": "1.37-502.fc39", "dbus": "1:1.14.10-1.fc39", "glibc": "2.38-14.fc39",
+        "tzdata": "2024a-2.fc39"}
+    assert backends.parse_rpm_query(fixture("rpm-qa.txt"), "x86_64") == {
+        "bash": "5.2.15-5.fc39", "kernel-core": "6.5.12-300.fc39, 6.5.6-300.fc39",
+        "perl-Errno": "1.37-502.fc39", "dbus": "1:1.14.10-1.fc39", "glibc": "2.38-14.fc39",
+        "glibc.i686": "2.38-14.fc39", "tzdata": "2024a-2.fc39"}
 
 
 def test_parse_dnf_and_yum_lists():
@@ -96,11 +109,27 @@ def test_parse_dnf_and_yum_lists():
         "hello": "2.12.1-2.fc39", "nginx": "1:1.24.0-4.fc39"}
     assert backends.parse_yum_list(fixture("yum-list-available.txt")) == {
         "hello": "2.10-1.el7", "python3-a-rather-long-package-name-that-wraps": "1.0.3-1.el7"}
+    assert backends.parse_yum_list(fixture("yum-list-available.txt"), "i686") == {
+        "hello.x86_64": "2.10-1.el7", "python3-a-rather-long-package-name-that-wraps": "1.0.3-1.el7"}
+    assert backends.parse_yum_versions(fixture("dnf-list-available.txt"), "x86_64") == {
+        "hello": ["2.12.1-2.fc39"], "nginx": ["1:1.24.0-4.fc39"]}
 
 
-def test_parse_zypper_info():
+def test_parse_zypper():
     assert backends.parse_zypper_info(fixture("zypper-info.txt")) == {
         "hello": "2.12.1-1.6", "bash": "5.2.26-1.1"}
+    assert backends.parse_zypper_search(fixture("zypper-search.xml"), "x86_64") == {
+        "hello": ["2.12.1-1.6", "2.10-3.2"], "bash": ["5.2.15-5.fc39", "5.2.26-1.1"]}
+
+
+def test_rpm_pins_match_as_dnf_and_zypper_read_them():
+    dnf = backends.Dnf()
+    for pin in ("1:1.24.0-4.fc39", "1:1.24.0", "1.24.0-4.fc39", "1.24.0"):
+        assert dnf.pin_matches(pin, "1:1.24.0-4.fc39"), pin
+    for pin in ("0:2.12.1-2.fc39", "2.12.1-2.fc39", "2.12.1"):
+        assert dnf.pin_matches(pin, "2.12.1-2.fc39"), pin
+    assert not dnf.pin_matches("2.12", "2.12.1-2.fc39")
+    assert not dnf.pin_matches("2.12.1-1.fc39", "2.12.1-2.fc39")
 
 
 def test_parse_apk():
@@ -130,11 +159,12 @@ def test_parse_brew():
 # executable -> [(an argument that picks the query, recorded output)]
 RECORDED = {
     "dpkg-query": [("-W", "dpkg-query.txt")],
+    "dpkg": [("--print-architecture", "dpkg-print-architecture.txt")],
     "apt-cache": [("policy", "apt-cache-policy.txt")],
-    "rpm": [("-qa", "rpm-qa.txt")],
+    "rpm": [("-qa", "rpm-qa.txt"), ("--eval", "rpm-eval-arch.txt")],
     "dnf": [("list", "dnf-list-available.txt")],
     "yum": [("list", "yum-list-available.txt")],
-    "zypper": [("info", "zypper-info.txt")],
+    "zypper": [("info", "zypper-info.txt"), ("search", "zypper-search.xml")],
     "apk": [("info", "apk-info.txt"), ("list", "apk-list.txt")],
     "pacman": [("-Q", "pacman-Q.txt"), ("-Si", "pacman-Si.txt")],
     "brew": [("list", "brew-list-versions.txt"), ("info", "brew-info.json")],
@@ -195,7 +225,54 @@ def test_remove_check_mode(recorded_managers, manager, installed_name):
 def test_check_mode_runs_queries_only(recorded_managers):
     install("hello", check=True, manager="dnf")
     assert [os.path.basename(line.split()[0]) for line in recorded_managers.read_text().splitlines()] \
-        == ["rpm", "dnf"]
+        == ["rpm", "rpm", "dnf"]
+
+
+@pytest.mark.parametrize("manager, package, installed_name", [
+    ("apt", "libc6", "libc6"), ("apt", "libc6:amd64", "libc6"), ("apt", "libc6:native", "libc6"),
+    ("apt", "libc6:i386", "libc6:i386"),
+    ("dnf", "glibc", "glibc"), ("dnf", "glibc.x86_64", "glibc"), ("yum", "glibc.i686", "glibc.i686"),
+    ("zypper", "tzdata.noarch", "tzdata"),
+])
+def test_architecture_qualified_names(recorded_managers, manager, package, installed_name):
+    # the host's own architecture may be named or not; a foreign one is its own package
+    assert install(package, check=True, manager=manager)["changed"] is False
+    assert latest(package, check=True, manager=manager)["changed"] is False
+    plan = remove(package, check=True, manager=manager)
+    assert plan["changed"] is True and list(plan["removed"]) == [installed_name]
+
+
+@pytest.mark.parametrize("manager, spec, plan", [
+    ("apt", "curl=7.88.1-10+deb12u5", {}),
+    ("apt", "curl=7.88.1-10+deb12u8", {"upgraded": {"curl": {"from": "7.88.1-10+deb12u5",
+                                                              "to": "7.88.1-10+deb12u8"}}}),
+    ("apt", "hello=2.10-3", {"installed": {"hello": "2.10-3"}}),
+    ("dnf", "hello=2.12.1", {"installed": {"hello": "2.12.1-2.fc39"}}),
+    ("dnf", "dbus=1.14.10", {}),
+    ("yum", "hello=2.10-1.el7", {"installed": {"hello": "2.10-1.el7"}}),
+    ("zypper", "hello=2.10-3.2", {"installed": {"hello": "2.10-3.2"}}),
+    ("zypper", "bash=5.2.26-1.1", {"upgraded": {"bash": {"from": "5.2.15-5.fc39", "to": "5.2.26-1.1"}}}),
+    ("apk", "hello=2.12.1-r0", {"installed": {"hello": "2.12.1-r0"}}),
+])
+def test_pinned_install_check_mode(recorded_managers, manager, spec, plan):
+    result = install(spec, check=True, manager=manager)
+    assert result == dict({"changed": bool(plan), "check": True, "manager": manager,
+                           "installed": {}, "upgraded": {}, "removed": {}}, **plan)
+
+
+@pytest.mark.parametrize("manager, spec, offered", [
+    ("apt", "hello=0.0-bogus", "2.10-3"),
+    ("apt", "curl=7.88.1-10", "7.88.1-10+deb12u8, 7.88.1-10+deb12u5"),
+    ("dnf", "hello=2.12", "2.12.1-2.fc39"),
+    ("yum", "hello=2.12.1", "2.10-1.el7"),
+    ("zypper", "hello=2.11", "2.12.1-1.6, 2.10-3.2"),
+    ("apk", "curl=8.4.0-r1", "8.5.0-r0"),
+])
+def test_pin_to_a_version_the_manager_lacks_fails_in_check_mode(recorded_managers, manager, spec, offered):
+    name, _, version = spec.partition("=")
+    with pytest.raises(PackageError, match=re.escape(
+            f"{manager} offers no such version: {name}={version} (it has {offered})")):
+        install(spec, check=True, manager=manager)
 
 
 def test_nothing_to_do_is_not_changed(recorded_managers):
@@ -227,6 +304,12 @@ def test_pinned_install_command_lines(manager, argv):
     assert backends.BACKENDS[manager]().install_argv([("a", None), ("b", "1.0")]) == argv
 
 
+def test_pin_of_a_foreign_architecture_package():
+    assert backends.Dnf().specs([("glibc.i686", "2.38-14.fc39"), ("python3.11", "3.11.9")]) == [
+        "glibc-2.38-14.fc39.i686", "python3.11-3.11.9"]
+    assert backends.Apt().specs([("libc6:i386", "2.36-9")]) == ["libc6:i386=2.36-9"]
+
+
 # -- apt, for real -------------------------------------------------------------------------
 
 def real_apt(test):
@@ -245,14 +328,17 @@ def dpkg_version(name):
 
 @pytest.fixture(scope="module")
 def apt_host():
-    """A root tunnel on this Debian machine, metadata at most a day old, without PACKAGE."""
+    """A root tunnel on this Debian machine, metadata at most a day old, without PACKAGE or LIBRARY."""
+    def clean():
+        for name in (PACKAGE, LIBRARY):
+            if dpkg_version(name):
+                subprocess.run(["apt-get", "-y", "-q", "remove", name], capture_output=True, check=True)
+
     with Local() as tunnel:
         tunnel.call(tasks.update_cache, max_age=24 * 3600)
-        if dpkg_version(PACKAGE):
-            tunnel.call(tasks.remove, PACKAGE)
+        clean()
         yield tunnel
-        if dpkg_version(PACKAGE):
-            tunnel.call(tasks.remove, PACKAGE)
+        clean()
 
 
 @real_apt
@@ -322,3 +408,43 @@ def test_apt_pin_to_a_version_apt_does_not_have_fails_clearly(apt_host):
 def test_apt_unknown_package(apt_host):
     with pytest.raises(RemoteException, match="apt knows no package named 'chopsticks-no-such-package'"):
         apt_host.call(tasks.install, "chopsticks-no-such-package", check=True)
+
+
+@real_apt
+def test_apt_pin_check_mode_fails_as_the_real_run_would(apt_host):
+    with pytest.raises(RemoteException, match=re.escape(
+            f"apt offers no such version: {PACKAGE}=0.0-not-a-version (it has ")):
+        apt_host.call(tasks.install, f"{PACKAGE}=0.0-not-a-version", check=True)
+    candidate = apt_host.call(backends.Apt().candidates, [PACKAGE])[PACKAGE]
+    assert apt_host.call(tasks.install, f"{PACKAGE}={candidate}", check=True)["installed"] == {
+        PACKAGE: candidate}
+    assert dpkg_version(PACKAGE) is None
+
+
+@real_apt
+def test_apt_multiarch_same_package(apt_host):
+    # dpkg names a Multi-Arch "same" library with its architecture; apt-get takes it with or without
+    native = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert dpkg_version(LIBRARY) is None
+    done = apt_host.call(tasks.install, LIBRARY)
+    version = done["installed"][LIBRARY]
+    assert dpkg_version(LIBRARY) == version
+
+    for name in (LIBRARY, f"{LIBRARY}:{native}"):
+        assert apt_host.call(tasks.install, name, check=True)["changed"] is False
+        assert apt_host.call(tasks.install, name)["changed"] is False
+        assert apt_host.call(tasks.latest, name, check=True)["changed"] is False
+        plan = apt_host.call(tasks.remove, name, check=True)
+        assert plan["changed"] is True and plan["removed"] == {LIBRARY: version}
+
+    gone = apt_host.call(tasks.remove, f"{LIBRARY}:{native}")
+    assert gone["changed"] is True and gone["removed"] == {LIBRARY: version}
+    assert dpkg_version(LIBRARY) is None
+
+    plan = apt_host.call(tasks.install, f"{LIBRARY}:{native}", check=True)
+    assert plan["installed"] == {LIBRARY: version}
+    done = apt_host.call(tasks.install, f"{LIBRARY}:{native}")
+    assert done["installed"] == {LIBRARY: version} and dpkg_version(LIBRARY) == version
+    assert apt_host.call(tasks.remove, LIBRARY)["removed"] == {LIBRARY: version}
+    assert dpkg_version(LIBRARY) is None

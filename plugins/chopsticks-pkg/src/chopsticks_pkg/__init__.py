@@ -13,7 +13,13 @@ before and after the change (dependencies included), never from the
 manager's messages; with ``check=True`` nothing changes and the result is
 the plan, computed from the installed packages and the manager's candidate
 versions.  Packages are ``'name'`` or ``'name=version'`` (a pin, where the
-manager supports one); a task takes several, or lists of them.
+manager supports one); a task takes several, or lists of them.  ``upgraded``
+lists every version change, a pin to an older version (a downgrade) included.
+
+A package of another architecture than the host's is named as its manager
+names it, ``'libc6:i386'`` (apt) or ``'glibc.i686'`` (dnf, yum, zypper), and
+so it is reported; the host's own architecture may be given or left out
+(``'libc6:amd64'`` is ``'libc6'`` on amd64), and is left out in results.
 """
 from chopsticks_pkg.backends import BACKENDS, PackageError, get_backend
 
@@ -50,6 +56,11 @@ def _names(packages, task):
     return [name for name, _ in specs]
 
 
+def _unique(names):
+    seen = set()
+    return [n for n in names if not (n in seen or seen.add(n))]
+
+
 def _result(backend, check, before, after):
     installed = {n: v for n, v in after.items() if n not in before}
     removed = {n: v for n, v in before.items() if n not in after}
@@ -77,21 +88,40 @@ def install(*packages, check=False, manager=None):
     backend = get_backend(manager)
     specs = _specs(packages)
     backend.specs(specs)  # refuses pins the manager cannot honour, before anything runs
+    specs = _unique([(backend.canonical(n), v) for n, v in specs])
     before = backend.installed()
-    todo = [(n, v) for n, v in specs if n not in before or (v is not None and before[n] != v)]
+    todo = [(n, v) for n, v in specs if n not in before or (
+        v is not None and not any(backend.pin_matches(v, have) for have in before[n].split(", ")))]
     if not todo:
         return _result(backend, check, before, before)
     if check:
-        candidates = backend.candidates([n for n, v in todo if v is None])
-        unknown = [n for n, v in todo if v is None and not candidates.get(n)]
-        if unknown:
-            raise _unknown(backend, unknown)
-        after = dict(before)
-        for name, version in todo:
-            after[name] = version or candidates[name]
-        return _result(backend, True, before, after)
+        return _result(backend, True, before, _install_plan(backend, before, todo))
     backend.execute(backend.install_argv(todo))
     return _result(backend, False, before, backend.installed())
+
+
+def _install_plan(backend, before, todo):
+    """The installed packages after installing ``todo``, or the error the real run would meet."""
+    candidates = backend.candidates([n for n, v in todo if v is None])
+    offered = backend.versions([n for n, v in todo if v is not None])
+    after = dict(before)
+    unknown, not_offered = [], []
+    for name, pin in todo:
+        if pin is None:
+            after[name] = candidates.get(name)
+        else:
+            matching = [v for v in offered.get(name, ()) if backend.pin_matches(pin, v)]
+            after[name] = matching[-1] if matching else None
+            if offered.get(name) and not matching:
+                not_offered.append("%s=%s (it has %s)" % (name, pin, ", ".join(_unique(offered[name]))))
+        if not after[name] and not offered.get(name):
+            unknown.append(name)
+    if unknown:
+        raise _unknown(backend, unknown)
+    if not_offered:
+        raise PackageError("%s offers no such version: %s; is the cache up to date? see update_cache"
+                           % (backend.name, "; ".join(not_offered)))
+    return after
 
 
 def remove(*packages, check=False, manager=None):
@@ -101,7 +131,7 @@ def remove(*packages, check=False, manager=None):
     listed in ``removed`` too.  Names that are not installed are fine.
     """
     backend = get_backend(manager)
-    names = _names(packages, "remove")
+    names = _unique([backend.canonical(n) for n in _names(packages, "remove")])
     before = backend.installed()
     present = [n for n in names if n in before]
     if not present:
@@ -119,7 +149,7 @@ def latest(*packages, check=False, manager=None):
     see new releases.
     """
     backend = get_backend(manager)
-    names = _names(packages, "latest")
+    names = _unique([backend.canonical(n) for n in _names(packages, "latest")])
     before = backend.installed()
     candidates = backend.candidates(names)
     unknown = [n for n in names if not candidates.get(n) and n not in before]

@@ -41,48 +41,94 @@ def _add_version(result, name, version):
         result[name] = version
 
 
-def parse_dpkg_query(text):
+def _without_arch(name, separator, native_arch, plain_archs=()):
+    """``name`` without its architecture suffix if that is the host's own (or in ``plain_archs``)."""
+    base, sep, arch = name.rpartition(separator)
+    if sep and base and (arch == native_arch or arch in plain_archs):
+        return base
+    return name
+
+
+def parse_dpkg_query(text, native_arch=None):
     """``dpkg-query -W -f '${db:Status-Abbrev}\\t${binary:Package}\\t${Version}\\n'``.
 
     Only packages whose current state is installed (``ii``, and the trigger
     states ``iW``/``it``) count; ``rc`` (removed, config files left) does not.
+    dpkg names Multi-Arch "same" packages with their architecture
+    (``libc6:amd64``): the host's own architecture (``native_arch``) is
+    dropped, as apt-get takes ``libc6`` for it; a foreign one is kept.
     """
     installed = {}
     for line in text.splitlines():
         parts = line.split("\t")
         if len(parts) == 3 and len(parts[0]) >= 2 and parts[0][1] in "iWt":
-            installed[parts[1]] = parts[2]
+            installed[_without_arch(parts[1], ":", native_arch)] = parts[2]
     return installed
 
 
-def parse_apt_cache_policy(text):
-    """``apt-cache policy NAME...``: ``{name: candidate version or None}``."""
-    candidates = {}
-    name = None
+def _apt_policy_blocks(text, native_arch):
+    """``(name, candidate, [versions])`` per package of ``apt-cache policy``."""
+    name, candidate, versions, in_table = None, None, [], False
     for line in text.splitlines():
         if line and not line[0].isspace() and line.endswith(":"):
-            name = line[:-1]
-        elif name and line.strip().startswith("Candidate:"):
+            if name:
+                yield name, candidate, versions
+            name, candidate, versions, in_table = _without_arch(line[:-1], ":", native_arch), None, [], False
+        elif not name:
+            continue
+        elif line.strip().startswith("Candidate:"):
             version = line.split(":", 1)[1].strip()
-            candidates[name] = None if version == "(none)" else version
-    return candidates
+            candidate = None if version == "(none)" else version
+        elif line.strip() == "Version table:":
+            in_table = True
+        elif in_table:
+            # a version line is indented 5 columns (" *** " marks the installed
+            # one); the sources under it ("500 http://...") are indented more
+            fields = line.replace(" *** ", "     ", 1).split()
+            if len(line) - len(line.lstrip()) in (1, 5) and len(fields) == 2:
+                versions.append(fields[0])
+    if name:
+        yield name, candidate, versions
+
+
+def parse_apt_cache_policy(text, native_arch=None):
+    """``apt-cache policy NAME...``: ``{name: candidate version or None}``."""
+    return {name: candidate for name, candidate, _ in _apt_policy_blocks(text, native_arch)}
+
+
+def parse_apt_cache_versions(text, native_arch=None):
+    """``apt-cache policy NAME...``: ``{name: [every version of the version table]}``."""
+    return {name: versions for name, _, versions in _apt_policy_blocks(text, native_arch)}
 
 
 def _strip_zero_epoch(version):
     return version[2:] if version.startswith("0:") else version
 
 
-def parse_rpm_query(text):
+_RPM_PLAIN_ARCHS = ("noarch", "(none)")
+_RPM_ARCHS = ("x86_64", "i686", "i586", "i386", "aarch64", "armv7hl", "ppc64le", "s390x", "riscv64")
+
+
+def _rpm_name(name, arch, native_arch):
+    """``name``, or ``name.arch`` for a foreign architecture (``glibc.i686`` on x86_64), as dnf takes them."""
+    if native_arch is None or arch in (native_arch,) + _RPM_PLAIN_ARCHS:
+        return name
+    return "%s.%s" % (name, arch)
+
+
+def parse_rpm_query(text, native_arch=None):
     """``rpm -qa --qf '%{NAME}\\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\t%{ARCH}\\n'``.
 
     Several installed versions of one name (kernels) are joined by ``', '``;
-    ``gpg-pubkey`` entries are not packages.
+    ``gpg-pubkey`` entries are not packages.  Given the host's architecture
+    (``native_arch``), a package of another one is named ``name.arch``.
     """
     installed = {}
     for line in text.splitlines():
         parts = line.split("\t")
         if len(parts) >= 2 and parts[0] != "gpg-pubkey":
-            _add_version(installed, parts[0], _strip_zero_epoch(parts[1]))
+            name = _rpm_name(parts[0], parts[2] if len(parts) > 2 else None, native_arch)
+            _add_version(installed, name, _strip_zero_epoch(parts[1]))
     return installed
 
 
@@ -90,16 +136,10 @@ _YUM_HEADERS = (r"^(Available|Installed|Updated|Upgraded|Extra|Obsoleting) Packa
                 r"^Last metadata expiration check|^Error:")
 
 
-def parse_yum_list(text):
-    """``dnf list --available NAME...`` / ``yum list available NAME...``: newest version by name.
-
-    Each entry is ``name.arch version repo``; yum wraps a long name onto its
-    own line, so entries are read as whitespace-separated triples.
-    """
+def _yum_entries(text, native_arch):
     import re
 
     headers = re.compile(_YUM_HEADERS)
-    candidates = {}
     tokens = []
     for line in text.splitlines():
         if headers.match(line):
@@ -108,9 +148,26 @@ def parse_yum_list(text):
         while len(tokens) >= 3:
             name_arch, version = tokens[0], tokens[1]
             tokens = tokens[3:]
-            name = name_arch.rsplit(".", 1)[0]
-            candidates[name] = _strip_zero_epoch(version)
-    return candidates
+            name, _, arch = name_arch.rpartition(".")
+            yield _rpm_name(name, arch, native_arch), _strip_zero_epoch(version)
+
+
+def parse_yum_list(text, native_arch=None):
+    """``dnf list --available NAME...`` / ``yum list available NAME...``: newest version by name.
+
+    Each entry is ``name.arch version repo``; yum wraps a long name onto its
+    own line, so entries are read as whitespace-separated triples.  Given
+    the host's architecture, a package of another one is named ``name.arch``.
+    """
+    return dict(_yum_entries(text, native_arch))
+
+
+def parse_yum_versions(text, native_arch=None):
+    """``dnf list --available --showduplicates NAME...``: ``{name: [every version]}``."""
+    versions = {}
+    for name, version in _yum_entries(text, native_arch):
+        versions.setdefault(name, []).append(version)
+    return versions
 
 
 def _split_apk(pkgver):
@@ -129,15 +186,24 @@ def parse_apk_info(text):
     return installed
 
 
-def parse_apk_list(text):
-    """``apk list NAME...``: ``name-version-rN arch {origin} (license) [status]``, newest per name."""
-    candidates = {}
+def _apk_list_entries(text):
     for line in text.splitlines():
         fields = line.split()
         if fields and fields[0].count("-") >= 2 and not line.startswith("WARNING"):
-            name, version = _split_apk(fields[0])
-            candidates[name] = version
-    return candidates
+            yield _split_apk(fields[0])
+
+
+def parse_apk_list(text):
+    """``apk list NAME...``: ``name-version-rN arch {origin} (license) [status]``, newest per name."""
+    return dict(_apk_list_entries(text))
+
+
+def parse_apk_versions(text):
+    """``apk list NAME...``: ``{name: [every version the repositories offer]}``."""
+    versions = {}
+    for name, version in _apk_list_entries(text):
+        versions.setdefault(name, []).append(version)
+    return versions
 
 
 def parse_pacman_query(text):
@@ -166,9 +232,32 @@ def parse_pacman_info(text):
     return {b["Name"]: b["Version"] for b in _colon_blocks(text) if "Name" in b and "Version" in b}
 
 
-def parse_zypper_info(text):
-    """``zypper info NAME...``: ``{name: version}`` of the best candidate."""
-    return {b["Name"]: b["Version"] for b in _colon_blocks(text) if "Name" in b and "Version" in b}
+def parse_zypper_info(text, native_arch=None):
+    """``zypper info NAME...``: ``{name: version}`` of the best candidate.
+
+    Given the host's architecture, a package of another one is named ``name.arch``.
+    """
+    return {_rpm_name(b["Name"], b.get("Arch"), native_arch): b["Version"]
+            for b in _colon_blocks(text) if "Name" in b and "Version" in b}
+
+
+def parse_zypper_search(text, native_arch=None):
+    """``zypper --xmlout search --match-exact --details NAME...``: ``{name: [every version]}``.
+
+    Each ``<solvable kind="package" name=... edition=... arch=...>`` is one
+    version in one repository (the installed one included).
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    start = text.find("<")
+    versions = {}
+    if start < 0:
+        return versions
+    for solvable in ElementTree.fromstring(text[start:]).iter("solvable"):
+        if solvable.get("kind", "package") == "package" and solvable.get("name"):
+            name = _rpm_name(solvable.get("name"), solvable.get("arch"), native_arch)
+            versions.setdefault(name, []).append(_strip_zero_epoch(solvable.get("edition", "")))
+    return versions
 
 
 def parse_brew_list(text):
@@ -209,23 +298,41 @@ class Backend(object):
     parse_installed = None
     candidates_argv = ()
     parse_candidates = None
+    versions_argv = ()
+    parse_versions = None
     supports_pins = True
     cache_dirs = ()
 
     def run(self, argv, ok_codes=(0,)):
         return _text(list(argv), self.env, ok_codes)
 
+    def canonical(self, name):
+        """The name :meth:`installed` reports for the package the user named ``name``."""
+        return name
+
     def installed(self):
         """``{name: version}`` of every installed package."""
         return type(self).parse_installed(self.run(self.installed_argv))
+
+    def _query(self, argv, names):
+        # An unknown name makes some managers exit 1 while still listing the others.
+        return self.run(list(argv) + list(names), ok_codes=(0, 1))
 
     def candidates(self, names):
         """``{name: version}`` that installing or upgrading would bring; unknown names are absent."""
         if not names:
             return {}
-        # An unknown name makes some managers exit 1 while still listing the others.
-        out = self.run(list(self.candidates_argv) + list(names), ok_codes=(0, 1))
-        return type(self).parse_candidates(out)
+        return type(self).parse_candidates(self._query(self.candidates_argv, names))
+
+    def versions(self, names):
+        """``{name: [versions]}`` a pin may choose from; unknown names are absent."""
+        if not names:
+            return {}
+        return type(self).parse_versions(self._query(self.versions_argv, names))
+
+    def pin_matches(self, pin, version):
+        """Whether ``'name=pin'`` asks for ``version``."""
+        return pin == version
 
     def pin(self, name, version):
         return "%s=%s" % (name, version)
@@ -284,10 +391,36 @@ class Apt(Backend):
     parse_installed = parse_dpkg_query
     candidates_argv = ("apt-cache", "policy")
     parse_candidates = parse_apt_cache_policy
+    versions_argv = candidates_argv
+    parse_versions = parse_apt_cache_versions
     cache_dirs = ("/var/lib/apt/lists",)
     stamp = "/var/lib/apt/periodic/update-success-stamp"
     _apt_get = ("apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300",
                 "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
+
+    _native_arch = None
+
+    def native_arch(self):
+        if self._native_arch is None:
+            self._native_arch = self.run(["dpkg", "--print-architecture"]).strip()
+        return self._native_arch
+
+    def canonical(self, name):
+        # 'libc6:amd64' (and apt's 'libc6:native') is 'libc6' on amd64; 'libc6:i386' stays
+        return _without_arch(name, ":", self.native_arch(), ("native",)) if ":" in name else name
+
+    def installed(self):
+        return parse_dpkg_query(self.run(self.installed_argv), self.native_arch())
+
+    def candidates(self, names):
+        if not names:
+            return {}
+        return parse_apt_cache_policy(self._query(self.candidates_argv, names), self.native_arch())
+
+    def versions(self, names):
+        if not names:
+            return {}
+        return parse_apt_cache_versions(self._query(self.versions_argv, names), self.native_arch())
 
     def install_argv(self, specs):
         pinned = ["--allow-downgrades"] if any(v for _, v in specs) else []
@@ -318,15 +451,63 @@ class Apt(Backend):
             os.utime(self.stamp, None)
 
 
-class Dnf(Backend):
-    name = "dnf"
+def _rpm_pin_forms(version):
+    """What a pin may say for an rpm ``[epoch:]version-release``: all of it, or less."""
+    version = _strip_zero_epoch(version)
+    epoch, _, version_release = version.rpartition(":")
+    upstream = version_release.rsplit("-", 1)[0]
+    forms = {version, version_release, upstream}
+    if epoch:
+        forms.add("%s:%s" % (epoch, upstream))
+    return forms
+
+
+class RpmBackend(Backend):
+    """What dnf, yum and zypper share: rpm's database, ``name.arch`` names, rpm versions."""
+
     installed_argv = ("rpm", "-qa", "--qf", "%{NAME}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\t%{ARCH}\n")
-    parse_installed = parse_rpm_query
+    _native_arch = None
+
+    def native_arch(self):
+        if self._native_arch is None:
+            self._native_arch = self.run(["rpm", "--eval", "%{_arch}"]).strip()
+        return self._native_arch
+
+    def canonical(self, name):
+        # 'glibc.x86_64' and 'tzdata.noarch' are 'glibc' and 'tzdata' on x86_64; 'glibc.i686' stays
+        return _without_arch(name, ".", self.native_arch(), _RPM_PLAIN_ARCHS) if "." in name else name
+
+    def installed(self):
+        return parse_rpm_query(self.run(self.installed_argv), self.native_arch())
+
+    def candidates(self, names):
+        if not names:
+            return {}
+        return type(self).parse_candidates(self._query(self.candidates_argv, names), self.native_arch())
+
+    def versions(self, names):
+        if not names:
+            return {}
+        return type(self).parse_versions(self._query(self.versions_argv, names), self.native_arch())
+
+    def pin_matches(self, pin, version):
+        # dnf and zypper take 'hello-2.12.1' / 'hello=2.12.1' for any release of 2.12.1
+        return _strip_zero_epoch(pin) in _rpm_pin_forms(version)
+
+
+class Dnf(RpmBackend):
+    name = "dnf"
     candidates_argv = ("dnf", "-q", "list", "--available")
     parse_candidates = parse_yum_list
+    versions_argv = ("dnf", "-q", "list", "--available", "--showduplicates")
+    parse_versions = parse_yum_versions
     cache_dirs = ("/var/cache/dnf",)
 
     def pin(self, name, version):
+        # dnf reads name-version[-release][.arch]: a foreign arch goes last
+        base, _, arch = name.rpartition(".")
+        if base and arch in _RPM_ARCHS:
+            return "%s-%s.%s" % (base, version, arch)
         return "%s-%s" % (name, version)
 
     def install_argv(self, specs):
@@ -345,24 +526,31 @@ class Dnf(Backend):
 class Yum(Dnf):
     name = "yum"
     candidates_argv = ("yum", "-q", "list", "available")
+    versions_argv = ("yum", "-q", "list", "available", "--showduplicates")
     cache_dirs = ("/var/cache/yum",)
 
     def upgrade_argv(self, names):
         return ["yum", "-y", "-q", "update"] + list(names)
 
 
-class Zypper(Backend):
+class Zypper(RpmBackend):
     name = "zypper"
-    installed_argv = Dnf.installed_argv
-    parse_installed = parse_rpm_query
     candidates_argv = ("zypper", "--non-interactive", "info")
     parse_candidates = parse_zypper_info
+    versions_argv = ("zypper", "--non-interactive", "--xmlout", "search", "--match-exact", "--details")
+    parse_versions = parse_zypper_search
     cache_dirs = ("/var/cache/zypp/raw",)
     _zypper = ("zypper", "--non-interactive")
 
     def candidates(self, names):
-        found = Backend.candidates(self, names)
+        found = RpmBackend.candidates(self, names)
         return {name: version for name, version in found.items() if name in names}
+
+    def versions(self, names):
+        # zypper search matches package names: 'glibc.i686' is found by searching 'glibc'
+        terms = set(names) | set(n.rpartition(".")[0] for n in names if "." in n)
+        found = RpmBackend.versions(self, sorted(terms))
+        return {name: found_versions for name, found_versions in found.items() if name in names}
 
     def install_argv(self, specs):
         return list(self._zypper) + ["install", "--auto-agree-with-licenses"] + self.specs(specs)
@@ -383,11 +571,17 @@ class Apk(Backend):
     parse_installed = parse_apk_info
     candidates_argv = ("apk", "list")
     parse_candidates = parse_apk_list
+    versions_argv = candidates_argv
+    parse_versions = parse_apk_versions
     cache_dirs = ("/var/cache/apk",)
 
     def candidates(self, names):
         found = Backend.candidates(self, names)  # `apk list` matches globs: keep exact names
         return {name: version for name, version in found.items() if name in names}
+
+    def versions(self, names):
+        found = Backend.versions(self, names)
+        return {name: versions for name, versions in found.items() if name in names}
 
     def install_argv(self, specs):
         return ["apk", "add", "--no-progress"] + self.specs(specs)
