@@ -55,6 +55,25 @@ RELIEF_PARK_AFTER = 1.0  # seconds without a call after which the relief thread 
 
 agent = None  # the running Agent, for code that wants to know (relays, logging)
 
+# Temp files that code on this host is writing right now, temp name -> path
+# (chopsticks.files_remote and the file tasks keep it): put and the tasks
+# promise that an interrupted write leaves no temp file behind, and when the
+# agent leaves with os._exit their own cleanup never runs.
+temp_files = {}
+TEMP_FILES_REMOVED_MAX = 1000  # a bound on the work done while leaving
+
+
+def leave(status):
+    """os._exit(status), after removing the temp files being written."""
+    try:
+        for path in list(temp_files.values())[:TEMP_FILES_REMOVED_MAX]:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    finally:
+        os._exit(status)
+
 
 # --- writing to the controller ----------------------------------------------
 
@@ -743,7 +762,7 @@ class Agent(object):
             except OSError:
                 n = 0
             if not n:
-                os._exit(0)  # the controller hung up: leave, whatever calls still run
+                leave(0)  # the controller hung up: leave, whatever calls still run
             if room is None and n > size and not parser.buf:
                 length, rid, op = unpack(buf, 0)
                 if op == CALL and length == n - size:
@@ -1046,7 +1065,7 @@ def reader_failed(exc):
                          'exiting\n' % (type(exc).__name__, exc))
         sys.stderr.flush()
     finally:
-        os._exit(2)
+        leave(2)
 
 
 def _take_stdio():
@@ -1134,4 +1153,4 @@ def main():
         agent.read_frames()
         agent.workers.serve_forever()  # the reader role moved on; help with calls
     finally:
-        os._exit(0)
+        leave(0)

@@ -17,7 +17,10 @@ What a caller may rely on:
   place only once both hashes agree.  Whatever goes wrong (checksum
   mismatch, the connection or the remote dies, disk full, a local read
   error, Ctrl-C) the old destination is left as it was and the temporary
-  file is removed; only a process killed outright cannot remove its own, and
+  file is removed: by the agent itself when the controller hangs up in the
+  middle (it is killed, or a Ctrl-C ends the script), as the agent leaves.
+  Only an agent killed outright cannot remove its own (a Local or Sudo
+  agent whose tunnel a script left open is killed at interpreter exit);
   the next transfer to the same file on that host removes it.  A tree is not
   atomic as a whole: files already renamed into place stay.
 * Remote paths are expanded on the host: ``~`` is the remote home and a

@@ -234,16 +234,40 @@ def _host_tag():
     return tag
 
 
+# What a temp name adds to the target's name: '.', TEMP_MARK, the host tag, a
+# process id (up to 7 digits) and 8 hex digits, 36 bytes; the rest of
+# NAME_MAX (255 bytes on every filesystem we write to) is the target's name.
+# The file tasks (chopsticks_files.tasks) name their temp files the same way
+# and sweep them alike, with their own copy of these few lines: each module
+# is shipped to hosts on its own, standard library only.
+TEMP_NAME_ROOM = 200
+
+
+def fit_name(name, limit=TEMP_NAME_ROOM):
+    # type: (str, int) -> str
+    """The longest start of ``name`` that takes at most ``limit`` bytes on
+    disk: a temp name made from it fits NAME_MAX whatever the encoding (80 CJK
+    characters are 240 bytes).  Cut between characters, so that the temp name
+    is as valid as ``name``; an undecodable byte (a surrogate escape) is one."""
+    cut = name[:limit]
+    while len(os.fsencode(cut)) > limit:
+        cut = cut[:-1]
+    return cut
+
+
 def _temp_prefix(name):
-    return '.%s%s' % (name[:150], TEMP_MARK)
+    return '.%s%s' % (fit_name(name), TEMP_MARK)
 
 
-def temp_file(dir_fd, name, sweep=False):
-    # type: (int, str, bool) -> tuple
+def temp_file(dir_fd, name, sweep=False, where=None):
+    # type: (int, str, bool, Optional[str]) -> tuple
     """Create a new hidden temp file for ``name`` in ``dir_fd``: (fd, temp name).
 
     Its name carries this host's tag and process id, so that with ``sweep``
     the temp files a killed process left for the same target are removed.
+    ``where`` is the target's path, for errors (a directory this user may
+    not write is named with the target, not with the temp file) and for the
+    agent, which removes the temp file if it must exit before it is renamed.
     """
     prefix = _temp_prefix(name)
     tag = '%s-%d-' % (_host_tag(), os.getpid())
@@ -256,7 +280,32 @@ def temp_file(dir_fd, name, sweep=False):
                          dir_fd=dir_fd)
         except FileExistsError:
             continue
+        except OSError as e:
+            if where is None:
+                raise
+            raise type(e)(e.errno, '%s: cannot create a file in %s'
+                          % (e.strerror, os.path.dirname(where) or '.'), where)
+        if where is not None:
+            writing(temp, os.path.join(os.path.dirname(where), temp))
         return fd, temp
+
+
+def writing(temp, path):
+    # type: (str, str) -> None
+    """Tell the agent that temp file ``temp`` (its base name, unique) is being
+    written at ``path``: an agent leaving at once (the controller hung up)
+    removes it, since its own cleanup will not run.  See ``written``."""
+    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    if temp_files is not None:
+        temp_files[temp] = path
+
+
+def written(temp):
+    # type: (str) -> None
+    """Temp file ``temp`` was renamed into place or removed."""
+    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    if temp_files is not None:
+        temp_files.pop(temp, None)
 
 
 def _sweep_temps(dir_fd, prefix, own_tag):
@@ -348,6 +397,7 @@ class Flusher(object):
 
 def discard(fd, dir_fd, temp):
     """Close ``fd`` (if any) and remove ``temp`` from ``dir_fd``, ignoring errors."""
+    written(temp)
     if fd is not None:
         try:
             os.close(fd)
@@ -403,6 +453,7 @@ class Batch(object):
                 os.close(fd)
                 pending[-1] = (None, dir_fd, temp, name)
                 os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                written(temp)
                 renamed.append(pending.pop()[1])
             if self.durable:
                 synced = set()
@@ -466,7 +517,7 @@ class TreeWriter(object):
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, 'is a directory, cannot replace it '
                                     'with a file', self.dirs.path(rel))
-        fd, temp = temp_file(parent, name, sweep)
+        fd, temp = temp_file(parent, name, sweep, self.dirs.path(rel))
         return fd, parent, temp, name
 
     def add(self, fd, dir_fd, temp, name, mode, size):

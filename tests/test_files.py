@@ -10,6 +10,9 @@ import os
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
@@ -402,6 +405,107 @@ def test_a_killed_transfers_temp_file_is_swept(local, tmp_path):
     src.write_bytes(b'x')
     local.put(str(src), str(dest))
     assert not stale.exists() and other_host.exists()
+
+
+# 80 CJK characters: 240 bytes, a valid name (NAME_MAX is 255 bytes) that a
+# temp name cut by characters, not bytes, made too long.  And 250 bytes that
+# are not UTF-8: a surrogate-escaped name, one character per byte.
+LONG_NAMES = ['\u914d' * 80, os.fsdecode(b'\xff' * 250)]
+
+
+@pytest.mark.parametrize('name', LONG_NAMES, ids=['cjk-240-bytes', 'undecodable-250-bytes'])
+def test_names_near_name_max_put_fetch_and_sync(local, tmp_path, name):
+    src = tmp_path / 'src'
+    src.mkdir()
+    (src / name).write_bytes(b'long name')
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    local.put(str(src / name), str(dest / name))
+    assert (dest / name).read_bytes() == b'long name'
+    (src / name).write_bytes(b'fetched')
+    local.fetch(str(src / name), str(dest / name))
+    assert (dest / name).read_bytes() == b'fetched'
+    result = local.sync(str(src), str(tmp_path / 'synced'))
+    assert result['created'] == [name] and (tmp_path / 'synced' / name).read_bytes() == b'fetched'
+    assert leftovers(dest) == [] and leftovers(tmp_path / 'synced') == []
+
+
+def test_a_temp_name_fits_name_max_whatever_the_encoding():
+    for name in LONG_NAMES + ['a' * 255, '\U0001f600' * 63, 'short']:
+        # the longest a temp name gets: a 7-digit pid (Linux's pid_max is 4194304)
+        temp = files_remote._temp_prefix(name) + '%s-%d-%s' % (files_remote._host_tag(),
+                                                               4194304, 'ffffffff')
+        assert len(os.fsencode(temp)) <= 255
+        assert name.startswith(files_remote.fit_name(name))
+    assert files_remote.fit_name('short') == 'short'
+    assert files_remote.fit_name('\u914d' * 80) == '\u914d' * 66  # cut between characters
+
+
+def test_put_into_a_directory_the_user_cannot_write_names_the_destination(sudo_user):
+    # not under tmp_path: pytest's base directory is root's alone (0700)
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o755)
+        read_only = os.path.join(base, 'ro')
+        os.mkdir(read_only, 0o755)  # root's: the sudo user may not create a file in it
+        src = os.path.join(base, 'src')
+        with open(src, 'wb') as f:
+            f.write(b'x')
+        os.chmod(src, 0o644)
+        with Sudo(sudo_user) as t:
+            with pytest.raises(TransferError) as info:
+                t.put(src, os.path.join(read_only, 'g'))
+        message = str(info.value)
+        assert info.value.errno == errno.EACCES and info.value.host == t.host
+        assert "cannot create a file in %s: '%s/g'" % (read_only, read_only) in message
+        assert '.chopsticks-' not in message and os.listdir(read_only) == []
+
+
+CONTROLLER_HANGS_MID_PUT = r'''
+import sys, time
+from chopsticks import Local
+src, dest, flag = sys.argv[1:]
+
+def progress(done, total):
+    if done >= 4 << 20:  # the host writes its temp file: stall here until killed
+        open(flag, 'w').close()
+        time.sleep(3600)
+
+Local().put(src, dest, progress=progress)
+'''
+
+
+def test_a_controller_killed_mid_put_leaves_no_temp_file_on_the_host(big_file, tmp_path):
+    """The controller's process ends in the middle of a put, before it could
+    tell the host (killed, or a Ctrl-C ending the script between frames): the
+    agent sees the hang-up and leaves at once, but removes the temp file
+    first; the old file stays."""
+    src, _, _ = big_file
+    dest_dir = tmp_path / 'dest'
+    dest_dir.mkdir()
+    dest = dest_dir / 'dest'
+    dest.write_bytes(b'precious')
+    flag = tmp_path / 'stalled'
+    script = tmp_path / 'controller.py'
+    script.write_text(CONTROLLER_HANGS_MID_PUT)
+    controller = subprocess.Popen([sys.executable, str(script), src, str(dest), str(flag)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (flag.exists() and leftovers(dest_dir)) and time.monotonic() < deadline:
+            assert controller.poll() is None, controller.stderr.read()
+            time.sleep(0.05)
+        assert leftovers(dest_dir), 'the put never started writing its temp file'
+        controller.kill()
+        controller.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while leftovers(dest_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(dest_dir) == [] and dest.read_bytes() == b'precious'
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        controller.wait()
+        controller.stderr.close()
 
 
 # --- progress ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -487,6 +488,99 @@ def test_link_bad_input(host, tmp_path):
     assert "parent directory" in msg
     msg = raises_remote(host, link, str(tmp_path / "l"), "")
     assert msg.startswith("link(path=%r): target=''" % str(tmp_path / "l"))
+
+
+# -- temp files: names near NAME_MAX, and those a killed writer left ---------------------------
+
+# 80 CJK characters are 240 bytes, a valid name (NAME_MAX is 255 bytes); 250
+# bytes that are not UTF-8 arrive as a surrogate-escaped str, a character a byte.
+LONG_NAMES = ["\u914d" * 80, os.fsdecode(b"\xff" * 250)]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=["cjk-240-bytes", "undecodable-250-bytes"])
+def test_names_near_name_max_are_written(host, tmp_path, name):
+    target = tmp_path / name
+    assert host.call(file, str(target), "x\n")["changed"] is True
+    assert host.call(line, str(target), "y")["changed"] is True
+    assert target.read_text() == "x\ny\n"
+    assert host.call(link, str(tmp_path / ("L" + name[1:])), "/etc/hostname")["changed"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "L" + name[1:]])
+
+
+def leftovers(directory):
+    return sorted(n for n in os.listdir(directory) if ".chopsticks-" in n)
+
+
+def test_a_killed_writers_temp_file_is_swept_by_the_next_write(host, tmp_path):
+    """As put sweeps its own: a temp file that a dead process of this host left
+    for the same file goes; a live process's, or another host's, stays."""
+    from chopsticks import files_remote  # the same host tag names the same machine
+
+    target = tmp_path / "conf"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = files_remote._host_tag()
+    stale = tmp_path / (".conf.chopsticks-%s-%d-0badf00d" % (tag, dead.pid))
+    alive = tmp_path / (".conf.chopsticks-%s-%d-0badf00d" % (tag, os.getpid()))
+    other_host = tmp_path / (".conf.chopsticks-zzzzzz-%d-0badf00d" % dead.pid)
+    for path in (stale, alive, other_host):
+        path.write_bytes(b"partial")
+    host.call(file, str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert leftovers(tmp_path) == sorted([alive.name, other_host.name])
+
+
+CONTROLLER_HANGS_MID_UPLOAD = r'''
+import hashlib, sys, time
+from chopsticks import Local
+from chopsticks_files.tasks import file_from_stream
+dest, flag = sys.argv[1:]
+size = 64 << 20
+
+def chunks():  # like upload(): the content streams; the controller stalls half way
+    for sent in range(0, size, 1 << 20):
+        if sent == 32 << 20:
+            open(flag, "w").close()
+            time.sleep(3600)
+        yield bytes(1 << 20)
+
+Local().call_stream(file_from_stream, chunks(), dest,
+                    hashlib.sha256(bytes(size)).hexdigest(), size)
+'''
+
+
+def test_a_controller_killed_mid_upload_leaves_no_temp_file_on_the_host(tmp_path):
+    """The controller's process dies while it streams content to file(): the
+    agent sees the hang-up and leaves at once, removing the temp file first."""
+    dest_dir = tmp_path / "dest"
+    dest_dir.mkdir()
+    dest = dest_dir / "conf"
+    dest.write_bytes(b"precious")
+    flag = tmp_path / "stalled"
+    script = tmp_path / "controller.py"
+    script.write_text(CONTROLLER_HANGS_MID_UPLOAD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(SRC.parent), str(Path(__file__).resolve().parent.parent)]
+        + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    controller = subprocess.Popen([sys.executable, str(script), str(dest), str(flag)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (flag.exists() and leftovers(dest_dir)) and time.monotonic() < deadline:
+            assert controller.poll() is None, controller.stderr.read()
+            time.sleep(0.05)
+        assert leftovers(dest_dir), "the upload never started writing its temp file"
+        controller.kill()
+        controller.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while leftovers(dest_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(dest_dir) == [] and dest.read_bytes() == b"precious"
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        controller.wait()
+        controller.stderr.close()
 
 
 # -- large content: digest first, stream when big -----------------------------------------------

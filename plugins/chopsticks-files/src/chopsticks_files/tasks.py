@@ -31,6 +31,7 @@ import os
 import pwd
 import re
 import stat
+import sys
 import time
 
 __all__ = ['file', 'directory', 'line', 'link', 'FileTaskError',
@@ -40,7 +41,6 @@ __all__ = ['file', 'directory', 'line', 'link', 'FileTaskError',
 #: a unified diff: a diff of megabytes helps nobody and costs memory here.
 DIFF_LIMIT = 1 << 20
 _READ_CHUNK = 1 << 20
-_TEMP_SUFFIX = '.chopsticks-tmp'
 
 
 class FileTaskError(Exception):
@@ -379,9 +379,9 @@ def _atomic_write(task, path, source, mode, uid, gid):
     """Write ``source`` to a temp file beside ``path``, fsync it, rename it over
     ``path``, fsync the directory.  On any failure the temp file is removed and
     ``path`` is as it was."""
-    directory, name = os.path.split(path)
+    directory = os.path.dirname(path)
     try:
-        fd, temp = _mkstemp(directory, '.%s.' % name[:100], _TEMP_SUFFIX)
+        fd, temp = _mkstemp(path)
     except OSError as exc:
         raise _os_error(task, path, 'cannot create a file in %s' % directory, exc)
     try:
@@ -403,22 +403,115 @@ def _atomic_write(task, path, source, mode, uid, gid):
         if isinstance(exc, OSError) and not isinstance(exc, FileTaskError):
             raise _os_error(task, path, 'cannot write %s' % path, exc)
         raise
+    finally:
+        _written(temp)
     _fsync_dir(directory)
 
 
-def _mkstemp(directory, prefix, suffix):
-    """``tempfile.mkstemp(suffix, prefix, directory)``: a new file only this
-    user may read, opened; (fd, path).  Not tempfile itself: it imports
-    shutil and random, 4 ms on each host."""
+# -- temp files ------------------------------------------------------------------------
+#
+# Named as chopsticks.files_remote names those of put and sync (this plugin,
+# standard library only, cannot import it): '.NAME.chopsticks-<host>-<pid>-<hex>',
+# NAME cut to fit NAME_MAX.  The host tag and process id tell which temp files
+# a killed writer left behind, so that the next write to NAME sweeps them, and
+# a file task sweeps what an interrupted put left, and the other way round.
+
+_TEMP_MARK = '.chopsticks-'
+# NAME's share of NAME_MAX (255 bytes): the rest takes 36 ('.', the mark, a
+# 6-digit host tag, a pid of up to 7 digits, 8 hex digits, two dashes).
+_TEMP_NAME_ROOM = 200
+_host_tags = {}
+
+
+def _fit_name(name, limit=_TEMP_NAME_ROOM):
+    """The longest start of ``name`` taking at most ``limit`` bytes on disk, cut
+    between characters (80 CJK characters are 240 bytes; an undecodable byte,
+    a surrogate escape, is one)."""
+    cut = name[:limit]
+    while len(os.fsencode(cut)) > limit:
+        cut = cut[:-1]
+    return cut
+
+
+def _host_tag():
+    """Six hex digits naming this machine (as files_remote's), cached per process."""
+    tag = _host_tags.get(os.getpid())
+    if tag is None:
+        try:
+            from _sha1 import sha1
+        except ImportError:
+            from hashlib import sha1
+        name = os.uname().nodename.encode('utf-8', 'replace')
+        tag = _host_tags[os.getpid()] = sha1(name).hexdigest()[:6]
+    return tag
+
+
+def _temp_path(path):
+    """(a new temp path for ``path``, in its directory; the prefix all of them share)."""
+    directory, name = os.path.split(path)
+    prefix = '.%s%s' % (_fit_name(name), _TEMP_MARK)
+    temp = '%s%s-%d-%s' % (prefix, _host_tag(), os.getpid(), os.urandom(4).hex())
+    return os.path.join(directory, temp), prefix
+
+
+def _sweep_temps(directory, prefix):
+    """Remove the temp files for the same target that a dead process of this
+    host left in ``directory`` (a live one's, or another host's, stay)."""
+    host = _host_tag()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix):].split('-')
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+        except OSError:
+            pass  # alive (EPERM: another user's process)
+
+
+def _writing(temp):
+    """Tell the agent (when a chopsticks agent runs us) that ``temp`` is being
+    written: if it must leave at once (the controller hung up), it removes
+    it, since our own cleanup will not run.  See _written."""
+    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    if temp_files is not None:
+        temp_files[os.path.basename(temp)] = temp
+
+
+def _written(temp):
+    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    if temp_files is not None:
+        temp_files.pop(os.path.basename(temp), None)
+
+
+def _mkstemp(path):
+    """A new temp file for ``path``, beside it, that only this user may read,
+    opened: (fd, temp path); the temp files dead writers left for ``path`` are
+    swept first.  Not tempfile: it imports shutil and random, 4 ms on each host."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0) \
         | getattr(os, 'O_CLOEXEC', 0)
+    temp, prefix = _temp_path(path)
+    _sweep_temps(os.path.dirname(path), prefix)
     for _ in range(100):
-        path = os.path.join(directory, prefix + os.urandom(6).hex() + suffix)
         try:
-            return os.open(path, flags, 0o600), path
+            fd = os.open(temp, flags, 0o600)
         except FileExistsError:
+            temp = _temp_path(path)[0]
             continue
-    raise FileExistsError(errno.EEXIST, 'no unused temporary name in %s' % directory)
+        _writing(temp)
+        return fd, temp
+    raise FileExistsError(errno.EEXIST, 'no unused temporary name in %s' % os.path.dirname(path))
 
 
 def _os_error(task, path, what, exc):
@@ -894,8 +987,7 @@ def link(path, target, *, state='present', check=False):
 
     warning = _missing_parent(task, given, directory, check)
     if old != target and not check:
-        temp = os.path.join(directory, '.%s.%d.%d%s' % (os.path.basename(path)[:100], os.getpid(),
-                                                       int(time.time() * 1e6), _TEMP_SUFFIX))
+        temp = _temp_path(path)[0]
         try:
             os.symlink(target, temp)
             os.replace(temp, path)
