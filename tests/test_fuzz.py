@@ -151,14 +151,18 @@ def split_points(draw, total):
 @FUZZ
 @given(frames_strategy(), st.data())
 def test_frames_survive_any_chunking(frames, draw):
+    assert fed_in_pieces(wire.FrameParser(1 << 16), frames, draw) == frames
+
+
+def fed_in_pieces(parser, frames, draw):
+    """What ``parser`` makes of ``frames`` framed and fed in pieces cut anywhere."""
     stream = b''.join(wire.frame(rid, op, payload) for rid, op, payload in frames)
-    parser = wire.FrameParser(1 << 16)
     got = []
     last = 0
     for cut in split_points(draw, len(stream)) + [len(stream)]:
         got.extend(parser.feed(stream[last:cut]))
         last = cut
-    assert got == frames
+    return got
 
 
 @FUZZ
@@ -168,14 +172,8 @@ def test_only_the_first_frame_is_held_to_first_max(first, frames, draw):
     the frames after it may be as big as any, however the reads fall (a
     first call's large reply may come in the HELLO's read)."""
     frames = [(0, wire.HELLO, first), (1, wire.RESULT, b'r' * 1000)] + frames
-    stream = b''.join(wire.frame(rid, op, payload) for rid, op, payload in frames)
     parser = wire.FrameParser(1 << 16, first_max=32, first_name='a HELLO')
-    got = []
-    last = 0
-    for cut in split_points(draw, len(stream)) + [len(stream)]:
-        got.extend(parser.feed(stream[last:cut]))
-        last = cut
-    assert got == frames
+    assert fed_in_pieces(parser, frames, draw) == frames
     bloated = wire.FrameParser(1 << 16, first_max=32, first_name='a HELLO')
     with pytest.raises(wire.FrameError, match='a HELLO of 33 bytes'):
         bloated.feed(wire.frame(0, wire.HELLO, b'x' * 33)[:20])  # refused from its header

@@ -136,11 +136,26 @@ sys.stdin.buffer.read()  # until the controller closes
 '''
 
 
-def fake_python(tmp_path, hello):
+def executable(tmp_path, script):
+    """``script`` as an executable file standing for the host's python."""
     path = tmp_path / 'python'
-    path.write_text(FAKE_AGENT.format(python=sys.executable, repo=REPO, hello=hello))
+    path.write_text(script)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
+
+
+def fake_python(tmp_path, hello):
+    return executable(tmp_path, FAKE_AGENT.format(python=sys.executable, repo=REPO, hello=hello))
+
+
+def assert_connect_fails(t, said):
+    """Connecting ``t`` fails with a ConnectError naming its host and saying ``said``."""
+    try:
+        with pytest.raises(ConnectError) as info:
+            t.connect()
+        assert '[%s]' % t.host in str(info.value) and said in str(info.value)
+    finally:
+        t.close()
 
 
 GOOD_FIELDS = ("'pid': 1, 'python': 'x', 'platform': 'linux', 'hostname': 'h', "
@@ -157,13 +172,7 @@ GOOD_FIELDS = ("'pid': 1, 'python': 'x', 'platform': 'linux', 'hostname': 'h', "
 def test_a_malformed_hello_is_a_connect_error_and_is_not_cached(tmp_path, monkeypatch, hello):
     cache = tmp_path / 'cache'
     monkeypatch.setenv('CHOPSTICKS_CACHE_DIR', str(cache))
-    t = Local('forger', python=fake_python(tmp_path, hello))
-    try:
-        with pytest.raises(ConnectError) as info:
-            t.connect()
-        assert '[forger]' in str(info.value) and 'HELLO' in str(info.value)
-    finally:
-        t.close()
+    assert_connect_fails(Local('forger', python=fake_python(tmp_path, hello)), 'HELLO')
     facts = [os.path.join(d, f) for d, _, files in os.walk(str(cache / 'facts')) for f in files]
     assert all(os.path.getsize(f) < 4096 for f in facts), facts
 
@@ -189,16 +198,9 @@ def test_a_bloated_hello_is_refused_before_it_is_read(tmp_path):
     """The frame announcing itself as the HELLO is refused from its header:
     the controller read 200 MiB of it, then refused it, before."""
     report = tmp_path / 'written'
-    path = tmp_path / 'python'
-    path.write_text(BLOATED_AGENT.format(python=sys.executable, repo=REPO, report=str(report)))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    t = Local('bloater', python=str(path))
-    try:
-        with pytest.raises(ConnectError) as info:
-            t.connect()
-        assert '[bloater]' in str(info.value) and 'a HELLO of 209715200 bytes' in str(info.value)
-    finally:
-        t.close()
+    script = BLOATED_AGENT.format(python=sys.executable, repo=REPO, report=str(report))
+    assert_connect_fails(Local('bloater', python=executable(tmp_path, script)),
+                         'a HELLO of 209715200 bytes')
     for _ in range(100):  # the agent writes its report once its write fails
         if report.exists() and report.read_text():
             break
