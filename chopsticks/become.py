@@ -167,6 +167,11 @@ class BecomeTunnel(object):
         self.user = user
         self._password = password
 
+    def offer_password(self, password):
+        """Use ``password`` if this tunnel was given none (the CLI's -K)."""
+        if self._password is None and self.accepts_password:
+            self._password = password
+
     def _password_once(self):
         """The password, asked for (if a callable) at most once per tunnel."""
         password = self._password

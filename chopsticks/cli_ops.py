@@ -118,10 +118,22 @@ def _with_become(hosts: List[Any], ctx: click.Context) -> List[Any]:
     if not user:
         return hosts
     from chopsticks import plugins
-    from chopsticks.become import become
-    return [become(plugins.tunnel_from_url(host) if isinstance(host, str) else host, user,
-                   password=password, name=host if isinstance(host, str) else None)
-            for host in hosts]
+    from chopsticks.become import BecomeTunnel, become
+    tunnels = []
+    for host in hosts:
+        tunnel = plugins.tunnel_from_url(host) if isinstance(host, str) else host
+        if isinstance(tunnel, BecomeTunnel):
+            # A host that becomes someone already (its inventory's
+            # become_user, a sudo:// string) stays as it is, as in Ansible,
+            # where a host's become_user wins over --become-user: wrapped, it
+            # ran sudo twice, the second as the first's user, and failed.
+            if password is not None:
+                tunnel.offer_password(password)
+            tunnels.append(host if isinstance(host, str) and password is None else tunnel)
+            continue
+        tunnels.append(become(tunnel, user, password=password,
+                              name=host if isinstance(host, str) else None))
+    return tunnels
 
 
 def host_group(hosts: Sequence[Any], words: Optional[Sequence[Any]] = None,

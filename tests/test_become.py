@@ -197,6 +197,21 @@ def test_inventory_become_settings(tmp_path, sudo_user, sshd):
     pw.via.close()
 
 
+def test_cli_become_leaves_a_host_that_becomes_someone_already(tmp_path, sudo_user):
+    """--become wraps the hosts that become nobody yet; a host whose inventory
+    says become_user keeps its own, as in Ansible (wrapped, it ran a second
+    sudo as that user, which failed)."""
+    path = tmp_path / 'inventory.ini'
+    path.write_text(textwrap.dedent('''\
+        here ansible_connection=local
+        there ansible_connection=local ansible_become=true ansible_become_user=%s
+        ''' % sudo_user))
+    result = CliRunner().invoke(main, ['exec', '-i', str(path), '--become', 'here', 'there',
+                                       '--', 'id', '-un'])
+    assert result.exit_code == 0, result.output
+    assert '    root' in result.output and '    %s' % sudo_user in result.output
+
+
 def test_cli_facts_with_become(sudo_user):
     result = CliRunner().invoke(main, ['facts', '--become=%s' % sudo_user, 'local', '-f', 'hostname',
                                        '--json'])
