@@ -13,7 +13,7 @@ import shlex
 from typing import Any, List, Optional, Sequence
 
 from .inventory import SETTINGS, Inventory, InventoryError, expand_range
-from .tunnel import split_host_port
+from .tunnel import is_ipv6_address, split_host_port
 
 __all__ = ['parse_ini', 'parse_yaml', 'parse_toml']
 
@@ -65,7 +65,8 @@ def parse_ini(text: str, path: str = '<string>') -> Inventory:
         line = raw.strip()
         if not line or line[0] in '#;':
             continue
-        if line.startswith('[') and not _bracketed_ipv6(line):
+        # (A host line may start with an IPv6 address: [2001:db8::1]:2222.)
+        if line.startswith('[') and not is_ipv6_address(line[1:].partition(']')[0]):
             match = re.match(r'^\[([^:\]]+)(?::([^\]]+))?\]\s*(?:[#;].*)?$', line)
             if match is None:
                 raise InventoryError(path, 'malformed section header %r' % line, number)
@@ -109,13 +110,6 @@ def parse_ini(text: str, path: str = '<string>') -> Inventory:
             for host in _expand(path, name, number):
                 inv.add_host(host, group if group != 'ungrouped' else None, variables, number)
     return inv
-
-
-def _bracketed_ipv6(line: str) -> bool:
-    """A host line ``[2001:db8::1]:2222``, not a section: a section header
-    has one colon at most, an IPv6 address '::' or at least three."""
-    inside = line[1:].partition(']')[0]
-    return '::' in inside or inside.count(':') >= 3
 
 
 def _ini_value(value: str) -> Any:

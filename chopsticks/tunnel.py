@@ -476,6 +476,13 @@ _HOST_PORT = re.compile(r'^((?:[^:\[\]]|\[[^\[\]]*\])+):([^:\[\]]*)$')
 _BRACKETED = re.compile(r'^\[([^\[\]]*)\](?::(.*))?$')
 
 
+def is_ipv6_address(text):
+    """Whether the inside of brackets, ``text``, is an IPv6 address rather
+    than an inventory range (``a:c``, ``1:9:2``: one or two colons): an
+    address has '::' or at least three."""
+    return '::' in text or text.count(':') >= 3
+
+
 def split_host_port(hostport):
     """``'host:port'`` -> ``('host', port)``; a host without a port -> ``(host, None)``.
 
@@ -485,9 +492,7 @@ def split_host_port(hostport):
     (``'web[01:20]:2222'``).  A port that is not a number raises ValueError.
     """
     bracketed = _BRACKETED.match(hostport)
-    # [a:c] or [1:9:2] is a range (one or two colons); an IPv6 address has
-    # '::' or at least three colons.
-    if bracketed and ('::' in bracketed.group(1) or bracketed.group(1).count(':') >= 3):
+    if bracketed and is_ipv6_address(bracketed.group(1)):
         host, port = bracketed.group(1), bracketed.group(2)
     else:
         match = _HOST_PORT.match(hostport)
