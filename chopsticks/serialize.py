@@ -131,25 +131,23 @@ class CallPickler(pickle.Pickler):
 
     def _class_globals(self, cls, source):
         """The globals of its module a class's source names: bases,
-        decorators and what its methods use (``json``, ``LIMIT``)."""
+        decorators and what its methods use (``json``, ``LIMIT``).  (Its own
+        name needs none: the class statement binds it there.)"""
         namespace = getattr(sys.modules.get(cls.__module__), '__dict__', {})
-        used = {}
-        for name in names_in_source(source):
-            if name in namespace:
-                value = namespace[name]
-                if value is not cls and id(value) not in self.in_progress and \
-                        value is not namespace.get('__builtins__'):
-                    used[name] = value
-        return used
+        return self._globals_named(cls, namespace, names_in_source(source))[0]
 
     def _globals_used(self, fn):
         """The globals ``fn``'s code may load, and the names holding ``fn`` itself."""
-        namespace = fn.__globals__
+        return self._globals_named(fn, fn.__globals__, names_used(fn.__code__))
+
+    def _globals_named(self, obj, namespace, names):
+        """The values ``names`` have in ``namespace``, the globals ``obj``
+        (sent as source) uses, and the names holding ``obj`` itself."""
         used, self_names = {}, []
-        for name in names_used(fn.__code__):
+        for name in names:
             if name in namespace:
                 value = namespace[name]
-                if value is fn:
+                if value is obj:
                     self_names.append(name)  # a global lambda calling itself by name
                     continue
                 # A function being pickled further up (recursion) is defined
@@ -178,6 +176,8 @@ def _is_namedtuple_class(cls):
     """Made by ``collections.namedtuple`` (no class statement to send)."""
     return issubclass(cls, tuple) and isinstance(getattr(cls, '_fields', None), tuple) and \
         hasattr(cls, '_make')
+
+
 # fn -> (the call fn() pickled by reference, the opcodes that push fn), or
 # None when fn travels as source.
 _by_reference = {}
