@@ -290,12 +290,18 @@ def temp_file(dir_fd, name, sweep=False, where=None):
         return fd, temp
 
 
+def _agent_temp_files():
+    # type: () -> Optional[dict]
+    """The running agent's registry of temp files being written (agent.temp_files), if any."""
+    return getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+
+
 def writing(temp, path):
     # type: (str, str) -> None
     """Tell the agent that temp file ``temp`` (its base name, unique) is being
     written at ``path``: an agent leaving at once (the controller hung up)
     removes it, since its own cleanup will not run.  See ``written``."""
-    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    temp_files = _agent_temp_files()
     if temp_files is not None:
         temp_files[temp] = path
 
@@ -303,7 +309,7 @@ def writing(temp, path):
 def written(temp):
     # type: (str) -> None
     """Temp file ``temp`` was renamed into place or removed."""
-    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    temp_files = _agent_temp_files()
     if temp_files is not None:
         temp_files.pop(temp, None)
 

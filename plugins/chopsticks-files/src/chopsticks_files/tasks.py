@@ -480,17 +480,23 @@ def _sweep_temps(directory, prefix):
             pass  # alive (EPERM: another user's process)
 
 
+def _agent_temp_files():
+    """The running agent's registry of temp files being written, if a
+    chopsticks agent runs us (as files_remote's _agent_temp_files)."""
+    return getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+
+
 def _writing(temp):
-    """Tell the agent (when a chopsticks agent runs us) that ``temp`` is being
-    written: if it must leave at once (the controller hung up), it removes
-    it, since our own cleanup will not run.  See _written."""
-    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    """Tell the agent that ``temp`` is being written: if it must leave at
+    once (the controller hung up), it removes it, since our own cleanup will
+    not run.  See _written."""
+    temp_files = _agent_temp_files()
     if temp_files is not None:
         temp_files[os.path.basename(temp)] = temp
 
 
 def _written(temp):
-    temp_files = getattr(sys.modules.get('_chopsticks_agent'), 'temp_files', None)
+    temp_files = _agent_temp_files()
     if temp_files is not None:
         temp_files.pop(os.path.basename(temp), None)
 
