@@ -42,8 +42,8 @@ def printable_block(text: str, indent: str) -> str:
     further line after ``indent``, so it reads as belonging to the label
     above (``FAILED: could not connect: ...`` and ssh's lines under it).
     A trailing newline is dropped."""
-    first, *rest = (text[:-1] if text.endswith("\n") else text).split("\n")
-    return "\n".join([printable(first)] + [indent + printable(line) for line in rest])
+    first, newline, rest = (text[:-1] if text.endswith("\n") else text).partition("\n")
+    return printable(first) + (newline + printable_lines(rest, indent) if newline else "")
 
 
 def _scalar(value: Any) -> str:
