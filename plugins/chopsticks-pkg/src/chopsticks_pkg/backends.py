@@ -302,9 +302,23 @@ class Backend(object):
     parse_versions = None
     supports_pins = True
     cache_dirs = ()
+    # The command that prints the host's architecture, for a manager that
+    # names packages of another one with it (libc6:i386, glibc.i686): its
+    # parsers then take that architecture, and drop it from native names.
+    native_arch_argv = ()
+    _native_arch = None
 
     def run(self, argv, ok_codes=(0,)):
         return _text(list(argv), self.env, ok_codes)
+
+    def native_arch(self):
+        """The host's architecture, asked once; None for a manager that does not name it."""
+        if self._native_arch is None and self.native_arch_argv:
+            self._native_arch = self.run(self.native_arch_argv).strip()
+        return self._native_arch
+
+    def _parsed(self, parse, text):
+        return parse(text, self.native_arch()) if self.native_arch_argv else parse(text)
 
     def canonical(self, name):
         """The name :meth:`installed` reports for the package the user named ``name``."""
@@ -312,7 +326,7 @@ class Backend(object):
 
     def installed(self):
         """``{name: version}`` of every installed package."""
-        return type(self).parse_installed(self.run(self.installed_argv))
+        return self._parsed(type(self).parse_installed, self.run(self.installed_argv))
 
     def _query(self, argv, names):
         # An unknown name makes some managers exit 1 while still listing the others.
@@ -322,13 +336,13 @@ class Backend(object):
         """``{name: version}`` that installing or upgrading would bring; unknown names are absent."""
         if not names:
             return {}
-        return type(self).parse_candidates(self._query(self.candidates_argv, names))
+        return self._parsed(type(self).parse_candidates, self._query(self.candidates_argv, names))
 
     def versions(self, names):
         """``{name: [versions]}`` a pin may choose from; unknown names are absent."""
         if not names:
             return {}
-        return type(self).parse_versions(self._query(self.versions_argv, names))
+        return self._parsed(type(self).parse_versions, self._query(self.versions_argv, names))
 
     def pin_matches(self, pin, version):
         """Whether ``'name=pin'`` asks for ``version``."""
@@ -398,29 +412,11 @@ class Apt(Backend):
     _apt_get = ("apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300",
                 "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
 
-    _native_arch = None
-
-    def native_arch(self):
-        if self._native_arch is None:
-            self._native_arch = self.run(["dpkg", "--print-architecture"]).strip()
-        return self._native_arch
+    native_arch_argv = ("dpkg", "--print-architecture")
 
     def canonical(self, name):
         # 'libc6:amd64' (and apt's 'libc6:native') is 'libc6' on amd64; 'libc6:i386' stays
         return _without_arch(name, ":", self.native_arch(), ("native",)) if ":" in name else name
-
-    def installed(self):
-        return parse_dpkg_query(self.run(self.installed_argv), self.native_arch())
-
-    def candidates(self, names):
-        if not names:
-            return {}
-        return parse_apt_cache_policy(self._query(self.candidates_argv, names), self.native_arch())
-
-    def versions(self, names):
-        if not names:
-            return {}
-        return parse_apt_cache_versions(self._query(self.versions_argv, names), self.native_arch())
 
     def install_argv(self, specs):
         pinned = ["--allow-downgrades"] if any(v for _, v in specs) else []
@@ -466,29 +462,12 @@ class RpmBackend(Backend):
     """What dnf, yum and zypper share: rpm's database, ``name.arch`` names, rpm versions."""
 
     installed_argv = ("rpm", "-qa", "--qf", "%{NAME}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\t%{ARCH}\n")
-    _native_arch = None
-
-    def native_arch(self):
-        if self._native_arch is None:
-            self._native_arch = self.run(["rpm", "--eval", "%{_arch}"]).strip()
-        return self._native_arch
+    parse_installed = parse_rpm_query
+    native_arch_argv = ("rpm", "--eval", "%{_arch}")
 
     def canonical(self, name):
         # 'glibc.x86_64' and 'tzdata.noarch' are 'glibc' and 'tzdata' on x86_64; 'glibc.i686' stays
         return _without_arch(name, ".", self.native_arch(), _RPM_PLAIN_ARCHS) if "." in name else name
-
-    def installed(self):
-        return parse_rpm_query(self.run(self.installed_argv), self.native_arch())
-
-    def candidates(self, names):
-        if not names:
-            return {}
-        return type(self).parse_candidates(self._query(self.candidates_argv, names), self.native_arch())
-
-    def versions(self, names):
-        if not names:
-            return {}
-        return type(self).parse_versions(self._query(self.versions_argv, names), self.native_arch())
 
     def pin_matches(self, pin, version):
         # dnf and zypper take 'hello-2.12.1' / 'hello=2.12.1' for any release of 2.12.1
@@ -543,13 +522,13 @@ class Zypper(RpmBackend):
     _zypper = ("zypper", "--non-interactive")
 
     def candidates(self, names):
-        found = RpmBackend.candidates(self, names)
+        found = Backend.candidates(self, names)
         return {name: version for name, version in found.items() if name in names}
 
     def versions(self, names):
         # zypper search matches package names: 'glibc.i686' is found by searching 'glibc'
         terms = set(names) | set(n.rpartition(".")[0] for n in names if "." in n)
-        found = RpmBackend.versions(self, sorted(terms))
+        found = Backend.versions(self, sorted(terms))
         return {name: found_versions for name, found_versions in found.items() if name in names}
 
     def install_argv(self, specs):
