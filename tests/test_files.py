@@ -10,9 +10,7 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 
@@ -22,6 +20,7 @@ from chopsticks.errors import RemoteException
 from chopsticks.files import TransferError
 from conftest import available_pythons
 import remote_helpers
+from killed_controller import kill_controller_mid_write, leftovers
 
 BIG = 20 << 20  # well past the 64 KiB pipe buffer, the 8 MiB stream window and SSH windows
 
@@ -60,10 +59,6 @@ def sha256_of(path):
 
 def mode_of(path):
     return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-def leftovers(directory):
-    return [n for n in os.listdir(directory) if '.chopsticks-' in n]
 
 
 # --- single files ---------------------------------------------------------------------
@@ -487,25 +482,8 @@ def test_a_controller_killed_mid_put_leaves_no_temp_file_on_the_host(big_file, t
     flag = tmp_path / 'stalled'
     script = tmp_path / 'controller.py'
     script.write_text(CONTROLLER_HANGS_MID_PUT)
-    controller = subprocess.Popen([sys.executable, str(script), src, str(dest), str(flag)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not (flag.exists() and leftovers(dest_dir)) and time.monotonic() < deadline:
-            assert controller.poll() is None, controller.stderr.read()
-            time.sleep(0.05)
-        assert leftovers(dest_dir), 'the put never started writing its temp file'
-        controller.kill()
-        controller.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while leftovers(dest_dir) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert leftovers(dest_dir) == [] and dest.read_bytes() == b'precious'
-    finally:
-        if controller.poll() is None:
-            controller.kill()
-        controller.wait()
-        controller.stderr.close()
+    assert kill_controller_mid_write(script, [src, dest, flag], flag, dest_dir) == []
+    assert dest.read_bytes() == b'precious'
 
 
 # --- progress ----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from chopsticks import Local, RemoteException, Sudo, tasks
 from chopsticks_files import directory, file, line, link, render, upload
 from chopsticks_files.tasks import file_by_digest, file_from_stream
 from files_tasks_deploy import deploy_site, python_version
+from killed_controller import kill_controller_mid_write, leftovers
 
 SRC = Path(chopsticks_files.__file__).resolve().parent
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owner changes)")
@@ -507,10 +507,6 @@ def test_names_near_name_max_are_written(host, tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "L" + name[1:]])
 
 
-def leftovers(directory):
-    return sorted(n for n in os.listdir(directory) if ".chopsticks-" in n)
-
-
 def test_a_killed_writers_temp_file_is_swept_by_the_next_write(host, tmp_path):
     """As put sweeps its own: a temp file that a dead process of this host left
     for the same file goes; a live process's, or another host's, stays."""
@@ -562,25 +558,8 @@ def test_a_controller_killed_mid_upload_leaves_no_temp_file_on_the_host(tmp_path
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(SRC.parent), str(Path(__file__).resolve().parent.parent)]
         + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    controller = subprocess.Popen([sys.executable, str(script), str(dest), str(flag)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (flag.exists() and leftovers(dest_dir)) and time.monotonic() < deadline:
-            assert controller.poll() is None, controller.stderr.read()
-            time.sleep(0.05)
-        assert leftovers(dest_dir), "the upload never started writing its temp file"
-        controller.kill()
-        controller.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while leftovers(dest_dir) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert leftovers(dest_dir) == [] and dest.read_bytes() == b"precious"
-    finally:
-        if controller.poll() is None:
-            controller.kill()
-        controller.wait()
-        controller.stderr.close()
+    assert kill_controller_mid_write(script, [dest, flag], flag, dest_dir, env) == []
+    assert dest.read_bytes() == b"precious"
 
 
 # -- large content: digest first, stream when big -----------------------------------------------
