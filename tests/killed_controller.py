@@ -11,12 +11,15 @@ def leftovers(directory):
     return sorted(n for n in os.listdir(directory) if '.chopsticks-' in n)
 
 
-def kill_controller_mid_write(script, args, flag, dest_dir, env=None):
-    """Run ``script`` (a controller, in a new process) with ``args``; once it
-    created ``flag`` (its write stalled) and its temp file is in ``dest_dir``,
-    kill it, then wait (at most 30 s) for the host to remove the temp file.
-    Returns the temp files left."""
-    controller = subprocess.Popen([sys.executable, str(script)] + [str(a) for a in args],
+def kill_controller_mid_write(tmp_path, script, args, dest_dir, env=None):
+    """Run the controller ``script`` (its text) in a new process, with
+    ``args`` and a flag file's path last; once it created the flag (its write
+    stalled) and its temp file is in ``dest_dir``, kill it, then wait (at
+    most 30 s) for the host to remove the temp file.  Returns the temp files
+    left."""
+    path, flag = tmp_path / 'controller.py', tmp_path / 'stalled'
+    path.write_text(script)
+    controller = subprocess.Popen([sys.executable, str(path)] + [str(a) for a in args + [flag]],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60

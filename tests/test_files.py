@@ -479,10 +479,7 @@ def test_a_controller_killed_mid_put_leaves_no_temp_file_on_the_host(big_file, t
     dest_dir.mkdir()
     dest = dest_dir / 'dest'
     dest.write_bytes(b'precious')
-    flag = tmp_path / 'stalled'
-    script = tmp_path / 'controller.py'
-    script.write_text(CONTROLLER_HANGS_MID_PUT)
-    assert kill_controller_mid_write(script, [src, dest, flag], flag, dest_dir) == []
+    assert kill_controller_mid_write(tmp_path, CONTROLLER_HANGS_MID_PUT, [src, dest], dest_dir) == []
     assert dest.read_bytes() == b'precious'
 
 

@@ -552,13 +552,10 @@ def test_a_controller_killed_mid_upload_leaves_no_temp_file_on_the_host(tmp_path
     dest_dir.mkdir()
     dest = dest_dir / "conf"
     dest.write_bytes(b"precious")
-    flag = tmp_path / "stalled"
-    script = tmp_path / "controller.py"
-    script.write_text(CONTROLLER_HANGS_MID_UPLOAD)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(SRC.parent), str(Path(__file__).resolve().parent.parent)]
         + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    assert kill_controller_mid_write(script, [dest, flag], flag, dest_dir, env) == []
+    assert kill_controller_mid_write(tmp_path, CONTROLLER_HANGS_MID_UPLOAD, [dest], dest_dir, env) == []
     assert dest.read_bytes() == b"precious"
 
 
